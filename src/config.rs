@@ -1,0 +1,499 @@
+//! TOML configuration → a typed, validated [`Config`].
+//!
+//! Every key is known: an unknown key, a value of the wrong type or a value that does not parse
+//! (a duration without a unit, a backend URL we cannot serve) is an error naming the line and
+//! the key, and wsgate does not start with it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::route::{Route, RouteTable};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<Listener>,
+    pub limits: Limits,
+    pub routes: RouteTable,
+}
+
+/// One `[[listen]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+}
+
+/// `[limits]`; each default is the one in DESIGN.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest client message, all fragments together (default 16 MiB); bigger → close 1009.
+    pub max_message_size: u64,
+    /// TCP accept to complete request head (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Backend connect (default 5 s); exceeded → 504.
+    pub connect_timeout: Duration,
+    /// Nothing received from the client for this long → close 1001 (default 5 min).
+    pub idle_timeout: Duration,
+    /// A client silent for this long is pinged (default 30 s).
+    pub ping_interval: Duration,
+    /// How long to wait for the peer's side of a close (default 5 s).
+    pub close_timeout: Duration,
+    /// Accepted client connections at once, handshaking ones included (default 10 000).
+    pub max_connections: usize,
+    /// On SIGTERM, how long sessions may go on before close 1001 (default 30 s).
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 16 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a route's sessions go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Built in: echoes each message with its type.
+    Echo,
+    /// `tcp://host:port`
+    Tcp(String),
+    /// `unix:/path`
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Echo => f.write_str("echo"),
+            Backend::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Backend::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Backend {
+    /// Parses a backend spec; relative unix socket paths are taken from `base`.
+    pub fn parse(spec: &str, base: &Path) -> Result<Backend, String> {
+        if spec == "echo" {
+            return Ok(Backend::Echo);
+        }
+        if let Some(addr) = spec.strip_prefix("tcp://") {
+            let addr = addr.trim_end_matches('/');
+            let (host, port) = addr
+                .rsplit_once(':')
+                .ok_or_else(|| format!("backend {spec:?} needs a port: tcp://host:port"))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("backend {spec:?} is not tcp://host:port"));
+            }
+            return Ok(Backend::Tcp(addr.to_owned()));
+        }
+        if let Some(path) = spec.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("backend \"unix:\" needs a socket path".into());
+            }
+            return Ok(Backend::Unix(base.join(path)));
+        }
+        for scheme in ["ws://", "wss://", "tls://"] {
+            if spec.starts_with(scheme) {
+                return Err(format!(
+                    "backend {spec:?}: {scheme} backends are not supported by this version"
+                ));
+            }
+        }
+        Err(format!(
+            "backend {spec:?} is not one of: echo, tcp://host:port, unix:/path"
+        ))
+    }
+}
+
+/// Frames sent to the client on a bridge route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageMode {
+    #[default]
+    Binary,
+    Text,
+}
+
+/// A config error, with the line it is about when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}{}: {message}", line.as_ref().map(|(n, text)| format!(" line {n} (`{text}`)")).unwrap_or_default())]
+    Invalid {
+        file: String,
+        line: Option<(usize, String)>,
+        message: String,
+    },
+}
+
+// ---- raw TOML shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: Vec<RawListener>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    addr: toml::Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_size: Option<Size>,
+    handshake_timeout: Option<Dur>,
+    connect_timeout: Option<Dur>,
+    idle_timeout: Option<Dur>,
+    ping_interval: Option<Dur>,
+    close_timeout: Option<Dur>,
+    max_connections: Option<usize>,
+    drain_timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: toml::Spanned<String>,
+    backend: toml::Spanned<String>,
+    #[serde(default)]
+    subprotocols: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    origins: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    message: MessageMode,
+}
+
+/// A duration written with a unit: "250ms", "10s", "5m", "1h".
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d).map_err(|_| {
+            de::Error::custom("a duration is a string with a unit, e.g. \"10s\", \"5m\", \"250ms\"")
+        })?;
+        parse_duration(&text).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// A size in bytes: an integer, or a string such as "64KiB", "16MiB", "1GB".
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("a size is a byte count or a string such as \"16MiB\"")
+        })? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Text(t) => parse_size(&t).map(Size).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses "250ms", "10s", "5m", "1h" (whole numbers).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?} (use e.g. \"10s\", \"5m\", \"250ms\")"))?;
+    let secs = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => {
+            return Err(format!(
+                "invalid duration {text:?}: unit must be ms, s, m or h"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Parses "512", "512B", "64KiB", "16MiB", "1GiB", "10KB", "1MB" (whole numbers).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {text:?} (use e.g. 65536, \"64KiB\", \"16MiB\")"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: unit must be B, KiB, MiB, GiB, KB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// Whether `s` is an HTTP token (RFC 9110 §5.6.2), as subprotocol names must be.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths in it are taken from its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end().to_owned();
+            invalid(e.span(), message)
+        })?;
+
+        if raw.listen.is_empty() {
+            return Err(invalid(None, "no [[listen]] entry: add one, e.g. addr = \"127.0.0.1:8080\"".into()));
+        }
+        let mut listen = Vec::new();
+        for l in &raw.listen {
+            let addr: SocketAddr = l.addr.get_ref().parse().map_err(|_| {
+                invalid(
+                    Some(l.addr.span()),
+                    format!("listen.addr {:?} is not ip:port", l.addr.get_ref()),
+                )
+            })?;
+            if listen.iter().any(|x: &Listener| x.addr == addr && addr.port() != 0) {
+                return Err(invalid(Some(l.addr.span()), format!("listen.addr {addr} is listed twice")));
+            }
+            listen.push(Listener { addr });
+        }
+
+        let d = Limits::default();
+        let r = raw.limits;
+        let limits = Limits {
+            max_message_size: r.max_message_size.map_or(d.max_message_size, |s| s.0),
+            handshake_timeout: r.handshake_timeout.map_or(d.handshake_timeout, |x| x.0),
+            connect_timeout: r.connect_timeout.map_or(d.connect_timeout, |x| x.0),
+            idle_timeout: r.idle_timeout.map_or(d.idle_timeout, |x| x.0),
+            ping_interval: r.ping_interval.map_or(d.ping_interval, |x| x.0),
+            close_timeout: r.close_timeout.map_or(d.close_timeout, |x| x.0),
+            max_connections: r.max_connections.unwrap_or(d.max_connections),
+            drain_timeout: r.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+        };
+        for (key, value) in [
+            ("handshake_timeout", limits.handshake_timeout),
+            ("connect_timeout", limits.connect_timeout),
+            ("idle_timeout", limits.idle_timeout),
+            ("ping_interval", limits.ping_interval),
+            ("close_timeout", limits.close_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(None, format!("limits.{key} must be more than zero")));
+            }
+        }
+        if limits.max_connections == 0 {
+            return Err(invalid(None, "limits.max_connections must be at least 1".into()));
+        }
+
+        if raw.route.is_empty() {
+            return Err(invalid(None, "no [[route]] entry: add one, e.g. path = \"/\" and backend = \"tcp://127.0.0.1:5900\"".into()));
+        }
+        let mut routes = Vec::new();
+        for r in raw.route {
+            let path = r.path.get_ref();
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                return Err(invalid(
+                    Some(r.path.span()),
+                    format!("route.path {path:?} must start with / and have no query"),
+                ));
+            }
+            let backend = Backend::parse(r.backend.get_ref(), base)
+                .map_err(|m| invalid(Some(r.backend.span()), format!("route.backend: {m}")))?;
+            let mut subprotocols = Vec::new();
+            for p in &r.subprotocols {
+                if !is_token(p.get_ref()) {
+                    return Err(invalid(
+                        Some(p.span()),
+                        format!("route.subprotocols: {:?} is not a valid token", p.get_ref()),
+                    ));
+                }
+                subprotocols.push(p.get_ref().clone());
+            }
+            let mut origins = Vec::new();
+            for o in &r.origins {
+                let v = o.get_ref();
+                if v.is_empty() || v.contains(char::is_whitespace) || v.ends_with('/') {
+                    return Err(invalid(
+                        Some(o.span()),
+                        format!("route.origins: {v:?} is not an origin like \"https://example.com\""),
+                    ));
+                }
+                origins.push(v.to_ascii_lowercase());
+            }
+            let route = Route::new(path, backend, subprotocols, origins, r.message);
+            if routes.iter().any(|x: &Route| x.path == route.path) {
+                return Err(invalid(
+                    Some(r.path.span()),
+                    format!("route.path {:?} is listed twice", route.path),
+                ));
+            }
+            routes.push(route);
+        }
+        Ok(Config {
+            listen,
+            limits,
+            routes: RouteTable::new(routes),
+        })
+    }
+
+    /// The config of quick mode, `wsgate LISTEN TARGET`: one listener, "/" to one backend.
+    pub fn quick(listen: &str, target: &str) -> Result<Config, String> {
+        let addr: SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("listen address {listen:?} is not ip:port"))?;
+        let spec = if target.contains("://") || target.starts_with("unix:") || target == "echo" {
+            target.to_owned()
+        } else {
+            format!("tcp://{target}")
+        };
+        let backend = Backend::parse(&spec, Path::new("."))?;
+        Ok(Config {
+            listen: vec![Listener { addr }],
+            limits: Limits::default(),
+            routes: RouteTable::new(vec![Route::new(
+                "/",
+                backend,
+                Vec::new(),
+                Vec::new(),
+                MessageMode::Binary,
+            )]),
+        })
+    }
+}
+
+/// 1-based line number of byte `offset` in `text`, with that line's text.
+fn line_of(text: &str, offset: usize) -> (usize, String) {
+    let offset = offset.min(text.len());
+    let n = text[..offset].matches('\n').count() + 1;
+    let line = text.lines().nth(n - 1).unwrap_or("").trim().to_owned();
+    (n, line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/wsgate"))
+    }
+
+    const MINIMAL: &str = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n";
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../config.example.toml");
+        let c = parse(text).unwrap();
+        assert!(!c.listen.is_empty());
+        assert!(c.routes.routes().len() >= 2);
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.max_message_size, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("{MINIMAL}[limits]\nidle_timout = \"5s\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 7"), "{err}");
+        assert!(err.contains("idle_timout"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_line() {
+        let text = format!("{MINIMAL}[limits]\nhandshake_timeout = \"10x\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 7") && err.contains("handshake_timeout"), "{err}");
+        let text = format!("{MINIMAL}[limits]\nmax_message_size = \"lots\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 7") && err.contains("max_message_size"), "{err}");
+        let text = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://nowhere\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("line 5") && err.contains("backend"), "{err}");
+        let text = format!("{MINIMAL}[[route]]\npath = \"/\"\nbackend = \"echo\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 7") && err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("1KB"), Ok(1000));
+        assert_eq!(parse_size("42"), Ok(42));
+        assert!(parse_size("1TiB").is_err());
+    }
+
+    #[test]
+    fn quick_mode_is_one_route_to_tcp() {
+        let c = Config::quick("127.0.0.1:8080", "127.0.0.1:5900").unwrap();
+        assert_eq!(c.routes.routes()[0].backend, Backend::Tcp("127.0.0.1:5900".into()));
+        assert!(Config::quick("nope", "127.0.0.1:1").is_err());
+    }
+}

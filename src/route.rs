@@ -1,0 +1,137 @@
+//! Path → route, and each route's origin and subprotocol checks. No I/O.
+
+use crate::config::{Backend, MessageMode};
+
+/// A compiled `[[route]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Normalised prefix: starts with "/", no trailing "/" except for the root route.
+    pub path: String,
+    pub backend: Backend,
+    /// Allowed subprotocols; when not empty the client must offer one of them.
+    pub subprotocols: Vec<String>,
+    /// Allowed origins, lowercased; when not empty a present Origin header must be one.
+    pub origins: Vec<String>,
+    pub message: MessageMode,
+}
+
+impl Route {
+    pub fn new(
+        path: &str,
+        backend: Backend,
+        subprotocols: Vec<String>,
+        origins: Vec<String>,
+        message: MessageMode,
+    ) -> Route {
+        let trimmed = path.trim_end_matches('/');
+        Route {
+            path: if trimmed.is_empty() { "/".into() } else { trimmed.into() },
+            backend,
+            subprotocols,
+            origins,
+            message,
+        }
+    }
+
+    /// Whether this route's prefix covers `path` on whole segments ("/vnc" covers "/vnc" and
+    /// "/vnc/x", not "/vncx").
+    fn covers(&self, path: &str) -> bool {
+        self.path == "/"
+            || path
+                .strip_prefix(self.path.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Whether a request's Origin header is acceptable: no list, no header, or an exact
+    /// (ASCII case-insensitive) match.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match origin {
+            None => true,
+            Some(_) if self.origins.is_empty() => true,
+            Some(o) => self.origins.iter().any(|a| a.eq_ignore_ascii_case(o.trim())),
+        }
+    }
+
+    /// Picks the subprotocol: the first in the client's offer that the route allows.
+    /// `Ok(None)` when the route has no list (nothing is echoed); `Err` when the route
+    /// requires one and none offered matches.
+    pub fn choose_subprotocol<'a>(
+        &self,
+        offered: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<String>, ()> {
+        if self.subprotocols.is_empty() {
+            return Ok(None);
+        }
+        offered
+            .into_iter()
+            .find(|p| self.subprotocols.iter().any(|a| a == p))
+            .map(|p| Some(p.to_owned()))
+            .ok_or(())
+    }
+}
+
+/// Routes ordered so the longest prefix is tried first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        RouteTable { routes }
+    }
+
+    /// The route with the longest prefix covering `path` (the query is not part of it).
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.covers(path))
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str) -> Route {
+        Route::new(path, Backend::Echo, vec![], vec![], MessageMode::Binary)
+    }
+
+    #[test]
+    fn longest_prefix_on_whole_segments() {
+        let t = RouteTable::new(vec![route("/"), route("/vnc"), route("/vnc/admin/")]);
+        assert_eq!(t.find("/vnc").unwrap().path, "/vnc");
+        assert_eq!(t.find("/vnc/").unwrap().path, "/vnc");
+        assert_eq!(t.find("/vnc/1").unwrap().path, "/vnc");
+        assert_eq!(t.find("/vnc/admin").unwrap().path, "/vnc/admin");
+        assert_eq!(t.find("/vnc/admin/x").unwrap().path, "/vnc/admin");
+        assert_eq!(t.find("/vncx").unwrap().path, "/");
+        let no_root = RouteTable::new(vec![route("/echo")]);
+        assert!(no_root.find("/").is_none());
+        assert!(no_root.find("/echoes").is_none());
+    }
+
+    #[test]
+    fn subprotocol_is_first_client_offer_allowed() {
+        let mut r = route("/");
+        assert_eq!(r.choose_subprotocol(["a"]), Ok(None));
+        r.subprotocols = vec!["binary".into(), "base64".into()];
+        assert_eq!(r.choose_subprotocol(["x", "base64", "binary"]), Ok(Some("base64".into())));
+        assert_eq!(r.choose_subprotocol(["x"]), Err(()));
+        assert_eq!(r.choose_subprotocol([]), Err(()));
+    }
+
+    #[test]
+    fn origins() {
+        let mut r = route("/");
+        assert!(r.origin_allowed(Some("https://evil.example")));
+        r.origins = vec!["https://example.com".into()];
+        assert!(r.origin_allowed(None));
+        assert!(r.origin_allowed(Some("https://EXAMPLE.com")));
+        assert!(!r.origin_allowed(Some("https://example.com.evil")));
+        assert!(!r.origin_allowed(Some("null")));
+    }
+}
