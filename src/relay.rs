@@ -190,6 +190,7 @@ async fn pump_client(
     let mut next_ping = last_heard + limits.ping_interval;
     let mut read_size = INITIAL_READ_BUF;
     let mut shutdown_seen = false;
+    let mut echo_message = Vec::new();
     loop {
         // Act on every complete event already buffered.
         loop {
@@ -209,10 +210,7 @@ async fn pump_client(
             };
             match event {
                 Event::Data {
-                    kind,
-                    payload,
-                    first,
-                    fin,
+                    kind, payload, fin, ..
                 } => {
                     s.bytes_from_client
                         .fetch_add(payload.len() as u64, Ordering::Relaxed);
@@ -220,23 +218,27 @@ async fn pump_client(
                         s.messages_from_client.fetch_add(1, Ordering::Relaxed);
                     }
                     if echo {
-                        let opcode = match (first, kind) {
-                            (false, _) => OpCode::Continuation,
-                            (true, MessageKind::Text) => OpCode::Text,
-                            (true, MessageKind::Binary) => OpCode::Binary,
-                        };
-                        let mut writer = s.writer.lock().await;
-                        if writer.send(opcode, fin, &payload).await.is_err() {
-                            s.start_closing("client_error");
-                            return;
-                        }
-                        if fin && writer.close_sent().is_none() {
-                            s.bytes_to_client
-                                .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                            s.messages_to_client.fetch_add(1, Ordering::Relaxed);
-                        } else if writer.close_sent().is_none() {
-                            s.bytes_to_client
-                                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                        // The echo answers whole messages (at most max_message_size): a
+                        // client may write a whole message before it reads anything.
+                        echo_message.extend_from_slice(&payload);
+                        if fin {
+                            let opcode = match kind {
+                                MessageKind::Text => OpCode::Text,
+                                MessageKind::Binary => OpCode::Binary,
+                            };
+                            let mut writer = s.writer.lock().await;
+                            let counted = writer.close_sent().is_none();
+                            if writer.send(opcode, true, &echo_message).await.is_err() {
+                                s.start_closing("client_error");
+                                return;
+                            }
+                            if counted {
+                                s.bytes_to_client
+                                    .fetch_add(echo_message.len() as u64, Ordering::Relaxed);
+                                s.messages_to_client.fetch_add(1, Ordering::Relaxed);
+                            }
+                            echo_message.clear();
+                            echo_message.shrink_to(INITIAL_READ_BUF);
                         }
                     } else if let Some(w) = backend.as_mut() {
                         if w.write_all(&payload).await.is_err() {

@@ -194,7 +194,6 @@ async fn serve_connection(
         async move { Ok::<_, Infallible>(handle_request(conn, req).await) }
     });
     let http = http1::Builder::new()
-        .keep_alive(false)
         .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();

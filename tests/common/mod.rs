@@ -1,0 +1,415 @@
+//! Shared test fixtures: wsgate in-process or as a process, real TCP backends, raw HTTP and
+//! raw frames. Everything binds 127.0.0.1 on ports the OS picks, and every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use wsgate::frame::{apply_mask, FrameHeader, OpCode, MAX_HEADER_LEN};
+use wsgate::{Config, Server};
+
+/// Upper bound for any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A wsgate running in this process; stops (drains) when dropped.
+pub struct Gate {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Gate {
+    /// Starts wsgate from TOML text; `{listen}` is 127.0.0.1:0.
+    pub async fn start(toml: &str) -> Gate {
+        let config = Config::parse(toml, "test.toml", Path::new(".")).expect("test config");
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.local_addrs()[0];
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Gate {
+            addr,
+            stop: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    /// A gate with one route `path` → `backend`, extra limits lines, extra route lines.
+    pub async fn route(path: &str, backend: &str, limits: &str, route_extra: &str) -> Gate {
+        Gate::start(&format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\n{limits}\n[[route]]\npath = \"{path}\"\nbackend = \"{backend}\"\n{route_extra}\n"
+        ))
+        .await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown and returns the drain task.
+    pub fn stop(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.done.take().expect("stopped once")
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The wsgate binary as a child process (for RSS and CLI tests); killed when dropped.
+pub struct GateProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub _dir: TempDir,
+}
+
+impl GateProcess {
+    pub fn start(toml: &str) -> GateProcess {
+        let dir = TempDir::new();
+        let path = dir.path().join("wsgate.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn wsgate");
+        // wsgate logs "listening addr=…" once bound: read lines until then (bounded by EOF).
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("wsgate exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("addr=").nth(1) {
+                if line.contains("listening") {
+                    break rest.split_whitespace().next().unwrap().parse().unwrap();
+                }
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        GateProcess {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Resident set size of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for GateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory removed on drop (no extra crate for it).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "wsgate-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---- backends ----
+
+/// Binds 127.0.0.1:0 and runs `handler` for every accepted connection.
+pub async fn backend<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handler(stream));
+        }
+    });
+    addr
+}
+
+/// Echoes bytes until EOF, then closes.
+pub async fn echo_backend() -> SocketAddr {
+    backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// Sends a greeting banner first, then echoes.
+pub async fn banner_backend(banner: &'static [u8]) -> SocketAddr {
+    backend(move |mut s| async move {
+        let _ = s.write_all(banner).await;
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// Writes `n` bytes of a known pattern, then half-closes and waits for the peer's EOF.
+pub async fn send_n_then_close_backend(n: usize) -> SocketAddr {
+    backend(move |mut s| async move {
+        let _ = s.write_all(&pattern(n, 7)).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await
+}
+
+/// Reads a little, then resets the connection (SO_LINGER 0).
+pub async fn reset_backend() -> SocketAddr {
+    backend(|s| async move {
+        let mut s = s;
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf).await;
+        #[allow(deprecated)]
+        let _ = s.set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await
+}
+
+/// Accepts and then never reads; holds the connection open for `hold`.
+pub async fn never_read_backend(hold: Duration) -> SocketAddr {
+    backend(move |s| async move {
+        tokio::time::sleep(hold).await;
+        drop(s);
+    })
+    .await
+}
+
+/// A deterministic byte pattern, distinct per `seed`.
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+// ---- raw HTTP ----
+
+pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A valid upgrade request for `path`, with extra header lines.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// What a raw request got back.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+    /// True when the server closed the connection after the response.
+    pub closed: bool,
+}
+
+impl RawResponse {
+    /// Values of a header (case-insensitive name), in order.
+    pub fn header(&self, name: &str) -> Vec<String> {
+        self.head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    }
+}
+
+/// Sends raw bytes, reads everything until the server closes (bounded by WAIT).
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut all = Vec::new();
+    let closed = matches!(
+        tokio::time::timeout(WAIT, s.read_to_end(&mut all)).await,
+        Ok(Ok(_)) | Ok(Err(_))
+    );
+    parse_response(&all, closed)
+}
+
+pub fn parse_response(all: &[u8], closed: bool) -> RawResponse {
+    let text = String::from_utf8_lossy(all).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    RawResponse {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+        closed,
+    }
+}
+
+/// Opens a raw WebSocket connection (our own frames, for protocol tests): returns the stream
+/// positioned after the 101 head.
+pub async fn raw_ws(addr: SocketAddr, path: &str) -> BufReader<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 101"), "got {line:?}");
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    r
+}
+
+/// A masked client frame.
+pub fn client_frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut header = [0u8; MAX_HEADER_LEN];
+    let n = FrameHeader {
+        fin,
+        opcode,
+        mask: Some(key),
+        payload_len: payload.len() as u64,
+    }
+    .encode(&mut header);
+    let mut out = header[..n].to_vec();
+    let mut body = payload.to_vec();
+    apply_mask(&mut body, key, 0);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A server frame as read off the wire.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerFrame {
+    pub fin: bool,
+    pub opcode: OpCode,
+    pub payload: Vec<u8>,
+    /// Encoded header length, to check the minimal length form.
+    pub header_len: usize,
+}
+
+/// Reads one server frame (asserting it is unmasked); `None` on EOF.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<ServerFrame> {
+    let mut head = Vec::new();
+    loop {
+        match FrameHeader::parse(&head).expect("server frame header is valid") {
+            Some((h, n)) => {
+                assert!(h.mask.is_none(), "server frames are never masked");
+                let mut payload = vec![0u8; h.payload_len as usize];
+                tokio::time::timeout(WAIT, r.read_exact(&mut payload))
+                    .await
+                    .expect("frame payload in time")
+                    .ok()?;
+                return Some(ServerFrame {
+                    fin: h.fin,
+                    opcode: h.opcode,
+                    payload,
+                    header_len: n,
+                });
+            }
+            None => {
+                let mut b = [0u8; 1];
+                match tokio::time::timeout(WAIT, r.read(&mut b))
+                    .await
+                    .expect("frame in time")
+                {
+                    Ok(1) => head.push(b[0]),
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Reads frames until a close; returns its code (None for an empty close or EOF first).
+pub async fn read_until_close<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<u16> {
+    while let Some(f) = read_frame(r).await {
+        if f.opcode == OpCode::Close {
+            return (f.payload.len() >= 2).then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+        }
+    }
+    None
+}
+
+/// Reads until EOF, bounded by WAIT; true when the server closed.
+pub async fn expect_eof<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> bool {
+    let mut sink = Vec::new();
+    matches!(
+        tokio::time::timeout(WAIT, r.read_to_end(&mut sink)).await,
+        Ok(Ok(_)) | Ok(Err(_))
+    )
+}
+
+/// Path of the Python with the `websockets` peer (set by scripts/test).
+pub fn python() -> String {
+    std::env::var("WSGATE_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+        assert!(
+            Path::new(venv).exists(),
+            "no Python test peer: run scripts/test (it creates .venv with websockets)"
+        );
+        venv.to_owned()
+    })
+}
