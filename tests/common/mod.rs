@@ -413,3 +413,19 @@ pub fn python() -> String {
         venv.to_owned()
     })
 }
+
+/// Sends a request that should upgrade and reads only the response head (the connection
+/// stays open, as an upgraded one does); returns the head and the open stream.
+pub async fn upgrade_head(addr: SocketAddr, request: &[u8]) -> (RawResponse, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("response in time") {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    (parse_response(&head, false), s)
+}
