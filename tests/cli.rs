@@ -1,0 +1,78 @@
+//! The `wsgate` command: --check-config, --help, quick mode, and refusing bad configs.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+fn wsgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wsgate")).args(args).output().unwrap()
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    let out = wsgate(&["--check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn bad_config_names_key_and_line_and_does_not_start() {
+    let dir = TempDir::new();
+    let cases = [
+        ("[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nidle_timout = \"5s\"\n", "line 4", "idle_timout"),
+        ("[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"ftp://x\"\n", "line 5", "backend"),
+        ("[[listen]]\naddr = \"nowhere\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n", "line 2", "addr"),
+        ("[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\nmessage = \"morse\"\n", "line 6", "morse"),
+    ];
+    for (i, (text, line, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        for flag in ["--check-config", "--config"] {
+            let out = wsgate(&[flag, path.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} case {i}: {err}");
+            assert!(err.contains(line) && err.contains(key), "{flag} case {i}: {err}");
+        }
+    }
+}
+
+#[test]
+fn help_describes_quick_mode() {
+    let out = wsgate(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--config") && text.contains("--check-config") && text.contains("LISTEN"));
+}
+
+#[tokio::test]
+async fn quick_mode_bridges_every_path_to_the_target() {
+    let backend = echo_backend().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["127.0.0.1:0", &backend.to_string()])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let addr = loop {
+        let line = lines.next().expect("wsgate exited").unwrap();
+        if line.contains("listening") {
+            break line.split("addr=").nth(1).unwrap().trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/any/path")).await.unwrap();
+    ws.send(Message::binary(b"quick".to_vec())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"quick".to_vec()));
+    // SIGTERM: drains and exits 0.
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
