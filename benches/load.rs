@@ -1,1 +1,461 @@
-fn main(){}
+//! Load benchmark: the wsgate bridge against a plain TCP relay, in one run, on loopback, on
+//! the same TCP echo backend. Each server runs as its own process.
+//!
+//! Run: `cargo bench --bench load` (LOAD_SECS=N sets each phase's length, default 3;
+//! LOAD_IDLE=N the idle sessions, default 1000).
+//!
+//! Measures: single-connection throughput (64 KiB messages echoed), round trips per second
+//! (32-byte messages; 1 and 64 connections), new connections per second (handshake, one
+//! message, close), and memory per idle session (RSS growth of the server process / N).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wsgate::frame::{apply_mask, FrameHeader, OpCode, MAX_HEADER_LEN};
+
+const ROLE: &str = "WSGATE_LOAD_ROLE";
+
+fn main() {
+    match std::env::var(ROLE).as_deref() {
+        Ok("echo") => return serve_role(None),
+        Ok("relay") => {
+            let target: SocketAddr = std::env::var("WSGATE_LOAD_TARGET")
+                .unwrap()
+                .parse()
+                .unwrap();
+            return serve_role(Some(target));
+        }
+        _ => {}
+    }
+    // `cargo test --benches` runs this without --bench: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs: u64 = std::env::var("LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let idle: usize = std::env::var("LOAD_IDLE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let phase = Duration::from_secs(secs);
+
+    let echo = Server::spawn_role("echo", None);
+    let relay = Server::spawn_role("relay", Some(echo.addr));
+    let gate = Server::spawn_wsgate(echo.addr);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    println!("phase length {secs}s; servers: plain TCP relay (copy_bidirectional, 64 KiB buffers) and wsgate bridge, both to one TCP echo process");
+    let mut rows = Vec::new();
+    let mut row = |name: &str, unit: &str, relay: f64, gate: f64| {
+        rows.push(format!(
+            "| {name} | {relay:.0} {unit} | {gate:.0} {unit} | {:.2}× |",
+            gate / relay
+        ));
+    };
+
+    let r = rt.block_on(throughput(relay.addr, false, phase));
+    let g = rt.block_on(throughput(gate.addr, true, phase));
+    row("throughput, 1 conn, 64 KiB messages", "MB/s", r, g);
+    for conns in [1usize, 64] {
+        let r = rt.block_on(round_trips(relay.addr, false, conns, phase));
+        let g = rt.block_on(round_trips(gate.addr, true, conns, phase));
+        row(&format!("round trips/s, {conns} conn(s), 32 B"), "/s", r, g);
+    }
+    let r = rt.block_on(new_connections(relay.addr, false, phase));
+    let g = rt.block_on(new_connections(gate.addr, true, phase));
+    row(
+        "new connections/s (handshake + 1 message + close)",
+        "/s",
+        r,
+        g,
+    );
+    let r = rt.block_on(idle_memory(&relay, false, idle));
+    let g = rt.block_on(idle_memory(&gate, true, idle));
+    row(
+        &format!("KiB per idle session ({idle} sessions)"),
+        "KiB",
+        r,
+        g,
+    );
+
+    println!("\n| measure | plain TCP relay | wsgate | wsgate / relay |\n|---|---:|---:|---:|");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+// ---- the server processes ----
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn spawn_role(role: &str, target: Option<SocketAddr>) -> Server {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env(ROLE, role);
+        if let Some(t) = target {
+            cmd.env("WSGATE_LOAD_TARGET", t.to_string());
+        }
+        Server::start(cmd, "addr=")
+    }
+
+    fn spawn_wsgate(backend: SocketAddr) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args(["127.0.0.1:0", &backend.to_string()])
+            .env("RUST_LOG", "warn,wsgate::server=info");
+        Server::start(cmd, "addr=")
+    }
+
+    /// Starts the process and reads its stderr until it reports its address.
+    fn start(mut cmd: Command, marker: &str) -> Server {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let addr = loop {
+            let line = lines.next().expect("server exited").unwrap();
+            if let Some(rest) = line.split(marker).nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        // wsgate logs a line per session; keep the pipe drained.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    fn rss_kib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The echo backend (`target` None) or the plain relay baseline, in this process.
+fn serve_role(target: Option<SocketAddr>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        eprintln!("addr={}", listener.local_addr().unwrap());
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            client.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                match target {
+                    None => {
+                        let (mut r, mut w) = client.split();
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if w.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Some(t) => {
+                        let Ok(mut backend) = TcpStream::connect(t).await else {
+                            return;
+                        };
+                        backend.set_nodelay(true).unwrap();
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut client,
+                            &mut backend,
+                            64 * 1024,
+                            64 * 1024,
+                        )
+                        .await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+// ---- a minimal client: raw TCP, or WebSocket with our own masked frames ----
+
+struct Client {
+    stream: TcpStream,
+    ws: bool,
+    inbuf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, ws: bool) -> Client {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut inbuf = Vec::new();
+        if ws {
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed during handshake");
+                inbuf.extend_from_slice(&buf[..n]);
+                if let Some(end) = inbuf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    assert!(
+                        inbuf.starts_with(b"HTTP/1.1 101"),
+                        "{}",
+                        String::from_utf8_lossy(&inbuf)
+                    );
+                    inbuf.drain(..end + 4);
+                    break;
+                }
+            }
+        }
+        Client { stream, ws, inbuf }
+    }
+
+    /// The bytes to send one message: a masked binary frame, or the raw payload.
+    fn message(&self, payload: &[u8]) -> Vec<u8> {
+        if !self.ws {
+            return payload.to_vec();
+        }
+        let key = [0x12, 0x34, 0x56, 0x78];
+        let mut out = [0u8; MAX_HEADER_LEN];
+        let n = FrameHeader {
+            fin: true,
+            opcode: OpCode::Binary,
+            mask: Some(key),
+            payload_len: payload.len() as u64,
+        }
+        .encode(&mut out);
+        let mut frame = out[..n].to_vec();
+        let start = frame.len();
+        frame.extend_from_slice(payload);
+        apply_mask(&mut frame[start..], key, 0);
+        frame
+    }
+
+    /// Reads until `want` payload bytes have arrived (frame headers are parsed and skipped).
+    async fn read_payload(&mut self, want: usize) {
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut remaining_in_frame = 0usize;
+        loop {
+            // Consume what is buffered.
+            loop {
+                if remaining_in_frame > 0 {
+                    let take = remaining_in_frame.min(self.inbuf.len());
+                    self.inbuf.drain(..take);
+                    remaining_in_frame -= take;
+                    got += take;
+                    if take == 0 {
+                        break;
+                    }
+                } else if self.ws {
+                    match FrameHeader::parse(&self.inbuf).unwrap() {
+                        Some((h, n)) => {
+                            self.inbuf.drain(..n);
+                            remaining_in_frame = h.payload_len as usize;
+                        }
+                        None => break,
+                    }
+                } else {
+                    got += self.inbuf.len();
+                    self.inbuf.clear();
+                    break;
+                }
+                if got >= want && remaining_in_frame == 0 {
+                    return;
+                }
+            }
+            if got >= want && remaining_in_frame == 0 {
+                return;
+            }
+            let n = self.stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "server closed");
+            self.inbuf.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    async fn close(mut self) {
+        if self.ws {
+            let key = [1, 2, 3, 4];
+            let mut out = [0u8; MAX_HEADER_LEN];
+            let n = FrameHeader {
+                fin: true,
+                opcode: OpCode::Close,
+                mask: Some(key),
+                payload_len: 2,
+            }
+            .encode(&mut out);
+            let mut frame = out[..n].to_vec();
+            let mut code = 1000u16.to_be_bytes();
+            apply_mask(&mut code, key, 0);
+            frame.extend_from_slice(&code);
+            let _ = self.stream.write_all(&frame).await;
+        } else {
+            let _ = self.stream.shutdown().await;
+        }
+        // Read until the server closes (the close reply, then EOF).
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = self.stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// MB/s of payload echoed through one connection, writer and reader running at once.
+async fn throughput(addr: SocketAddr, ws: bool, phase: Duration) -> f64 {
+    let client = Client::connect(addr, ws).await;
+    let msg = client.message(&vec![0x61u8; 64 * 1024]);
+    let Client { stream, inbuf, .. } = client;
+    let (mut r, mut w) = stream.into_split();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if w.write_all(&msg).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut pending = inbuf;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut payload: u64 = 0;
+    let mut in_frame = 0usize;
+    while started.elapsed() < phase {
+        let n = r.read(&mut buf).await.unwrap();
+        assert!(n > 0, "server closed");
+        if !ws {
+            payload += n as u64;
+            continue;
+        }
+        // Count payload bytes only: skip frame headers as they pass.
+        pending.extend_from_slice(&buf[..n]);
+        let mut at = 0;
+        loop {
+            if in_frame > 0 {
+                let take = in_frame.min(pending.len() - at);
+                if take == 0 {
+                    break;
+                }
+                at += take;
+                in_frame -= take;
+                payload += take as u64;
+            } else {
+                match FrameHeader::parse(&pending[at..]).unwrap() {
+                    Some((h, hl)) => {
+                        at += hl;
+                        in_frame = h.payload_len as usize;
+                    }
+                    None => break,
+                }
+            }
+        }
+        pending.drain(..at);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    writer.abort();
+    payload as f64 / secs / 1e6
+}
+
+/// Round trips per second with `conns` connections, each one message in flight.
+async fn round_trips(addr: SocketAddr, ws: bool, conns: usize, phase: Duration) -> f64 {
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + phase;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr, ws).await;
+            let msg = c.message(&[0x62u8; 32]);
+            while Instant::now() < deadline {
+                c.stream.write_all(&msg).await.unwrap();
+                c.read_payload(32).await;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            c.close().await;
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64().max(phase.as_secs_f64())
+}
+
+/// New connections per second: connect, (handshake,) one 32-byte message echoed, close.
+async fn new_connections(addr: SocketAddr, ws: bool, phase: Duration) -> f64 {
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + phase;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let mut c = Client::connect(addr, ws).await;
+                let msg = c.message(&[0x63u8; 32]);
+                c.stream.write_all(&msg).await.unwrap();
+                c.read_payload(32).await;
+                c.close().await;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// RSS growth of the server process per idle session, in KiB (each session has exchanged one
+/// message first, so it is a live, set-up session).
+async fn idle_memory(server: &Server, ws: bool, n: usize) -> f64 {
+    let before = server.rss_kib();
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = Client::connect(server.addr, ws).await;
+        let msg = c.message(b"hi");
+        c.stream.write_all(&msg).await.unwrap();
+        c.read_payload(2).await;
+        clients.push(c);
+    }
+    let after = server.rss_kib();
+    for c in clients {
+        drop(c);
+    }
+    (after - before) / n as f64
+}

@@ -273,9 +273,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// Whether `s` is an HTTP token (RFC 9110 §5.6.2), as subprotocol names must be.
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl Config {
@@ -291,18 +290,22 @@ impl Config {
 
     /// Parses and validates TOML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let invalid = |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
-            file: file.to_owned(),
-            line: span.map(|s| line_of(text, s.start)),
-            message,
-        };
+        let invalid =
+            |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
+                file: file.to_owned(),
+                line: span.map(|s| line_of(text, s.start)),
+                message,
+            };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().trim_end().to_owned();
             invalid(e.span(), message)
         })?;
 
         if raw.listen.is_empty() {
-            return Err(invalid(None, "no [[listen]] entry: add one, e.g. addr = \"127.0.0.1:8080\"".into()));
+            return Err(invalid(
+                None,
+                "no [[listen]] entry: add one, e.g. addr = \"127.0.0.1:8080\"".into(),
+            ));
         }
         let mut listen = Vec::new();
         for l in &raw.listen {
@@ -312,8 +315,14 @@ impl Config {
                     format!("listen.addr {:?} is not ip:port", l.addr.get_ref()),
                 )
             })?;
-            if listen.iter().any(|x: &Listener| x.addr == addr && addr.port() != 0) {
-                return Err(invalid(Some(l.addr.span()), format!("listen.addr {addr} is listed twice")));
+            if listen
+                .iter()
+                .any(|x: &Listener| x.addr == addr && addr.port() != 0)
+            {
+                return Err(invalid(
+                    Some(l.addr.span()),
+                    format!("listen.addr {addr} is listed twice"),
+                ));
             }
             listen.push(Listener { addr });
         }
@@ -338,11 +347,17 @@ impl Config {
             ("close_timeout", limits.close_timeout),
         ] {
             if value.is_zero() {
-                return Err(invalid(None, format!("limits.{key} must be more than zero")));
+                return Err(invalid(
+                    None,
+                    format!("limits.{key} must be more than zero"),
+                ));
             }
         }
         if limits.max_connections == 0 {
-            return Err(invalid(None, "limits.max_connections must be at least 1".into()));
+            return Err(invalid(
+                None,
+                "limits.max_connections must be at least 1".into(),
+            ));
         }
 
         if raw.route.is_empty() {
@@ -375,7 +390,9 @@ impl Config {
                 if v.is_empty() || v.contains(char::is_whitespace) || v.ends_with('/') {
                     return Err(invalid(
                         Some(o.span()),
-                        format!("route.origins: {v:?} is not an origin like \"https://example.com\""),
+                        format!(
+                            "route.origins: {v:?} is not an origin like \"https://example.com\""
+                        ),
                     ));
                 }
                 origins.push(v.to_ascii_lowercase());
@@ -437,7 +454,8 @@ mod tests {
         Config::parse(text, "test.toml", Path::new("/etc/wsgate"))
     }
 
-    const MINIMAL: &str = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n";
+    const MINIMAL: &str =
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n";
 
     #[test]
     fn example_config_parses() {
@@ -466,10 +484,16 @@ mod tests {
     fn bad_values_name_key_and_line() {
         let text = format!("{MINIMAL}[limits]\nhandshake_timeout = \"10x\"\n");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("line 7") && err.contains("handshake_timeout"), "{err}");
+        assert!(
+            err.contains("line 7") && err.contains("handshake_timeout"),
+            "{err}"
+        );
         let text = format!("{MINIMAL}[limits]\nmax_message_size = \"lots\"\n");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("line 7") && err.contains("max_message_size"), "{err}");
+        assert!(
+            err.contains("line 7") && err.contains("max_message_size"),
+            "{err}"
+        );
         let text = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://nowhere\"\n";
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("line 5") && err.contains("backend"), "{err}");
@@ -493,7 +517,10 @@ mod tests {
     #[test]
     fn quick_mode_is_one_route_to_tcp() {
         let c = Config::quick("127.0.0.1:8080", "127.0.0.1:5900").unwrap();
-        assert_eq!(c.routes.routes()[0].backend, Backend::Tcp("127.0.0.1:5900".into()));
+        assert_eq!(
+            c.routes.routes()[0].backend,
+            Backend::Tcp("127.0.0.1:5900".into())
+        );
         assert!(Config::quick("nope", "127.0.0.1:1").is_err());
     }
 }

@@ -188,7 +188,9 @@ impl FrameHeader {
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
     let mut key = key;
     key.rotate_left(offset % 4);
-    let key8 = [key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]];
+    let key8 = [
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ];
     let key64 = u64::from_ne_bytes(key8);
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
@@ -282,7 +284,9 @@ mod tests {
     /// Sample servers parse the 7-bit length as `b2 | 0x7f`; a length of 5 must read as 5.
     #[test]
     fn seven_bit_length_is_not_or_ed_with_0x7f() {
-        let (h, n) = FrameHeader::parse(&[0x81, 0x85, 1, 2, 3, 4]).unwrap().unwrap();
+        let (h, n) = FrameHeader::parse(&[0x81, 0x85, 1, 2, 3, 4])
+            .unwrap()
+            .unwrap();
         assert_eq!(h.payload_len, 5);
         assert_eq!(n, 6);
         assert_eq!(h.mask, Some([1, 2, 3, 4]));
@@ -372,7 +376,9 @@ mod tests {
 
     #[test]
     fn close_codes() {
-        for ok in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999] {
+        for ok in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
             assert!(is_valid_close_code(ok), "{ok}");
         }
         for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
@@ -380,7 +386,10 @@ mod tests {
         }
         assert_eq!(parse_close_payload(&[]), Ok(None));
         assert_eq!(parse_close_payload(&[3]), Err(ClosePayloadError::BadCode));
-        assert_eq!(parse_close_payload(&[0x03, 0xE8, b'o', b'k']), Ok(Some((1000, "ok"))));
+        assert_eq!(
+            parse_close_payload(&[0x03, 0xE8, b'o', b'k']),
+            Ok(Some((1000, "ok")))
+        );
         assert_eq!(
             parse_close_payload(&[0x03, 0xE8, 0xFF]),
             Err(ClosePayloadError::BadReason)

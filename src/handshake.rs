@@ -116,12 +116,19 @@ pub fn check(
         .with_header(header::UPGRADE, "websocket"));
     }
     if !has_token(headers, &header::CONNECTION, "upgrade") {
-        return Err(bad("connection", "Connection header lacks the upgrade token"));
+        return Err(bad(
+            "connection",
+            "Connection header lacks the upgrade token",
+        ));
     }
     match single(headers, &header::SEC_WEBSOCKET_VERSION) {
         Ok(Some(v)) if v.as_bytes().trim_ascii() == b"13" => {}
         Ok(None) => return Err(version_426("missing Sec-WebSocket-Version (must be 13)")),
-        _ => return Err(version_426("unsupported Sec-WebSocket-Version (must be 13)")),
+        _ => {
+            return Err(version_426(
+                "unsupported Sec-WebSocket-Version (must be 13)",
+            ))
+        }
     }
     let key = match single(headers, &header::SEC_WEBSOCKET_KEY) {
         Ok(Some(k)) => k.as_bytes().trim_ascii(),
@@ -133,7 +140,13 @@ pub fn check(
     }
     let origin = match single(headers, &header::ORIGIN) {
         Ok(o) => o.map(|v| v.to_str().unwrap_or("\u{fffd}")),
-        Err(()) => return Err(Rejection::new(S::FORBIDDEN, "origin", "more than one Origin header")),
+        Err(()) => {
+            return Err(Rejection::new(
+                S::FORBIDDEN,
+                "origin",
+                "more than one Origin header",
+            ))
+        }
     };
     if !route.origin_allowed(origin) {
         return Err(Rejection::new(S::FORBIDDEN, "origin", "origin not allowed"));
@@ -175,7 +188,10 @@ mod tests {
         let mut sha = Sha1::new();
         sha.update(b"dGhlIHNhbXBsZSBub25jZQ==");
         sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B12");
-        assert_ne!(BASE64.encode(sha.finalize()), accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert_ne!(
+            BASE64.encode(sha.finalize()),
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ==")
+        );
     }
 
     fn route() -> Route {
@@ -194,8 +210,14 @@ mod tests {
         h.insert(header::UPGRADE, "WebSocket".parse().unwrap());
         h.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
         h.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
-        h.insert(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap());
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, "chat, binary".parse().unwrap());
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            "chat, binary".parse().unwrap(),
+        );
         h
     }
 
@@ -216,25 +238,90 @@ mod tests {
     fn each_rule_has_its_status() {
         let r = route();
         assert_eq!(
-            check(&Method::POST, Version::HTTP_11, &good(), &r).unwrap_err().status,
+            check(&Method::POST, Version::HTTP_11, &good(), &r)
+                .unwrap_err()
+                .status,
             StatusCode::BAD_REQUEST
         );
         assert_eq!(
-            check(&Method::GET, Version::HTTP_10, &good(), &r).unwrap_err().status,
+            check(&Method::GET, Version::HTTP_10, &good(), &r)
+                .unwrap_err()
+                .status,
             StatusCode::BAD_REQUEST
         );
         let cases: Vec<(fn(&mut HeaderMap), StatusCode)> = vec![
-            (|h| { h.remove(header::HOST); }, StatusCode::BAD_REQUEST),
-            (|h| { h.remove(header::UPGRADE); }, StatusCode::UPGRADE_REQUIRED),
-            (|h| { h.insert(header::CONNECTION, "keep-alive".parse().unwrap()); }, StatusCode::BAD_REQUEST),
-            (|h| { h.remove(header::SEC_WEBSOCKET_VERSION); }, StatusCode::UPGRADE_REQUIRED),
-            (|h| { h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().unwrap()); }, StatusCode::UPGRADE_REQUIRED),
-            (|h| { h.remove(header::SEC_WEBSOCKET_KEY); }, StatusCode::BAD_REQUEST),
-            (|h| { h.insert(header::SEC_WEBSOCKET_KEY, "c2hvcnQ=".parse().unwrap()); }, StatusCode::BAD_REQUEST),
-            (|h| { h.append(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap()); }, StatusCode::BAD_REQUEST),
-            (|h| { h.insert(header::ORIGIN, "https://evil.example".parse().unwrap()); }, StatusCode::FORBIDDEN),
-            (|h| { h.insert(header::SEC_WEBSOCKET_PROTOCOL, "chat".parse().unwrap()); }, StatusCode::BAD_REQUEST),
-            (|h| { h.insert("sec-websocket-key1", "4 @1  46546xW%0l 1 5".parse().unwrap()); }, StatusCode::UPGRADE_REQUIRED),
+            (
+                |h| {
+                    h.remove(header::HOST);
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                |h| {
+                    h.remove(header::UPGRADE);
+                },
+                StatusCode::UPGRADE_REQUIRED,
+            ),
+            (
+                |h| {
+                    h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                |h| {
+                    h.remove(header::SEC_WEBSOCKET_VERSION);
+                },
+                StatusCode::UPGRADE_REQUIRED,
+            ),
+            (
+                |h| {
+                    h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().unwrap());
+                },
+                StatusCode::UPGRADE_REQUIRED,
+            ),
+            (
+                |h| {
+                    h.remove(header::SEC_WEBSOCKET_KEY);
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                |h| {
+                    h.insert(header::SEC_WEBSOCKET_KEY, "c2hvcnQ=".parse().unwrap());
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                |h| {
+                    h.append(
+                        header::SEC_WEBSOCKET_KEY,
+                        "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+                    );
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                |h| {
+                    h.insert(header::ORIGIN, "https://evil.example".parse().unwrap());
+                },
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                |h| {
+                    h.insert(header::SEC_WEBSOCKET_PROTOCOL, "chat".parse().unwrap());
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                |h| {
+                    h.insert(
+                        "sec-websocket-key1",
+                        "4 @1  46546xW%0l 1 5".parse().unwrap(),
+                    );
+                },
+                StatusCode::UPGRADE_REQUIRED,
+            ),
         ];
         for (i, (edit, want)) in cases.into_iter().enumerate() {
             let mut h = good();

@@ -144,7 +144,14 @@ pub async fn run(
     };
     let pumps = async {
         tokio::join!(
-            pump_client(&shared, client_read, initial, backend_write, limits, shutdown),
+            pump_client(
+                &shared,
+                client_read,
+                initial,
+                backend_write,
+                limits,
+                shutdown
+            ),
             async {
                 if let Some(read) = backend_read {
                     pump_backend(&shared, read, limits.message).await;

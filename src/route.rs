@@ -25,7 +25,11 @@ impl Route {
     ) -> Route {
         let trimmed = path.trim_end_matches('/');
         Route {
-            path: if trimmed.is_empty() { "/".into() } else { trimmed.into() },
+            path: if trimmed.is_empty() {
+                "/".into()
+            } else {
+                trimmed.into()
+            },
             backend,
             subprotocols,
             origins,
@@ -48,7 +52,10 @@ impl Route {
         match origin {
             None => true,
             Some(_) if self.origins.is_empty() => true,
-            Some(o) => self.origins.iter().any(|a| a.eq_ignore_ascii_case(o.trim())),
+            Some(o) => self
+                .origins
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(o.trim())),
         }
     }
 
@@ -119,7 +126,10 @@ mod tests {
         let mut r = route("/");
         assert_eq!(r.choose_subprotocol(["a"]), Ok(None));
         r.subprotocols = vec!["binary".into(), "base64".into()];
-        assert_eq!(r.choose_subprotocol(["x", "base64", "binary"]), Ok(Some("base64".into())));
+        assert_eq!(
+            r.choose_subprotocol(["x", "base64", "binary"]),
+            Ok(Some("base64".into()))
+        );
         assert_eq!(r.choose_subprotocol(["x"]), Err(()));
         assert_eq!(r.choose_subprotocol([]), Err(()));
     }

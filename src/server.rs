@@ -231,7 +231,10 @@ fn refuse(conn: &Conn, route: Option<&str>, rejection: Rejection) -> Response<Bo
     let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", rejection.reason))));
     *response.status_mut() = rejection.status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     for (name, value) in rejection.headers {
         headers.insert(name, HeaderValue::from_static(value));
@@ -357,7 +360,11 @@ fn split_upgraded(upgraded: hyper::upgrade::Upgraded) -> (BoxRead, BytesMut, Box
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
-            (Box::pin(read), BytesMut::from(&parts.read_buf[..]), Box::pin(write))
+            (
+                Box::pin(read),
+                BytesMut::from(&parts.read_buf[..]),
+                Box::pin(write),
+            )
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));

@@ -180,8 +180,8 @@ impl Decoder {
         loop {
             match self.state {
                 State::Header => {
-                    let Some((header, header_len)) =
-                        FrameHeader::parse(buf).map_err(|e| Violation::protocol(header_reason(e)))?
+                    let Some((header, header_len)) = FrameHeader::parse(buf)
+                        .map_err(|e| Violation::protocol(header_reason(e)))?
                     else {
                         return Ok(None);
                     };
@@ -290,7 +290,9 @@ impl Decoder {
         let State::Payload { remaining, fin, .. } = self.state else {
             unreachable!("data_piece outside a payload");
         };
-        let kind = self.message.expect("a data frame always belongs to a message");
+        let kind = self
+            .message
+            .expect("a data frame always belongs to a message");
         let frame_done = remaining == 0;
         let message_done = frame_done && fin;
         if kind == MessageKind::Text {
@@ -502,10 +504,18 @@ mod tests {
     fn continuation_and_nesting_rules() {
         let key = [5, 6, 7, 8];
         let lone = client_frame(true, OpCode::Continuation, b"x", key);
-        assert_eq!(decode_all(&mut Decoder::new(100), &lone).unwrap_err().code, 1002);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &lone).unwrap_err().code,
+            1002
+        );
         let mut nested = client_frame(false, OpCode::Binary, b"a", key);
         nested.extend(client_frame(true, OpCode::Binary, b"b", key));
-        assert_eq!(decode_all(&mut Decoder::new(100), &nested).unwrap_err().code, 1002);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &nested)
+                .unwrap_err()
+                .code,
+            1002
+        );
     }
 
     #[test]
@@ -527,9 +537,17 @@ mod tests {
             vec![Event::Close(Some((1000, "bye".into())))]
         );
         let one = client_frame(true, OpCode::Close, &[3], key);
-        assert_eq!(decode_all(&mut Decoder::new(100), &one).unwrap_err().code, 1002);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &one).unwrap_err().code,
+            1002
+        );
         let bad_utf8 = client_frame(true, OpCode::Close, &[3, 232, 0xC0], key);
-        assert_eq!(decode_all(&mut Decoder::new(100), &bad_utf8).unwrap_err().code, 1007);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &bad_utf8)
+                .unwrap_err()
+                .code,
+            1007
+        );
     }
 
     #[test]
@@ -543,6 +561,9 @@ mod tests {
         assert_eq!(d.decode(&mut buf).unwrap_err().code, 1007);
         // A message that ends inside a sequence is invalid too.
         let cut = client_frame(true, OpCode::Text, &[b'a', 0xE2, 0x82], key);
-        assert_eq!(decode_all(&mut Decoder::new(100), &cut).unwrap_err().code, 1007);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &cut).unwrap_err().code,
+            1007
+        );
     }
 }

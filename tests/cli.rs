@@ -9,13 +9,23 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn wsgate(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_wsgate")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn check_config_accepts_the_example() {
-    let out = wsgate(&["--check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = wsgate(&[
+        "--check-config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -35,7 +45,10 @@ fn bad_config_names_key_and_line_and_does_not_start() {
             let out = wsgate(&[flag, path.to_str().unwrap()]);
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{flag} case {i}: {err}");
-            assert!(err.contains(line) && err.contains(key), "{flag} case {i}: {err}");
+            assert!(
+                err.contains(line) && err.contains(key),
+                "{flag} case {i}: {err}"
+            );
         }
     }
 }
@@ -45,7 +58,9 @@ fn help_describes_quick_mode() {
     let out = wsgate(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("--config") && text.contains("--check-config") && text.contains("LISTEN"));
+    assert!(
+        text.contains("--config") && text.contains("--check-config") && text.contains("LISTEN")
+    );
 }
 
 #[tokio::test]
@@ -66,11 +81,19 @@ async fn quick_mode_bridges_every_path_to_the_target() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/any/path")).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/any/path"))
+        .await
+        .unwrap();
     ws.send(Message::binary(b"quick".to_vec())).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"quick".to_vec()));
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(b"quick".to_vec())
+    );
     // SIGTERM: drains and exits 0.
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     let status = child.wait().unwrap();

@@ -101,7 +101,8 @@ async fn malformed_header_line_is_400() {
 #[tokio::test]
 async fn bad_keys_are_400() {
     let g = gate().await;
-    let missing = upgrade_request("/ws", "").replacen(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "", 1);
+    let missing =
+        upgrade_request("/ws", "").replacen(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "", 1);
     assert_refused(&raw_request(g.addr, missing.as_bytes()).await, 400);
     let short = upgrade_request("/ws", "").replacen(KEY, "c2hvcnQ=", 1);
     assert_refused(&raw_request(g.addr, short.as_bytes()).await, 400);
@@ -114,7 +115,8 @@ async fn bad_keys_are_400() {
 #[tokio::test]
 async fn missing_connection_upgrade_token_is_400() {
     let g = gate().await;
-    let req = upgrade_request("/ws", "").replacen("Connection: Upgrade", "Connection: keep-alive", 1);
+    let req =
+        upgrade_request("/ws", "").replacen("Connection: Upgrade", "Connection: keep-alive", 1);
     assert_refused(&raw_request(g.addr, req.as_bytes()).await, 400);
 }
 
@@ -125,7 +127,10 @@ async fn token_lists_and_case_are_accepted() {
     let (r, _s) = upgrade_head(g.addr, req.as_bytes()).await;
     assert_eq!(r.status, 101, "{r:?}");
     // RFC 6455 §1.3's sample key and answer.
-    assert_eq!(r.header("sec-websocket-accept"), vec!["s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string()]);
+    assert_eq!(
+        r.header("sec-websocket-accept"),
+        vec!["s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string()]
+    );
     assert_eq!(r.header("connection").len(), 1);
     assert!(r.header("connection")[0].eq_ignore_ascii_case("upgrade"));
 }
@@ -155,9 +160,15 @@ async fn hixie_76_request_is_426() {
 #[tokio::test]
 async fn origin_not_allowed_is_403() {
     let g = gate().await;
-    let req = upgrade_request("/strict", "Origin: https://evil.example\r\nSec-WebSocket-Protocol: binary\r\n");
+    let req = upgrade_request(
+        "/strict",
+        "Origin: https://evil.example\r\nSec-WebSocket-Protocol: binary\r\n",
+    );
     assert_refused(&raw_request(g.addr, req.as_bytes()).await, 403);
-    let ok = upgrade_request("/strict", "Origin: https://ok.example\r\nSec-WebSocket-Protocol: binary\r\n");
+    let ok = upgrade_request(
+        "/strict",
+        "Origin: https://ok.example\r\nSec-WebSocket-Protocol: binary\r\n",
+    );
     let (r, _s) = upgrade_head(g.addr, ok.as_bytes()).await;
     assert_eq!(r.status, 101, "{r:?}");
 }
@@ -168,7 +179,10 @@ async fn no_acceptable_subprotocol_is_400_listing_accepted() {
     let req = upgrade_request("/strict", "Sec-WebSocket-Protocol: chat, superchat\r\n");
     let r = raw_request(g.addr, req.as_bytes()).await;
     assert_refused(&r, 400);
-    assert!(r.body.contains("binary") && r.body.contains("base64"), "{r:?}");
+    assert!(
+        r.body.contains("binary") && r.body.contains("base64"),
+        "{r:?}"
+    );
     let none = upgrade_request("/strict", "");
     assert_refused(&raw_request(g.addr, none.as_bytes()).await, 400);
 }
@@ -176,10 +190,16 @@ async fn no_acceptable_subprotocol_is_400_listing_accepted() {
 #[tokio::test]
 async fn first_offered_allowed_subprotocol_is_chosen() {
     let g = gate().await;
-    let req = upgrade_request("/strict", "Sec-WebSocket-Protocol: chat, base64, binary\r\n");
+    let req = upgrade_request(
+        "/strict",
+        "Sec-WebSocket-Protocol: chat, base64, binary\r\n",
+    );
     let (r, _s) = upgrade_head(g.addr, req.as_bytes()).await;
     assert_eq!(r.status, 101);
-    assert_eq!(r.header("sec-websocket-protocol"), vec!["base64".to_string()]);
+    assert_eq!(
+        r.header("sec-websocket-protocol"),
+        vec!["base64".to_string()]
+    );
 }
 
 #[tokio::test]
@@ -199,11 +219,21 @@ async fn over_max_connections_is_503_with_retry_after() {
 #[tokio::test]
 async fn backend_refused_is_502_and_client_not_upgraded() {
     // A port that was just free: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let g = Gate::route("/", &format!("tcp://127.0.0.1:{port}"), "", "").await;
-    assert_refused(&raw_request(g.addr, upgrade_request("/", "").as_bytes()).await, 502);
+    assert_refused(
+        &raw_request(g.addr, upgrade_request("/", "").as_bytes()).await,
+        502,
+    );
     let g = Gate::route("/", "unix:/nonexistent/wsgate.sock", "", "").await;
-    assert_refused(&raw_request(g.addr, upgrade_request("/", "").as_bytes()).await, 502);
+    assert_refused(
+        &raw_request(g.addr, upgrade_request("/", "").as_bytes()).await,
+        502,
+    );
 }
 
 #[tokio::test]
@@ -216,11 +246,19 @@ async fn backend_connect_timeout_is_504() {
     let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
             fillers.push(s);
         }
     }
-    let g = Gate::route("/", &format!("tcp://{addr}"), "connect_timeout = \"300ms\"", "").await;
+    let g = Gate::route(
+        "/",
+        &format!("tcp://{addr}"),
+        "connect_timeout = \"300ms\"",
+        "",
+    )
+    .await;
     let r = raw_request(g.addr, upgrade_request("/", "").as_bytes()).await;
     assert_refused(&r, 504);
     drop(listener);
@@ -231,9 +269,14 @@ async fn slow_request_is_closed_at_handshake_timeout() {
     let g = gate().await;
     let mut s = TcpStream::connect(g.addr).await.unwrap();
     // Slowloris: a partial request head, then silence.
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
-    assert!(expect_eof(&mut s).await, "wsgate must close a stalled handshake");
+    assert!(
+        expect_eof(&mut s).await,
+        "wsgate must close a stalled handshake"
+    );
     assert!(started.elapsed() >= Duration::from_millis(400));
     // A connection that never sends a byte is closed too.
     let mut silent = TcpStream::connect(g.addr).await.unwrap();
@@ -258,7 +301,11 @@ async fn pipelined_request_behind_refusal_is_not_answered() {
     let r = raw_request(g.addr, &req).await;
     assert_eq!(r.status, 426);
     assert!(r.closed);
-    assert_eq!(r.head.matches("HTTP/1.1").count() + r.body.matches("HTTP/1.1").count(), 1, "{r:?}");
+    assert_eq!(
+        r.head.matches("HTTP/1.1").count() + r.body.matches("HTTP/1.1").count(),
+        1,
+        "{r:?}"
+    );
 }
 
 /// Bytes pipelined behind a successful upgrade are WebSocket frames, not a second request.
@@ -266,7 +313,12 @@ async fn pipelined_request_behind_refusal_is_not_answered() {
 async fn frames_pipelined_behind_upgrade_are_frames() {
     let g = gate().await;
     let mut req = upgrade_request("/strict", "Sec-WebSocket-Protocol: binary\r\n").into_bytes();
-    req.extend(client_frame(true, wsgate::frame::OpCode::Binary, b"early", [1, 2, 3, 4]));
+    req.extend(client_frame(
+        true,
+        wsgate::frame::OpCode::Binary,
+        b"early",
+        [1, 2, 3, 4],
+    ));
     let mut s = TcpStream::connect(g.addr).await.unwrap();
     s.write_all(&req).await.unwrap();
     let mut r = tokio::io::BufReader::new(s);

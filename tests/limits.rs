@@ -12,7 +12,13 @@ use wsgate::frame::OpCode;
 
 #[tokio::test]
 async fn silent_client_gets_1001_at_idle_timeout() {
-    let g = Gate::route("/", "echo", "idle_timeout = \"400ms\"\nping_interval = \"10s\"", "").await;
+    let g = Gate::route(
+        "/",
+        "echo",
+        "idle_timeout = \"400ms\"\nping_interval = \"10s\"",
+        "",
+    )
+    .await;
     let mut ws = raw_ws(g.addr, "/").await;
     let started = Instant::now();
     assert_eq!(read_until_close(&mut ws).await, Some(1001));
@@ -31,7 +37,13 @@ async fn idle_client_is_pinged() {
 /// data: pongs count as activity.
 #[tokio::test]
 async fn client_answering_pings_stays_open() {
-    let g = Gate::route("/", "echo", "idle_timeout = \"600ms\"\nping_interval = \"150ms\"", "").await;
+    let g = Gate::route(
+        "/",
+        "echo",
+        "idle_timeout = \"600ms\"\nping_interval = \"150ms\"",
+        "",
+    )
+    .await;
     let (mut ws, _) = tokio_tungstenite::connect_async(g.url("/")).await.unwrap();
     let until = Instant::now() + Duration::from_millis(1500);
     let mut pings = 0;
@@ -90,7 +102,10 @@ async fn drain_closes_live_sessions_with_1001() {
     let started = Instant::now();
     // During the drain the session still works...
     ws.send(Message::text("during drain")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("during drain"));
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("during drain")
+    );
     // ...and new connections are refused (the listener is closed).
     let mut refused = false;
     for _ in 0..50 {
@@ -118,7 +133,13 @@ async fn drain_closes_live_sessions_with_1001() {
 /// whole frames, count as activity.
 #[tokio::test]
 async fn slow_frame_counts_as_activity() {
-    let g = Gate::route("/", "echo", "idle_timeout = \"300ms\"\nping_interval = \"100ms\"", "").await;
+    let g = Gate::route(
+        "/",
+        "echo",
+        "idle_timeout = \"300ms\"\nping_interval = \"100ms\"",
+        "",
+    )
+    .await;
     let mut ws = raw_ws(g.addr, "/").await;
     let frame = client_frame(true, OpCode::Binary, &[7u8; 6], [1, 2, 3, 4]);
     for b in &frame {

@@ -18,9 +18,14 @@ async fn echo_gate(limits: &str) -> Gate {
 async fn seven_bit_length_is_read_as_is_not_or_ed_with_0x7f() {
     let g = echo_gate("").await;
     let mut ws = raw_ws(g.addr, "/").await;
-    ws.write_all(&client_frame(true, OpCode::Text, b"Hello", KEY4)).await.unwrap();
+    ws.write_all(&client_frame(true, OpCode::Text, b"Hello", KEY4))
+        .await
+        .unwrap();
     let f = read_frame(&mut ws).await.unwrap();
-    assert_eq!((f.opcode, f.payload.as_slice(), f.fin), (OpCode::Text, &b"Hello"[..], true));
+    assert_eq!(
+        (f.opcode, f.payload.as_slice(), f.fin),
+        (OpCode::Text, &b"Hello"[..], true)
+    );
     assert_eq!(f.header_len, 2);
 }
 
@@ -32,7 +37,9 @@ async fn length_forms_at_125_126_65535_65536() {
     let mut ws = raw_ws(g.addr, "/").await;
     for (len, header_len) in [(125, 2), (126, 4), (65535, 4), (65536, 10)] {
         let data = pattern(len, len as u64);
-        ws.write_all(&client_frame(true, OpCode::Binary, &data, KEY4)).await.unwrap();
+        ws.write_all(&client_frame(true, OpCode::Binary, &data, KEY4))
+            .await
+            .unwrap();
         let f = read_frame(&mut ws).await.unwrap();
         assert_eq!(f.payload.len(), len);
         assert!(f.payload == data, "len {len}");
@@ -45,7 +52,9 @@ async fn length_forms_at_125_126_65535_65536() {
 async fn ping_is_answered_with_pong_not_ping() {
     let g = echo_gate("").await;
     let mut ws = raw_ws(g.addr, "/").await;
-    ws.write_all(&client_frame(true, OpCode::Ping, b"are you there", KEY4)).await.unwrap();
+    ws.write_all(&client_frame(true, OpCode::Ping, b"are you there", KEY4))
+        .await
+        .unwrap();
     let f = read_frame(&mut ws).await.unwrap();
     assert_eq!(f.opcode, OpCode::Pong);
     assert_eq!(f.payload, b"are you there");
@@ -71,7 +80,11 @@ async fn message_over_125_bytes_is_not_split_into_unrelated_frames() {
     let mut fin = first.fin;
     while !fin {
         let f = read_frame(&mut ws).await.unwrap();
-        assert_eq!(f.opcode, OpCode::Continuation, "a fragment, not a new message");
+        assert_eq!(
+            f.opcode,
+            OpCode::Continuation,
+            "a fragment, not a new message"
+        );
         got.extend(f.payload);
         fin = f.fin;
     }
@@ -85,7 +98,10 @@ async fn unmasked_client_frame_is_closed_with_1002() {
     let mut ws = raw_ws(g.addr, "/").await;
     ws.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
     assert_eq!(read_until_close(&mut ws).await, Some(1002));
-    assert!(expect_eof(&mut ws).await, "the connection is closed after a protocol error");
+    assert!(
+        expect_eof(&mut ws).await,
+        "the connection is closed after a protocol error"
+    );
 }
 
 /// Sample servers restart the mask at each read; a frame written one byte at a time must
@@ -163,7 +179,12 @@ async fn protocol_violations_are_1002() {
 
 #[tokio::test]
 async fn invalid_utf8_is_1007() {
-    expect_close_code(client_frame(true, OpCode::Text, b"ok\xC0\xAF", KEY4), "", 1007).await;
+    expect_close_code(
+        client_frame(true, OpCode::Text, b"ok\xC0\xAF", KEY4),
+        "",
+        1007,
+    )
+    .await;
     let mut split = client_frame(false, OpCode::Text, "€".as_bytes().get(..2).unwrap(), KEY4);
     split.extend(client_frame(true, OpCode::Continuation, b"", KEY4));
     expect_close_code(split, "", 1007).await;
@@ -191,9 +212,14 @@ async fn message_over_max_message_size_is_1009() {
 async fn close_handshake_from_client_is_answered_and_tcp_closed() {
     let g = echo_gate("").await;
     let mut ws = raw_ws(g.addr, "/").await;
-    ws.write_all(&client_frame(true, OpCode::Close, &close_payload(1000, "done"), KEY4))
-        .await
-        .unwrap();
+    ws.write_all(&client_frame(
+        true,
+        OpCode::Close,
+        &close_payload(1000, "done"),
+        KEY4,
+    ))
+    .await
+    .unwrap();
     assert_eq!(read_until_close(&mut ws).await, Some(1000));
     assert!(expect_eof(&mut ws).await);
 }

@@ -8,7 +8,10 @@ use common::*;
 /// Runs tests/peers/ws_client.py SCENARIO URL and returns its JSON line, parsed loosely.
 fn run_client(scenario: &str, url: &str) -> String {
     let out = std::process::Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/ws_client.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/ws_client.py"
+        ))
         .arg(scenario)
         .arg(url)
         .output()
@@ -24,7 +27,9 @@ fn run_client(scenario: &str, url: &str) -> String {
 
 /// The value of `"key": value` in the client's one-line JSON.
 fn field(json: &str, key: &str) -> String {
-    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}"));
+    let at = json
+        .find(&format!("\"{key}\": "))
+        .unwrap_or_else(|| panic!("{key} in {json}"));
     let rest = &json[at + key.len() + 4..];
     let end = rest.find([',', '}']).unwrap();
     rest[..end].trim().trim_matches('"').to_owned()
@@ -34,7 +39,9 @@ fn field(json: &str, key: &str) -> String {
 async fn python_echo_text_binary_and_close() {
     let g = Gate::route("/echo", "echo", "", "").await;
     let url = g.url("/echo");
-    let out = tokio::task::spawn_blocking(move || run_client("echo", &url)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run_client("echo", &url))
+        .await
+        .unwrap();
     assert!(out.contains(r#""text": "h\u00e9llo w\u00f6rld""#), "{out}");
     assert_eq!(field(&out, "binary_sha256"), field(&out, "binary_expected"));
     assert_eq!(field(&out, "close_rcvd"), "1000");
@@ -45,7 +52,9 @@ async fn python_sees_every_byte_then_1000_on_backend_fin() {
     let backend = send_n_then_close_backend(1_000_000).await;
     let g = Gate::route("/", &format!("tcp://{backend}"), "", "").await;
     let url = g.url("/");
-    let out = tokio::task::spawn_blocking(move || run_client("drain", &url)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run_client("drain", &url))
+        .await
+        .unwrap();
     assert_eq!(field(&out, "bytes"), "1000000");
     assert_eq!(field(&out, "close_rcvd"), "1000");
 }
@@ -55,7 +64,9 @@ async fn python_sees_1014_on_backend_reset() {
     let backend = reset_backend().await;
     let g = Gate::route("/", &format!("tcp://{backend}"), "", "").await;
     let url = g.url("/");
-    let out = tokio::task::spawn_blocking(move || run_client("send_then_read", &url)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run_client("send_then_read", &url))
+        .await
+        .unwrap();
     assert_eq!(field(&out, "close_rcvd"), "1014");
 }
 
@@ -63,15 +74,23 @@ async fn python_sees_1014_on_backend_reset() {
 async fn python_gets_the_negotiated_subprotocol() {
     let g = Gate::route("/", "echo", "", "subprotocols = [\"binary\", \"base64\"]").await;
     let url = g.url("/");
-    let out = tokio::task::spawn_blocking(move || run_client("subprotocol", &url)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run_client("subprotocol", &url))
+        .await
+        .unwrap();
     assert_eq!(field(&out, "subprotocol"), "binary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sees_502_for_a_dead_backend() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let g = Gate::route("/", &format!("tcp://127.0.0.1:{port}"), "", "").await;
     let url = g.url("/");
-    let out = tokio::task::spawn_blocking(move || run_client("refused", &url)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run_client("refused", &url))
+        .await
+        .unwrap();
     assert_eq!(field(&out, "status"), "502");
 }

@@ -14,10 +14,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::frame::OpCode;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.expect("upgrade").0
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade")
+        .0
 }
 
 /// Next message, bounded by WAIT; `None` when the stream ended.
@@ -36,7 +40,9 @@ async fn collect_until_close(ws: &mut Ws) -> (Vec<u8>, Option<CloseCode>, String
             Message::Binary(b) => data.extend_from_slice(&b),
             Message::Text(t) => data.extend_from_slice(t.as_bytes()),
             Message::Close(c) => {
-                let (code, reason) = c.map(|c| (Some(c.code), c.reason.to_string())).unwrap_or((None, String::new()));
+                let (code, reason) = c
+                    .map(|c| (Some(c.code), c.reason.to_string()))
+                    .unwrap_or((None, String::new()));
                 return (data, code, reason);
             }
             _ => {}
@@ -51,10 +57,16 @@ async fn echo_through_tcp_backend() {
     let g = Gate::route("/", &format!("tcp://{backend}"), "", "").await;
     let mut ws = connect(&g.url("/")).await;
     ws.send(Message::binary(b"hello".to_vec())).await.unwrap();
-    assert_eq!(next(&mut ws).await, Some(Message::binary(b"hello".to_vec())));
+    assert_eq!(
+        next(&mut ws).await,
+        Some(Message::binary(b"hello".to_vec()))
+    );
     // Text from the client is relayed as bytes; binary frames come back (message = binary).
     ws.send(Message::text("héllo")).await.unwrap();
-    assert_eq!(next(&mut ws).await, Some(Message::binary("héllo".as_bytes().to_vec())));
+    assert_eq!(
+        next(&mut ws).await,
+        Some(Message::binary("héllo".as_bytes().to_vec()))
+    );
     ws.close(None).await.unwrap();
 }
 
@@ -82,7 +94,10 @@ async fn backend_banner_arrives_before_the_client_speaks() {
     let backend = banner_backend(b"RFB 003.008\n").await;
     let g = Gate::route("/", &format!("tcp://{backend}"), "", "").await;
     let mut ws = connect(&g.url("/")).await;
-    assert_eq!(next(&mut ws).await, Some(Message::binary(b"RFB 003.008\n".to_vec())));
+    assert_eq!(
+        next(&mut ws).await,
+        Some(Message::binary(b"RFB 003.008\n".to_vec()))
+    );
 }
 
 #[tokio::test]
@@ -93,7 +108,10 @@ async fn backend_fin_delivers_every_byte_then_close_1000() {
     let mut ws = connect(&g.url("/")).await;
     let (data, code, _) = collect_until_close(&mut ws).await;
     assert_eq!(data.len(), n);
-    assert!(data == pattern(n, 7), "bytes must arrive intact and in order");
+    assert!(
+        data == pattern(n, 7),
+        "bytes must arrive intact and in order"
+    );
     assert_eq!(code, Some(CloseCode::Normal));
     // The close handshake completes and wsgate closes TCP.
     assert!(next(&mut ws).await.is_none());
@@ -105,9 +123,14 @@ async fn backend_reset_is_close_1014() {
     let g = Gate::route("/", &format!("tcp://{backend}"), "", "").await;
     // Raw frames here: tungstenite turns a received 1014 into 1002 (tungstenite-rs#502).
     let mut ws = raw_ws(g.addr, "/").await;
-    ws.write_all(&client_frame(true, OpCode::Binary, b"trigger", [1, 2, 3, 4]))
-        .await
-        .unwrap();
+    ws.write_all(&client_frame(
+        true,
+        OpCode::Binary,
+        b"trigger",
+        [1, 2, 3, 4],
+    ))
+    .await
+    .unwrap();
     assert_eq!(read_until_close(&mut ws).await, Some(1014));
 }
 
@@ -145,9 +168,15 @@ async fn client_close_delivers_every_byte_then_half_closes_backend() {
     // Read out the chatter until the close reply.
     let (_, code, _) = collect_until_close(&mut ws).await;
     assert_eq!(code, None, "an empty close is answered with an empty close");
-    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.len(), sent.len());
-    assert!(got == sent, "backend must get every byte sent before the close");
+    assert!(
+        got == sent,
+        "backend must get every byte sent before the close"
+    );
 }
 
 #[tokio::test]
@@ -210,7 +239,10 @@ async fn text_mode_invalid_utf8_from_backend_is_1014() {
     }
     let close = frames.pop().expect("a close frame");
     assert_eq!(close.payload[..2], 1014u16.to_be_bytes());
-    assert!(frames.is_empty(), "no invalid text reaches the client: {frames:?}");
+    assert!(
+        frames.is_empty(),
+        "no invalid text reaches the client: {frames:?}"
+    );
 }
 
 /// 8 MiB each way through the bridge, compared by SHA-256, reading and writing at once.
@@ -232,7 +264,12 @@ async fn large_transfer_each_way_is_intact() {
     let mut hasher = Sha256::new();
     let mut got = 0;
     while got < total {
-        match tokio::time::timeout(WAIT, rx.next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(WAIT, rx.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             Message::Binary(b) => {
                 got += b.len();
                 hasher.update(&b);
@@ -272,7 +309,10 @@ async fn two_hundred_concurrent_sessions_do_not_mix() {
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -291,13 +331,21 @@ async fn never_reading_backend_does_not_grow_memory() {
     let mut accepted = 0usize;
     // Send until a send stays blocked for a second (the stream is full), at most 256 MiB.
     for _ in 0..1024 {
-        match tokio::time::timeout(Duration::from_secs(1), ws.send(Message::binary(chunk.clone()))).await {
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            ws.send(Message::binary(chunk.clone())),
+        )
+        .await
+        {
             Ok(Ok(())) => accepted += chunk.len(),
             _ => break,
         }
     }
     let after = gate.rss_kib();
-    assert!(accepted < 64 * 1024 * 1024, "wsgate kept accepting: {accepted} bytes");
+    assert!(
+        accepted < 64 * 1024 * 1024,
+        "wsgate kept accepting: {accepted} bytes"
+    );
     assert!(
         after.saturating_sub(before) < 8 * 1024,
         "wsgate RSS grew by {} KiB (before {before} KiB, after {after} KiB)",

@@ -308,7 +308,9 @@ pub fn parse_response(all: &[u8], closed: bool) -> RawResponse {
 pub async fn raw_ws(addr: SocketAddr, path: &str) -> BufReader<TcpStream> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
-    s.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes())
+        .await
+        .unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).await.unwrap();
@@ -387,7 +389,8 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<Se
 pub async fn read_until_close<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<u16> {
     while let Some(f) = read_frame(r).await {
         if f.opcode == OpCode::Close {
-            return (f.payload.len() >= 2).then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+            return (f.payload.len() >= 2)
+                .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
         }
     }
     None
@@ -422,7 +425,10 @@ pub async fn upgrade_head(addr: SocketAddr, request: &[u8]) -> (RawResponse, Tcp
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
-        match tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("response in time") {
+        match tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("response in time")
+        {
             Ok(1) => head.push(b[0]),
             _ => break,
         }
