@@ -153,7 +153,7 @@ pub fn check(
     }
     let protocol = route
         .choose_subprotocol(tokens(headers, &header::SEC_WEBSOCKET_PROTOCOL))
-        .map_err(|()| {
+        .map_err(|_| {
             bad(
                 "subprotocol",
                 &format!(
@@ -249,7 +249,8 @@ mod tests {
                 .status,
             StatusCode::BAD_REQUEST
         );
-        let cases: Vec<(fn(&mut HeaderMap), StatusCode)> = vec![
+        type Case = (fn(&mut HeaderMap), StatusCode);
+        let cases: Vec<Case> = vec![
             (
                 |h| {
                     h.remove(header::HOST);

@@ -2,6 +2,10 @@
 
 use crate::config::{Backend, MessageMode};
 
+/// The route requires a subprotocol and the client offered none of its list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoAcceptableSubprotocol;
+
 /// A compiled `[[route]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -65,7 +69,7 @@ impl Route {
     pub fn choose_subprotocol<'a>(
         &self,
         offered: impl IntoIterator<Item = &'a str>,
-    ) -> Result<Option<String>, ()> {
+    ) -> Result<Option<String>, NoAcceptableSubprotocol> {
         if self.subprotocols.is_empty() {
             return Ok(None);
         }
@@ -73,7 +77,7 @@ impl Route {
             .into_iter()
             .find(|p| self.subprotocols.iter().any(|a| a == p))
             .map(|p| Some(p.to_owned()))
-            .ok_or(())
+            .ok_or(NoAcceptableSubprotocol)
     }
 }
 
@@ -85,7 +89,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> Self {
-        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         RouteTable { routes }
     }
 
@@ -130,8 +134,8 @@ mod tests {
             r.choose_subprotocol(["x", "base64", "binary"]),
             Ok(Some("base64".into()))
         );
-        assert_eq!(r.choose_subprotocol(["x"]), Err(()));
-        assert_eq!(r.choose_subprotocol([]), Err(()));
+        assert_eq!(r.choose_subprotocol(["x"]), Err(NoAcceptableSubprotocol));
+        assert_eq!(r.choose_subprotocol([]), Err(NoAcceptableSubprotocol));
     }
 
     #[test]

@@ -15,6 +15,10 @@ use crate::frame::{
     OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
 
+/// Text that is not UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidUtf8;
+
 /// Incremental UTF-8 check for text that arrives in pieces: fails as soon as a byte makes the
 /// text invalid, and carries an incomplete sequence (at most 3 bytes) into the next piece.
 #[derive(Debug, Default, Clone)]
@@ -26,7 +30,7 @@ pub struct Utf8Validator {
 impl Utf8Validator {
     /// Feeds the next piece. Fails at the first byte that makes the text invalid; an
     /// incomplete sequence at the end is kept (see [`Utf8Validator::pending_len`]).
-    pub fn feed(&mut self, piece: &[u8]) -> Result<(), ()> {
+    pub fn feed(&mut self, piece: &[u8]) -> Result<(), InvalidUtf8> {
         let mut rest = piece;
         if self.pending_len > 0 {
             let have = usize::from(self.pending_len);
@@ -41,7 +45,7 @@ impl Utf8Validator {
                     self.pending_len = now as u8;
                     return Ok(());
                 }
-                Err(_) => return Err(()),
+                Err(_) => return Err(InvalidUtf8),
             }
         }
         match std::str::from_utf8(rest) {
@@ -52,7 +56,7 @@ impl Utf8Validator {
                 self.pending_len = tail.len() as u8;
                 Ok(())
             }
-            Err(_) => Err(()),
+            Err(_) => Err(InvalidUtf8),
         }
     }
 
@@ -300,7 +304,7 @@ impl Decoder {
                 code: close_code::INVALID_PAYLOAD,
                 reason: "invalid UTF-8 in text message",
             };
-            self.utf8.feed(&payload).map_err(|()| bad.clone())?;
+            self.utf8.feed(&payload).map_err(|_| bad.clone())?;
             if message_done && !self.utf8.is_complete() {
                 return Err(bad);
             }
