@@ -55,5 +55,7 @@ for f in failed:
 if total < 500:
     print("autobahn: expected the whole suite (517 cases); kosoku said:\n" + run.stdout[-2000:])
     sys.exit(1)
-print(f"autobahn: {total - len(failed)} passed, {len(failed)} failed")
+skipped = sum(1 for cases in index.values() for c, r in cases.items()
+              if c.split(".")[0] in ("12", "13") and r["behavior"] == "UNIMPLEMENTED")
+print(f"autobahn: {total - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped")
 sys.exit(1 if failed else 0)

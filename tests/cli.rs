@@ -96,6 +96,11 @@ async fn quick_mode_bridges_every_path_to_the_target() {
         .unwrap();
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
-    let status = child.wait().unwrap();
+    drop(ws);
+    // Wait off the runtime: the echo backend runs on it and must see wsgate's FIN.
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status:?}");
 }

@@ -211,9 +211,31 @@ async fn over_max_connections_is_503_with_retry_after() {
     let r = raw_request(g.addr, upgrade_request("/", "").as_bytes()).await;
     assert_refused(&r, 503);
     assert_eq!(r.header("retry-after"), vec!["1".to_string()]);
-    // A handshaking (idle) connection counts too: after the session ends, one open socket
-    // that has sent nothing holds the slot.
-    drop(_ws);
+}
+
+/// max_connections counts connections still handshaking, not only upgraded sessions.
+#[tokio::test]
+async fn handshaking_connections_count_toward_max_connections() {
+    let g = Gate::route("/", "echo", "max_connections = 1", "").await;
+    let mut silent = TcpStream::connect(g.addr).await.unwrap();
+    // Accepts are handled in order, so the silent connection holds the only slot before the
+    // next one is looked at.
+    let r = raw_request(g.addr, upgrade_request("/", "").as_bytes()).await;
+    assert_refused(&r, 503);
+    // Once the handshaking connection goes away, its slot is free again.
+    silent.shutdown().await.unwrap();
+    assert!(expect_eof(&mut silent).await);
+    drop(silent);
+    let mut upgraded = false;
+    for _ in 0..100 {
+        let (r, _s) = upgrade_head(g.addr, upgrade_request("/", "").as_bytes()).await;
+        if r.status == 101 {
+            upgraded = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(upgraded, "slot released after the first connection closed");
 }
 
 #[tokio::test]

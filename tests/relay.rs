@@ -352,3 +352,45 @@ async fn never_reading_backend_does_not_grow_memory() {
         after.saturating_sub(before)
     );
 }
+
+/// The other direction: a client that never reads while the backend floods. wsgate stops
+/// reading the backend instead of queueing, so its memory stays flat.
+#[tokio::test]
+async fn client_that_never_reads_does_not_grow_memory() {
+    let (tx, mut rx) = mpsc::channel::<usize>(1);
+    let backend = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let chunk = vec![0xA5u8; 256 * 1024];
+            let mut written = 0usize;
+            // Write until a write stays blocked for a second, at most 256 MiB.
+            for _ in 0..1024 {
+                match tokio::time::timeout(Duration::from_secs(1), s.write_all(&chunk)).await {
+                    Ok(Ok(())) => written += chunk.len(),
+                    _ => break,
+                }
+            }
+            let _ = tx.send(written).await;
+        }
+    })
+    .await;
+    let gate = GateProcess::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://{backend}\"\n"
+    ));
+    let before = gate.rss_kib();
+    let _client = raw_ws(gate.addr, "/").await; // upgraded, never reads
+    let written = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let after = gate.rss_kib();
+    assert!(
+        written < 64 * 1024 * 1024,
+        "wsgate kept reading the backend: {written} bytes"
+    );
+    assert!(
+        after.saturating_sub(before) < 8 * 1024,
+        "wsgate RSS grew by {} KiB (before {before} KiB, after {after} KiB)",
+        after.saturating_sub(before)
+    );
+}
