@@ -18,6 +18,8 @@ use crate::route::{Route, RouteTable};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Vec<Listener>,
+    /// `[admin] addr`: health, readiness and metrics; off when absent.
+    pub admin: Option<SocketAddr>,
     pub limits: Limits,
     pub routes: RouteTable,
 }
@@ -156,6 +158,13 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     route: Vec<RawRoute>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    addr: toml::Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -327,6 +336,25 @@ impl Config {
             listen.push(Listener { addr });
         }
 
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a.addr.get_ref().parse().map_err(|_| {
+                    invalid(
+                        Some(a.addr.span()),
+                        format!("admin.addr {:?} is not ip:port", a.addr.get_ref()),
+                    )
+                })?;
+                if listen.iter().any(|l| l.addr == addr && addr.port() != 0) {
+                    return Err(invalid(
+                        Some(a.addr.span()),
+                        format!("admin.addr {addr} is also a [[listen]] address"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+
         let d = Limits::default();
         let r = raw.limits;
         let limits = Limits {
@@ -408,6 +436,7 @@ impl Config {
         }
         Ok(Config {
             listen,
+            admin,
             limits,
             routes: RouteTable::new(routes),
         })
@@ -426,6 +455,7 @@ impl Config {
         let backend = Backend::parse(&spec, Path::new("."))?;
         Ok(Config {
             listen: vec![Listener { addr }],
+            admin: None,
             limits: Limits::default(),
             routes: RouteTable::new(vec![Route::new(
                 "/",

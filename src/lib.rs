@@ -15,10 +15,11 @@ pub mod backend;
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod metrics;
 pub mod relay;
 pub mod route;
 pub mod server;
 pub mod ws;
 
 pub use config::Config;
-pub use server::Server;
+pub use server::{Handle, Server};

@@ -1,10 +1,12 @@
-//! The `wsgate` command: CLI, logging, signals.
+//! The `wsgate` command: CLI, logging, signals (SIGTERM/SIGINT drain, SIGHUP reload).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
-use wsgate::{Config, Server};
+use clap::{Parser, ValueEnum};
+use tracing::{info, warn};
+use wsgate::{Config, Handle, Server};
 
 /// WebSocket gateway: bridges WebSocket clients to TCP/unix backends.
 ///
@@ -13,13 +15,21 @@ use wsgate::{Config, Server};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Run from this TOML config file.
+    /// Run from this TOML config file (SIGHUP reloads it).
     #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "target", "check_config"])]
     config: Option<PathBuf>,
 
     /// Validate this config file, print what is wrong (key and line), and exit.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "target"])]
     check_config: Option<PathBuf>,
+
+    /// Also reload when the config file changes (checked every second).
+    #[arg(long, requires = "config")]
+    watch: bool,
+
+    /// Log line format; filter with RUST_LOG (default "info").
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 
     /// Quick mode: address to listen on, e.g. 127.0.0.1:8080.
     #[arg(requires = "target")]
@@ -29,24 +39,38 @@ struct Cli {
     target: Option<String>,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 
     if let Some(path) = cli.check_config {
         return match Config::load(&path) {
             Ok(c) => {
                 println!(
-                    "{}: ok ({} listener(s), {} route(s))",
+                    "{}: ok ({} listener(s), {} route(s){})",
                     path.display(),
                     c.listen.len(),
-                    c.routes.routes().len()
+                    c.routes.routes().len(),
+                    if c.admin.is_some() { ", admin" } else { "" }
                 );
                 ExitCode::SUCCESS
             }
@@ -80,13 +104,21 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let server = match Server::bind(config).await {
+        let mut server = match Server::bind(config).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("wsgate: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(path) = &cli.config {
+            server = server.with_config_path(path.clone());
+            let handle = server.handle();
+            tokio::spawn(reload_on_sighup(handle.clone()));
+            if cli.watch {
+                tokio::spawn(reload_on_change(handle, path.clone()));
+            }
+        }
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
@@ -103,5 +135,34 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutdown signal received");
+    info!("shutdown signal received");
+}
+
+async fn reload_on_sighup(handle: Handle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; reload by signal is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        info!("SIGHUP: reloading config");
+        let _ = handle.reload().await;
+    }
+}
+
+/// Polls the file once a second and reloads when its contents change (polling also sees
+/// the symlink swaps Kubernetes uses for mounted ConfigMaps).
+async fn reload_on_change(handle: Handle, path: PathBuf) {
+    let read = |p: &Path| std::fs::read(p).ok();
+    let mut last = read(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = read(&path);
+        if now.is_some() && now != last {
+            info!(path = %path.display(), "config file changed: reloading");
+            let _ = handle.reload().await;
+            last = now;
+        }
+    }
 }

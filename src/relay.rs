@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{BackendConn, BoxRead};
 use crate::config::MessageMode;
 use crate::frame::{close_code, OpCode};
+use crate::metrics::SessionCounters;
 use crate::ws::{BoxWrite, Decoder, Event, FrameWriter, MessageKind, Utf8Validator, Violation};
 
 /// First read buffer of each direction; idle sessions stay this small.
@@ -70,9 +71,30 @@ struct Shared {
     bytes_to_client: AtomicU64,
     messages_from_client: AtomicU64,
     messages_to_client: AtomicU64,
+    /// The route's global counters, counted into as the session goes.
+    counters: SessionCounters,
 }
 
 impl Shared {
+    fn count_from_client(&self, bytes: usize, message_done: bool) {
+        self.bytes_from_client
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters.bytes_from_client.inc_by(bytes as u64);
+        if message_done {
+            self.messages_from_client.fetch_add(1, Ordering::Relaxed);
+            self.counters.messages_from_client.inc();
+        }
+    }
+
+    /// Counts one whole message (frame) sent to the client.
+    fn count_to_client(&self, bytes: usize) {
+        self.bytes_to_client
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters.bytes_to_client.inc_by(bytes as u64);
+        self.messages_to_client.fetch_add(1, Ordering::Relaxed);
+        self.counters.messages_to_client.inc();
+    }
+
     /// Records why the session ends (the first reason wins) and starts the close countdown.
     fn start_closing(&self, end: &'static str) {
         let _ = self.end.set(end);
@@ -126,6 +148,7 @@ pub async fn run(
     backend: BackendConn,
     limits: &SessionLimits,
     shutdown: &CancellationToken,
+    counters: SessionCounters,
 ) -> Summary {
     let shared = Shared {
         writer: Mutex::new(FrameWriter::new(client_write)),
@@ -137,6 +160,7 @@ pub async fn run(
         bytes_to_client: AtomicU64::new(0),
         messages_from_client: AtomicU64::new(0),
         messages_to_client: AtomicU64::new(0),
+        counters,
     };
     let (backend_read, backend_write) = match backend {
         BackendConn::Echo => (None, None),
@@ -219,11 +243,7 @@ async fn pump_client(
                 Event::Data {
                     kind, payload, fin, ..
                 } => {
-                    s.bytes_from_client
-                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    if fin {
-                        s.messages_from_client.fetch_add(1, Ordering::Relaxed);
-                    }
+                    s.count_from_client(payload.len(), fin);
                     if echo {
                         // The echo answers whole messages (at most max_message_size): a
                         // client may write a whole message before it reads anything.
@@ -240,9 +260,7 @@ async fn pump_client(
                                 return;
                             }
                             if counted {
-                                s.bytes_to_client
-                                    .fetch_add(echo_message.len() as u64, Ordering::Relaxed);
-                                s.messages_to_client.fetch_add(1, Ordering::Relaxed);
+                                s.count_to_client(echo_message.len());
                             }
                             echo_message.clear();
                             echo_message.shrink_to(INITIAL_READ_BUF);
@@ -419,9 +437,7 @@ async fn pump_backend(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
                 return;
             }
             if writer.close_sent().is_none() {
-                s.bytes_to_client
-                    .fetch_add(send_len as u64, Ordering::Relaxed);
-                s.messages_to_client.fetch_add(1, Ordering::Relaxed);
+                s.count_to_client(send_len);
             }
         }
         buf.copy_within(send_len..filled, 0);

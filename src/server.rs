@@ -1,14 +1,18 @@
 //! Bind, accept (with a connection cap and backoff), hyper for the HTTP/1.1 request, the
-//! handshake and route checks, the backend connect, then the session task; and drain.
+//! handshake and route checks, the backend connect, then the session task; reload, drain,
+//! and the admin listener.
 //!
 //! Only this module spawns tasks. Every connection and session runs on one [`TaskTracker`],
 //! so a drain can wait for all of them: hyper's graceful shutdown does not see upgraded
-//! sessions.
+//! sessions. The config is swapped whole on reload; each connection takes the config of the
+//! moment it was accepted, so live sessions keep the limits they started with.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -20,15 +24,16 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backend::{self, BackendConn, BoxRead};
 use crate::config::Config;
 use crate::handshake::{self, Rejection};
+use crate::metrics::{Metrics, RejectionLabels, SessionCounters};
 use crate::relay::{self, SessionLimits};
 use crate::route::Route;
 use crate::ws::BoxWrite;
@@ -38,72 +43,119 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// A bound server, ready to run.
 pub struct Server {
-    listeners: Vec<TcpListener>,
+    state: Arc<State>,
+    admin: Option<TcpListener>,
+}
+
+/// A handle to a running server, for reloads (SIGHUP, --watch) and tests.
+#[derive(Clone)]
+pub struct Handle {
     state: Arc<State>,
 }
 
 struct State {
-    config: Config,
-    connections: Arc<Semaphore>,
+    config: RwLock<Arc<Config>>,
+    /// Where the config came from, for reloads; `None` in quick mode.
+    config_path: Mutex<Option<PathBuf>>,
+    /// One accept loop per configured `[[listen]]` address.
+    listeners: Mutex<HashMap<SocketAddr, ListenerSlot>>,
+    /// Accepted client connections now open (counted against max_connections).
+    open_connections: AtomicUsize,
     tracker: TaskTracker,
     /// Cancelled when draining ends: live sessions send close 1001.
     sessions_stop: CancellationToken,
+    draining: AtomicBool,
     next_id: AtomicU64,
+    metrics: Metrics,
+}
+
+struct ListenerSlot {
+    bound: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 impl Server {
-    /// Binds every `[[listen]]` address (port 0 picks a free port; see [`Server::local_addrs`]).
+    /// Binds every `[[listen]]` address and the admin address (port 0 picks a free port; see
+    /// [`Server::local_addrs`]).
     pub async fn bind(config: Config) -> std::io::Result<Server> {
-        let mut listeners = Vec::new();
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let mut bound = Vec::new();
         for l in &config.listen {
-            let listener = TcpListener::bind(l.addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.addr))
-            })?;
-            listeners.push(listener);
+            bound.push((l.addr, bind(l.addr).await?));
         }
-        Ok(Server {
-            listeners,
-            state: Arc::new(State {
-                connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-                config,
-                tracker: TaskTracker::new(),
-                sessions_stop: CancellationToken::new(),
-                next_id: AtomicU64::new(1),
-            }),
-        })
+        let state = Arc::new(State {
+            config: RwLock::new(Arc::new(config)),
+            config_path: Mutex::new(None),
+            listeners: Mutex::new(HashMap::new()),
+            open_connections: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            sessions_stop: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            metrics: Metrics::new(),
+        });
+        let server = Server { state, admin };
+        for (configured, listener) in bound {
+            server.state.start_listener(configured, listener);
+        }
+        Ok(server)
     }
 
-    /// The addresses actually bound, in config order.
+    /// Remembers the config file, so a reload reads it again.
+    pub fn with_config_path(self, path: PathBuf) -> Server {
+        *self.state.config_path.lock().unwrap() = Some(path);
+        self
+    }
+
+    /// The client addresses actually bound, in config order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.handle().local_addrs()
     }
 
-    /// Serves until `stop` resolves, then drains: listeners close, live sessions may go on for
-    /// `drain_timeout`, then get close 1001 and at most `close_timeout` more.
+    /// The admin address actually bound, if there is an admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves until `stop` resolves, then drains: listeners close, /readyz turns 503, live
+    /// sessions may go on for `drain_timeout`, then get close 1001 and at most
+    /// `close_timeout` more. Returns when the last session has ended.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let accepting = CancellationToken::new();
-        let mut acceptors = Vec::new();
-        for listener in self.listeners {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, "listening");
-            }
-            acceptors.push(tokio::spawn(accept_loop(
-                listener,
-                self.state.clone(),
-                accepting.clone(),
-            )));
-        }
-        stop.await;
-        accepting.cancel();
-        for a in acceptors {
-            let _ = a.await;
-        }
         let state = self.state;
+        for addr in state.handle().local_addrs() {
+            info!(%addr, "listening");
+        }
+        let admin = self.admin.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "admin listening");
+            }
+            tokio::spawn(admin_loop(listener, state.clone()))
+        });
+        stop.await;
+        state.draining.store(true, Ordering::Release);
+        let slots: Vec<ListenerSlot> = state
+            .listeners
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for slot in slots {
+            slot.stop.cancel();
+            let _ = slot.task.await;
+        }
         state.tracker.close();
-        let limits = &state.config.limits;
+        let limits = state.config().limits.clone();
         info!(
             sessions = state.tracker.len(),
             drain_timeout = ?limits.drain_timeout,
@@ -113,37 +165,155 @@ impl Server {
             .await
             .is_err()
         {
+            info!(
+                sessions = state.tracker.len(),
+                "drain timeout: closing sessions with 1001"
+            );
             state.sessions_stop.cancel();
             let grace = limits.close_timeout + Duration::from_secs(1);
             let _ = tokio::time::timeout(grace, state.tracker.wait()).await;
+        }
+        if let Some(admin) = admin {
+            admin.abort();
         }
         info!("stopped");
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, accepting: CancellationToken) {
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+impl Handle {
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let config = self.state.config();
+        let listeners = self.state.listeners.lock().unwrap();
+        config
+            .listen
+            .iter()
+            .filter_map(|l| listeners.get(&l.addr).map(|s| s.bound))
+            .collect()
+    }
+
+    /// The metrics page, as /metrics serves it.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.encode()
+    }
+
+    /// Reads the config file again and applies it; on any error the old config stays.
+    pub async fn reload(&self) -> Result<(), String> {
+        let Some(path) = self.state.config_path.lock().unwrap().clone() else {
+            return Err("no config file to reload (quick mode)".into());
+        };
+        let result = match Config::load(&path) {
+            Ok(config) => self.apply(config).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let m = &self.state.metrics;
+        let label = crate::metrics::ResultLabel {
+            result: if result.is_ok() { "success" } else { "failure" }.into(),
+        };
+        m.reloads.get_or_create(&label).inc();
+        m.last_reload_success.set(i64::from(result.is_ok()));
+        match &result {
+            Ok(()) => info!(path = %path.display(), "config reloaded"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "config reload rejected; keeping the old config")
+            }
+        }
+        result
+    }
+
+    /// Applies a validated config: binds new listeners first (any failure changes nothing),
+    /// swaps the config for new connections, then closes listeners no longer configured.
+    pub async fn apply(&self, config: Config) -> Result<(), String> {
+        let state = &self.state;
+        if state.draining.load(Ordering::Acquire) {
+            return Err("draining: reload ignored".into());
+        }
+        let old = state.config();
+        if old.admin != config.admin {
+            warn!("[admin] addr changes take effect at restart");
+        }
+        let existing: Vec<SocketAddr> = state.listeners.lock().unwrap().keys().copied().collect();
+        let mut fresh = Vec::new();
+        for l in &config.listen {
+            if !existing.contains(&l.addr) {
+                fresh.push((l.addr, bind(l.addr).await.map_err(|e| e.to_string())?));
+            }
+        }
+        let removed: Vec<SocketAddr> = existing
+            .into_iter()
+            .filter(|a| !config.listen.iter().any(|l| l.addr == *a))
+            .collect();
+        *state.config.write().unwrap() = Arc::new(config);
+        for (configured, listener) in fresh {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "listening");
+            }
+            state.start_listener(configured, listener);
+        }
+        for addr in removed {
+            let slot = state.listeners.lock().unwrap().remove(&addr);
+            if let Some(slot) = slot {
+                slot.stop.cancel();
+                let _ = slot.task.await;
+                info!(addr = %slot.bound, "listener closed");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl State {
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    fn handle(self: &Arc<Self>) -> Handle {
+        Handle {
+            state: self.clone(),
+        }
+    }
+
+    fn start_listener(self: &Arc<Self>, configured: SocketAddr, listener: TcpListener) {
+        let bound = listener.local_addr().unwrap_or(configured);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(listener, self.clone(), stop.clone()));
+        self.listeners
+            .lock()
+            .unwrap()
+            .insert(configured, ListenerSlot { bound, stop, task });
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            () = accepting.cancelled() => return,
+            () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let _ = stream.set_nodelay(true);
-                let permit = state.connections.clone().try_acquire_owned().ok();
+                let slot = ConnectionSlot::take(&state);
+                let id = state.next_id.fetch_add(1, Ordering::Relaxed);
                 let conn_state = state.clone();
-                state
-                    .tracker
-                    .spawn(serve_connection(conn_state, stream, peer, permit));
+                state.tracker.spawn(
+                    serve_connection(conn_state, stream, peer, slot, id)
+                        .instrument(info_span!("conn", id)),
+                );
             }
             Err(e) if is_per_connection_error(&e) => debug!(error = %e, "accept"),
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
                 warn!(error = %e, ?backoff, "accept failed; backing off");
                 tokio::select! {
-                    () = accepting.cancelled() => return,
+                    () = stop.cancelled() => return,
                     () = sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -160,15 +330,43 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// One accepted connection's place under max_connections, released on drop. `over` is set
+/// when the cap was already reached: the connection only gets its 503.
+struct ConnectionSlot {
+    state: Arc<State>,
+    over: bool,
+}
+
+impl ConnectionSlot {
+    fn take(state: &Arc<State>) -> ConnectionSlot {
+        let max = state.config().limits.max_connections;
+        let before = state.open_connections.fetch_add(1, Ordering::AcqRel);
+        state.metrics.connections.inc();
+        ConnectionSlot {
+            state: state.clone(),
+            over: before >= max,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.state.open_connections.fetch_sub(1, Ordering::AcqRel);
+        self.state.metrics.connections.dec();
+    }
+}
+
 /// Per-connection context the request handler needs.
 struct Conn {
     state: Arc<State>,
+    /// The config at accept time.
+    config: Arc<Config>,
     id: u64,
     peer: SocketAddr,
     /// Set once a request head has arrived: the handshake deadline stops there.
     head_seen: AtomicBool,
-    /// The connection's slot under max_connections; `None` when over the cap.
-    permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    /// Moves into the session on upgrade; otherwise dropped with the connection.
+    slot: Mutex<Option<ConnectionSlot>>,
     over_capacity: bool,
 }
 
@@ -176,14 +374,16 @@ async fn serve_connection(
     state: Arc<State>,
     stream: TcpStream,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    slot: ConnectionSlot,
+    id: u64,
 ) {
-    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let deadline = Instant::now() + state.config.limits.handshake_timeout;
+    let config = state.config();
+    let deadline = Instant::now() + config.limits.handshake_timeout;
     let conn = Arc::new(Conn {
-        over_capacity: permit.is_none(),
-        permit: std::sync::Mutex::new(permit),
+        over_capacity: slot.over,
+        slot: Mutex::new(Some(slot)),
         state,
+        config,
         id,
         peer,
         head_seen: AtomicBool::new(false),
@@ -198,43 +398,56 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(http);
-    let timed_out = tokio::select! {
+    tokio::select! {
         result = http.as_mut() => {
             if let Err(e) = result {
-                debug!(id, %peer, error = %e, "http connection error");
+                debug!(%peer, error = %e, "http connection error");
             }
             return;
         }
-        () = sleep_until(deadline) => true,
-    };
-    if timed_out && !conn.head_seen.load(Ordering::Acquire) {
-        info!(id, %peer, "handshake timeout: request not complete in time; closed");
+        () = sleep_until(deadline) => {}
+    }
+    if !conn.head_seen.load(Ordering::Acquire) {
+        conn.state.metrics.handshake_timeouts.inc();
+        info!(%peer, "handshake timeout: request not complete in time; closed");
         return;
     }
     if let Err(e) = http.await {
-        debug!(id, %peer, error = %e, "http connection error");
+        debug!(%peer, error = %e, "http connection error");
     }
 }
 
 type Body = Full<Bytes>;
 
+fn text_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 /// A refusal: status, the one-line reason as body, `Connection: close`.
 fn refuse(conn: &Conn, route: Option<&str>, rejection: Rejection) -> Response<Body> {
     info!(
-        id = conn.id,
         peer = %conn.peer,
         route = route.unwrap_or("-"),
         status = rejection.status.as_u16(),
         reason = rejection.label,
         "refused"
     );
-    let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", rejection.reason))));
-    *response.status_mut() = rejection.status;
+    conn.state
+        .metrics
+        .rejections
+        .get_or_create(&RejectionLabels {
+            route: route.unwrap_or("none").to_owned(),
+            reason: rejection.label.to_owned(),
+        })
+        .inc();
+    let mut response = text_response(rejection.status, format!("{}\n", rejection.reason));
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     for (name, value) in rejection.headers {
         headers.insert(name, HeaderValue::from_static(value));
@@ -254,7 +467,7 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
         r.headers.push((header::RETRY_AFTER, "1"));
         return refuse(&conn, None, r);
     }
-    let Some(route) = state.config.routes.find(req.uri().path()) else {
+    let Some(route) = conn.config.routes.find(req.uri().path()) else {
         return refuse(
             &conn,
             None,
@@ -265,7 +478,8 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
         Ok(a) => a,
         Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
     };
-    let limits = &state.config.limits;
+    let limits = &conn.config.limits;
+    let connect_started = Instant::now();
     let backend = match backend::connect(&route.backend, limits.connect_timeout).await {
         Ok(b) => b,
         Err(e) => {
@@ -273,7 +487,7 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
                 backend::ConnectError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 backend::ConnectError::Unreachable(_) => StatusCode::BAD_GATEWAY,
             };
-            warn!(id = conn.id, route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
+            warn!(route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
             return refuse(
                 &conn,
                 Some(&route.path),
@@ -281,6 +495,11 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
             );
         }
     };
+    state
+        .metrics
+        .backend_connect_seconds
+        .get_or_create(&Metrics::route(&route.path))
+        .observe(connect_started.elapsed().as_secs_f64());
 
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -299,9 +518,9 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let permit = conn.permit.lock().ok().and_then(|mut p| p.take());
+    let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
     let session = Session {
-        id: conn.id,
+        state: state.clone(),
         peer: conn.peer,
         route: route.clone(),
         limits: SessionLimits {
@@ -311,41 +530,67 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
             close_timeout: limits.close_timeout,
             message: route.message,
         },
-        stop: state.sessions_stop.clone(),
     };
-    state.tracker.spawn(async move {
-        let _permit = permit;
-        match on_upgrade.await {
-            Ok(upgraded) => session.run(upgraded, backend).await,
-            Err(e) => debug!(id = session.id, error = %e, "upgrade failed"),
+    state.tracker.spawn(
+        async move {
+            let _slot = slot;
+            match on_upgrade.await {
+                Ok(upgraded) => session.run(upgraded, backend).await,
+                Err(e) => debug!(error = %e, "upgrade failed"),
+            }
         }
-    });
+        .instrument(info_span!("conn", id = conn.id)),
+    );
     response
 }
 
 struct Session {
-    id: u64,
+    state: Arc<State>,
     peer: SocketAddr,
     route: Route,
     limits: SessionLimits,
-    stop: CancellationToken,
 }
 
 impl Session {
     async fn run(self, upgraded: hyper::upgrade::Upgraded, backend: BackendConn) {
+        let m = &self.state.metrics;
+        let route = &self.route.path;
+        let label = Metrics::route(route);
+        m.sessions_total.get_or_create(&label).inc();
+        m.sessions_open.get_or_create(&label).inc();
+        let counters = SessionCounters::for_route(m, route);
         let started = Instant::now();
         let (read, initial, write) = split_upgraded(upgraded);
-        let summary = relay::run(read, initial, write, backend, &self.limits, &self.stop).await;
+        let summary = relay::run(
+            read,
+            initial,
+            write,
+            backend,
+            &self.limits,
+            &self.state.sessions_stop,
+            counters,
+        )
+        .await;
+        let duration = started.elapsed();
+        m.sessions_open.get_or_create(&label).dec();
+        m.session_seconds
+            .get_or_create(&label)
+            .observe(duration.as_secs_f64());
+        m.close_codes
+            .get_or_create(&Metrics::close(route, "sent", summary.close_sent))
+            .inc();
+        m.close_codes
+            .get_or_create(&Metrics::close(route, "received", summary.close_received))
+            .inc();
         info!(
-            id = self.id,
             peer = %self.peer,
-            route = %self.route.path,
+            route = %route,
             backend = %self.route.backend,
             bytes_in = summary.bytes_from_client,
             bytes_out = summary.bytes_to_client,
             messages_in = summary.messages_from_client,
             messages_out = summary.messages_to_client,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms = duration.as_millis() as u64,
             close_sent = summary.close_sent.unwrap_or(0),
             close_received = summary.close_received.unwrap_or(1006),
             end = summary.end,
@@ -370,5 +615,49 @@ fn split_upgraded(upgraded: hyper::upgrade::Upgraded) -> (BoxRead, BytesMut, Box
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
             (Box::pin(read), BytesMut::new(), Box::pin(write))
         }
+    }
+}
+
+// ---- admin listener ----
+
+async fn admin_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(admin_response(&state, req.uri().path())) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+fn admin_response(state: &State, path: &str) -> Response<Body> {
+    match path {
+        "/healthz" => text_response(StatusCode::OK, "ok\n".into()),
+        "/readyz" if state.draining.load(Ordering::Acquire) => {
+            text_response(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+        }
+        "/readyz" => text_response(StatusCode::OK, "ready\n".into()),
+        "/metrics" => {
+            let mut r = text_response(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        _ => text_response(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     }
 }

@@ -1,0 +1,283 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text) and the admin endpoints.
+//!
+//! Label values come from the config (route paths) or from fixed sets (rejection reasons,
+//! directions, close-code classes); never from client input, so the series count is bounded.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    /// The route path, or "none" when no route matched.
+    pub route: String,
+    /// A fixed label such as `no_route`, `origin`, `backend_unreachable`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub route: String,
+    /// `from_client` or `to_client`.
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub route: String,
+    /// `sent` or `received`.
+    pub side: String,
+    /// The code for registered codes (1000-1015), `3xxx`/`4xxx` for application ranges,
+    /// `none` when no close frame was exchanged.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone)]
+pub struct Buckets(fn() -> Histogram);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        (self.0)()
+    }
+}
+
+fn seconds_buckets() -> Histogram {
+    // 0.5 ms … ~4.7 h, doubling.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 25))
+}
+
+/// Every metric wsgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Accepted client connections now open (handshaking and upgraded).
+    pub connections: Gauge,
+    pub sessions_open: Family<RouteLabel, Gauge>,
+    pub sessions_total: Family<RouteLabel, Counter>,
+    pub rejections: Family<RejectionLabels, Counter>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub messages: Family<DirectionLabels, Counter>,
+    pub close_codes: Family<CloseLabels, Counter>,
+    pub backend_connect_seconds: Family<RouteLabel, Histogram, Buckets>,
+    pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
+    pub handshake_timeouts: Counter,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub last_reload_success: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("wsgate");
+        let m = Metrics {
+            registry: Registry::default(),
+            connections: Gauge::default(),
+            sessions_open: Family::default(),
+            sessions_total: Family::default(),
+            rejections: Family::default(),
+            bytes: Family::default(),
+            messages: Family::default(),
+            close_codes: Family::default(),
+            backend_connect_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
+            session_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
+            handshake_timeouts: Counter::default(),
+            reloads: Family::default(),
+            last_reload_success: Gauge::default(),
+        };
+        registry.register(
+            "client_connections",
+            "Accepted client connections now open, handshaking ones included",
+            m.connections.clone(),
+        );
+        registry.register(
+            "sessions_open",
+            "Upgraded sessions now open, per route",
+            m.sessions_open.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Upgraded sessions, per route",
+            m.sessions_total.clone(),
+        );
+        registry.register(
+            "handshake_rejections",
+            "Requests refused before the upgrade, per route and reason",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "payload_bytes",
+            "WebSocket payload bytes, per route and direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "messages",
+            "WebSocket messages, per route and direction",
+            m.messages.clone(),
+        );
+        registry.register(
+            "close_codes",
+            "Close codes sent and received, per route",
+            m.close_codes.clone(),
+        );
+        registry.register(
+            "backend_connect_seconds",
+            "Time to connect to the backend, per route",
+            m.backend_connect_seconds.clone(),
+        );
+        registry.register(
+            "session_duration_seconds",
+            "Session duration, per route",
+            m.session_seconds.clone(),
+        );
+        registry.register(
+            "handshake_timeouts",
+            "Connections closed because the request did not arrive within handshake_timeout",
+            m.handshake_timeouts.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_success",
+            "1 if the last reload succeeded (or none was tried), 0 if it failed",
+            m.last_reload_success.clone(),
+        );
+        m.last_reload_success.set(1);
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn route(route: &str) -> RouteLabel {
+        RouteLabel {
+            route: route.to_owned(),
+        }
+    }
+
+    pub fn direction(route: &str, direction: &str) -> DirectionLabels {
+        DirectionLabels {
+            route: route.to_owned(),
+            direction: direction.to_owned(),
+        }
+    }
+
+    pub fn close(route: &str, side: &str, code: Option<u16>) -> CloseLabels {
+        CloseLabels {
+            route: route.to_owned(),
+            side: side.to_owned(),
+            code: close_code_label(code),
+        }
+    }
+}
+
+/// A bounded label for a close code.
+pub fn close_code_label(code: Option<u16>) -> String {
+    match code {
+        None => "none".into(),
+        Some(c @ 1000..=1015) => c.to_string(),
+        Some(3000..=3999) => "3xxx".into(),
+        Some(4000..=4999) => "4xxx".into(),
+        Some(_) => "other".into(),
+    }
+}
+
+/// The per-session handles the relay counts into as it goes.
+#[derive(Clone, Default)]
+pub struct SessionCounters {
+    pub bytes_from_client: Counter,
+    pub bytes_to_client: Counter,
+    pub messages_from_client: Counter,
+    pub messages_to_client: Counter,
+}
+
+impl SessionCounters {
+    pub fn for_route(m: &Metrics, route: &str) -> SessionCounters {
+        // One statement per lookup: `get_or_create` holds the family's lock until its guard
+        // is dropped, and a second lookup that inserts would wait for it forever.
+        let bytes_from_client = m
+            .bytes
+            .get_or_create(&Metrics::direction(route, "from_client"))
+            .clone();
+        let bytes_to_client = m
+            .bytes
+            .get_or_create(&Metrics::direction(route, "to_client"))
+            .clone();
+        let messages_from_client = m
+            .messages
+            .get_or_create(&Metrics::direction(route, "from_client"))
+            .clone();
+        let messages_to_client = m
+            .messages
+            .get_or_create(&Metrics::direction(route, "to_client"))
+            .clone();
+        SessionCounters {
+            bytes_from_client,
+            bytes_to_client,
+            messages_from_client,
+            messages_to_client,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: two inserting lookups in one statement deadlocked the first session.
+    #[test]
+    fn session_counters_for_a_new_route_do_not_deadlock() {
+        let m = Metrics::new();
+        let c = SessionCounters::for_route(&m, "/new");
+        c.bytes_to_client.inc_by(5);
+        assert!(m
+            .encode()
+            .contains("wsgate_payload_bytes_total{route=\"/new\",direction=\"to_client\"} 5"));
+    }
+
+    #[test]
+    fn exposition_has_the_metrics_and_bounded_labels() {
+        let m = Metrics::new();
+        m.sessions_total
+            .get_or_create(&Metrics::route("/echo"))
+            .inc();
+        m.close_codes
+            .get_or_create(&Metrics::close("/echo", "received", Some(4321)))
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("wsgate_sessions_total{route=\"/echo\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("code=\"4xxx\""), "{text}");
+        assert!(
+            text.contains("wsgate_config_last_reload_success 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
