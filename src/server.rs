@@ -559,6 +559,7 @@ impl Session {
         m.sessions_total.get_or_create(&label).inc();
         m.sessions_open.get_or_create(&label).inc();
         let counters = SessionCounters::for_route(m, route);
+        info!(peer = %self.peer, route = %route, backend = %self.route.backend, "upgraded");
         let started = Instant::now();
         let (read, initial, write) = split_upgraded(upgraded);
         let summary = relay::run(

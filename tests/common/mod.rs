@@ -19,6 +19,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A wsgate running in this process; stops (drains) when dropped.
 pub struct Gate {
     pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub handle: wsgate::Handle,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -29,12 +31,16 @@ impl Gate {
         let config = Config::parse(toml, "test.toml", Path::new(".")).expect("test config");
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addrs()[0];
+        let admin = server.admin_addr();
+        let handle = server.handle();
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         Gate {
             addr,
+            admin,
+            handle,
             stop: Some(tx),
             done: Some(done),
         }
@@ -69,47 +75,103 @@ impl Drop for Gate {
     }
 }
 
-/// The wsgate binary as a child process (for RSS and CLI tests); killed when dropped.
+/// The wsgate binary as a child process (for RSS, signals, reload and log tests); killed
+/// when dropped. Its log lines are collected for tests to wait on.
 pub struct GateProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub config_path: std::path::PathBuf,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub _dir: TempDir,
 }
 
 impl GateProcess {
     pub fn start(toml: &str) -> GateProcess {
+        GateProcess::start_with(toml, &[])
+    }
+
+    /// Starts `wsgate --config FILE ARGS…` and waits until it reports its listener (and its
+    /// admin listener when the config has one).
+    pub fn start_with(toml: &str, args: &[&str]) -> GateProcess {
         let dir = TempDir::new();
-        let path = dir.path().join("wsgate.toml");
-        std::fs::write(&path, toml).unwrap();
+        let config_path = dir.path().join("wsgate.toml");
+        std::fs::write(&config_path, toml).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
             .arg("--config")
-            .arg(&path)
+            .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn wsgate");
-        // wsgate logs "listening addr=…" once bound: read lines until then (bounded by EOF).
         let stderr = child.stderr.take().unwrap();
-        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("wsgate exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("addr=").nth(1) {
-                if line.contains("listening") {
-                    break rest.split_whitespace().next().unwrap().parse().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let wants_admin = toml.contains("[admin]");
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || (wants_admin && admin.is_none()) {
+            let line = rx
+                .recv_timeout(WAIT)
+                .expect("wsgate reported its listeners in time");
+            if let Some(a) = log_addr(&line) {
+                if line.contains("admin listening") {
+                    admin = Some(a);
+                } else if line.contains("listening") && addr.is_none() {
+                    addr = Some(a);
                 }
             }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        }
         GateProcess {
             child,
-            addr,
+            addr: addr.unwrap(),
+            admin,
+            config_path,
+            lines,
             _dir: dir,
         }
+    }
+
+    /// Waits (bounded by WAIT) for a log line containing `needle`, and returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let until = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no log line with {needle:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal by name (HUP, TERM) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
     }
 
     /// Resident set size of the process, in KiB.
@@ -124,11 +186,44 @@ impl GateProcess {
     }
 }
 
+/// The `addr=IP:PORT` of a text or JSON log line.
+pub fn log_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line
+        .split("addr=")
+        .nth(1)
+        .or_else(|| line.split("\"addr\":\"").nth(1))?;
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 impl Drop for GateProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// GET `path` from an HTTP server (the admin listener); status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let r = raw_request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    (r.status, r.body)
+}
+
+/// Parses OpenMetrics text into `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 /// A temporary directory removed on drop (no extra crate for it).
