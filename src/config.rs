@@ -13,6 +13,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::route::{Route, RouteTable};
+use crate::tls::{SniCert, TlsFiles};
+use std::sync::Arc;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -25,9 +27,17 @@ pub struct Config {
 }
 
 /// One `[[listen]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Listener {
     pub addr: SocketAddr,
+    /// Set for `wss://` listeners: the files and the config built from them at load time.
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub files: TlsFiles,
+    pub server: Arc<tokio_rustls::rustls::ServerConfig>,
 }
 
 /// `[limits]`; each default is the one in DESIGN.md.
@@ -171,6 +181,25 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     addr: toml::Spanned<String>,
+    tls: Option<toml::Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
+    #[serde(default)]
+    sni: Vec<RawSni>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSni {
+    names: Vec<String>,
+    cert: String,
+    key: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -333,7 +362,30 @@ impl Config {
                     format!("listen.addr {addr} is listed twice"),
                 ));
             }
-            listen.push(Listener { addr });
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => {
+                    let raw = t.get_ref();
+                    let files = TlsFiles {
+                        cert: base.join(&raw.cert),
+                        key: base.join(&raw.key),
+                        client_ca: raw.client_ca.as_ref().map(|c| base.join(c)),
+                        sni: raw
+                            .sni
+                            .iter()
+                            .map(|s| SniCert {
+                                names: s.names.clone(),
+                                cert: base.join(&s.cert),
+                                key: base.join(&s.key),
+                            })
+                            .collect(),
+                    };
+                    let server = crate::tls::server_config(&files)
+                        .map_err(|m| invalid(Some(t.span()), format!("listen.tls: {m}")))?;
+                    Some(ListenerTls { files, server })
+                }
+            };
+            listen.push(Listener { addr, tls });
         }
 
         let admin = match &raw.admin {
@@ -454,7 +506,7 @@ impl Config {
         };
         let backend = Backend::parse(&spec, Path::new("."))?;
         Ok(Config {
-            listen: vec![Listener { addr }],
+            listen: vec![Listener { addr, tls: None }],
             admin: None,
             limits: Limits::default(),
             routes: RouteTable::new(vec![Route::new(

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

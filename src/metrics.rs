@@ -73,6 +73,7 @@ pub struct Metrics {
     pub backend_connect_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub handshake_timeouts: Counter,
+    pub tls_failures: Counter,
     pub reloads: Family<ResultLabel, Counter>,
     pub last_reload_success: Gauge,
 }
@@ -98,6 +99,7 @@ impl Metrics {
             backend_connect_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             session_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             handshake_timeouts: Counter::default(),
+            tls_failures: Counter::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
         };

@@ -26,6 +26,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -73,6 +75,8 @@ struct ListenerSlot {
     bound: SocketAddr,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// The listener's TLS config, swapped on reload (new certificates, new connections).
+    tls: Arc<RwLock<Option<TlsAcceptor>>>,
 }
 
 impl Server {
@@ -85,7 +89,7 @@ impl Server {
         };
         let mut bound = Vec::new();
         for l in &config.listen {
-            bound.push((l.addr, bind(l.addr).await?));
+            bound.push((l.addr, acceptor(l), bind(l.addr).await?));
         }
         let state = Arc::new(State {
             config: RwLock::new(Arc::new(config)),
@@ -99,8 +103,8 @@ impl Server {
             metrics: Metrics::new(),
         });
         let server = Server { state, admin };
-        for (configured, listener) in bound {
-            server.state.start_listener(configured, listener);
+        for (configured, tls, listener) in bound {
+            server.state.start_listener(configured, tls, listener);
         }
         Ok(server)
     }
@@ -180,6 +184,13 @@ impl Server {
     }
 }
 
+fn acceptor(listener: &crate::config::Listener) -> Option<TlsAcceptor> {
+    listener
+        .tls
+        .as_ref()
+        .map(|t| TlsAcceptor::from(t.server.clone()))
+}
+
 async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -241,19 +252,32 @@ impl Handle {
         let mut fresh = Vec::new();
         for l in &config.listen {
             if !existing.contains(&l.addr) {
-                fresh.push((l.addr, bind(l.addr).await.map_err(|e| e.to_string())?));
+                fresh.push((
+                    l.addr,
+                    acceptor(l),
+                    bind(l.addr).await.map_err(|e| e.to_string())?,
+                ));
             }
         }
         let removed: Vec<SocketAddr> = existing
             .into_iter()
             .filter(|a| !config.listen.iter().any(|l| l.addr == *a))
             .collect();
+        // Kept listeners take the new TLS settings (renewed certificates) for new connections.
+        {
+            let slots = state.listeners.lock().unwrap();
+            for l in &config.listen {
+                if let Some(slot) = slots.get(&l.addr) {
+                    *slot.tls.write().unwrap() = acceptor(l);
+                }
+            }
+        }
         *state.config.write().unwrap() = Arc::new(config);
-        for (configured, listener) in fresh {
+        for (configured, tls, listener) in fresh {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, "listening");
             }
-            state.start_listener(configured, listener);
+            state.start_listener(configured, tls, listener);
         }
         for addr in removed {
             let slot = state.listeners.lock().unwrap().remove(&addr);
@@ -278,18 +302,39 @@ impl State {
         }
     }
 
-    fn start_listener(self: &Arc<Self>, configured: SocketAddr, listener: TcpListener) {
+    fn start_listener(
+        self: &Arc<Self>,
+        configured: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        listener: TcpListener,
+    ) {
         let bound = listener.local_addr().unwrap_or(configured);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(accept_loop(listener, self.clone(), stop.clone()));
-        self.listeners
-            .lock()
-            .unwrap()
-            .insert(configured, ListenerSlot { bound, stop, task });
+        let tls = Arc::new(RwLock::new(tls));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            self.clone(),
+            stop.clone(),
+            tls.clone(),
+        ));
+        self.listeners.lock().unwrap().insert(
+            configured,
+            ListenerSlot {
+                bound,
+                stop,
+                task,
+                tls,
+            },
+        );
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    stop: CancellationToken,
+    tls: Arc<RwLock<Option<TlsAcceptor>>>,
+) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -303,8 +348,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: Cancellatio
                 let slot = ConnectionSlot::take(&state);
                 let id = state.next_id.fetch_add(1, Ordering::Relaxed);
                 let conn_state = state.clone();
+                let tls = tls.read().unwrap().clone();
                 state.tracker.spawn(
-                    serve_connection(conn_state, stream, peer, slot, id)
+                    serve_connection(conn_state, stream, peer, slot, id, tls)
                         .instrument(info_span!("conn", id)),
                 );
             }
@@ -376,8 +422,10 @@ async fn serve_connection(
     peer: SocketAddr,
     slot: ConnectionSlot,
     id: u64,
+    tls: Option<TlsAcceptor>,
 ) {
     let config = state.config();
+    // The whole TLS handshake and request head must arrive within handshake_timeout.
     let deadline = Instant::now() + config.limits.handshake_timeout;
     let conn = Arc::new(Conn {
         over_capacity: slot.over,
@@ -388,6 +436,30 @@ async fn serve_connection(
         peer,
         head_seen: AtomicBool::new(false),
     });
+    match tls {
+        None => serve_http(conn, TokioIo::new(stream), deadline).await,
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => serve_http(conn, TokioIo::new(stream), deadline).await,
+            Ok(Err(e)) => {
+                conn.state.metrics.tls_failures.inc();
+                info!(%peer, error = %e, "TLS handshake failed; closed");
+            }
+            Err(_) => {
+                conn.state.metrics.tls_failures.inc();
+                conn.state.metrics.handshake_timeouts.inc();
+                info!(%peer, "handshake timeout during TLS; closed");
+            }
+        },
+    }
+}
+
+/// Serves the one HTTP/1.1 request of a connection (plain or TLS), bounded by `deadline`
+/// until the request head has arrived.
+async fn serve_http<I>(conn: Arc<Conn>, io: I, deadline: Instant)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
     let handler = conn.clone();
     let service = service_fn(move |req| {
         let conn = handler.clone();
@@ -395,7 +467,7 @@ async fn serve_connection(
     });
     let http = http1::Builder::new()
         .max_buf_size(MAX_REQUEST_HEAD)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(http);
     tokio::select! {
@@ -603,9 +675,21 @@ impl Session {
 /// Takes the client connection back from hyper: the plain TCP stream when it is one (no
 /// extra layer on the data path), with the bytes hyper had already read behind the request.
 fn split_upgraded(upgraded: hyper::upgrade::Upgraded) -> (BoxRead, BytesMut, BoxWrite) {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
+            return (
+                Box::pin(read),
+                BytesMut::from(&parts.read_buf[..]),
+                Box::pin(write),
+            );
+        }
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+        Ok(parts) => {
+            // A TLS session has one state for both directions: split behind a lock.
+            let (read, write) = tokio::io::split(parts.io.into_inner());
             (
                 Box::pin(read),
                 BytesMut::from(&parts.read_buf[..]),
