@@ -154,6 +154,11 @@ impl Metrics {
             m.handshake_timeouts.clone(),
         );
         registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out on wss:// listeners",
+            m.tls_failures.clone(),
+        );
+        registry.register(
             "config_reloads",
             "Config reloads, by result",
             m.reloads.clone(),

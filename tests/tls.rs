@@ -1,0 +1,342 @@
+//! wss:// listeners with certificates made at test time by certs/gen-dev-certs.sh (openssl),
+//! and a rustls client (tokio-rustls) under tokio-tungstenite.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Certificates for a test: CA, an ECDSA (SEC1) localhost cert, an RSA (PKCS#1) cert for
+/// other.test, an Ed25519 (PKCS#8) cert for ed.test, and a client cert.
+struct Certs {
+    dir: TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = TempDir::new();
+        for (key_type, prefix, names) in [
+            ("ec", "server", "localhost 127.0.0.1"),
+            ("rsa", "other", "other.test"),
+            ("ed25519", "ed", "ed.test"),
+            ("ec", "client", "client.test"),
+        ] {
+            Certs::make(dir.path(), key_type, prefix, names);
+        }
+        Certs { dir }
+    }
+
+    fn make(dir: &Path, key_type: &str, prefix: &str, names: &str) {
+        let out = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/certs/gen-dev-certs.sh"
+        ))
+        .arg(dir)
+        .args(names.split(' '))
+        .env("KEY_TYPE", key_type)
+        .env("PREFIX", prefix)
+        .output()
+        .expect("run certs/gen-dev-certs.sh (needs openssl)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    fn der(&self, name: &str) -> Vec<u8> {
+        CertificateDer::from_pem_file(self.path(name))
+            .unwrap()
+            .to_vec()
+    }
+
+    fn listener(&self, extra: &str) -> String {
+        format!(
+            "tls = {{ cert = \"{}\", key = \"{}\", sni = [{{ names = [\"other.test\"], cert = \"{}\", key = \"{}\" }}, {{ names = [\"ed.test\"], cert = \"{}\", key = \"{}\" }}]{extra} }}",
+            self.p("server.crt"),
+            self.p("server.key"),
+            self.p("other.crt"),
+            self.p("other.key"),
+            self.p("ed.crt"),
+            self.p("ed.key"),
+        )
+    }
+
+    fn connector(&self, client_cert: bool) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(self.path("ca.crt")).unwrap())
+            .unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = if client_cert {
+            let chain = vec![CertificateDer::from_pem_file(self.path("client.crt")).unwrap()];
+            let key = PrivateKeyDer::from_pem_file(self.path("client.key")).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// TLS to `addr` with SNI `name`, then the WebSocket handshake; returns the session and the
+/// server's leaf certificate.
+async fn wss(
+    addr: std::net::SocketAddr,
+    name: &str,
+    connector: &TlsConnector,
+    path: &str,
+) -> Result<(Wss, Vec<u8>), String> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = ServerName::try_from(name.to_owned()).unwrap();
+    let tls = connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    assert!(alpn.is_none() || alpn.as_deref() == Some(&b"http/1.1"[..]));
+    let url = format!("wss://{name}{path}");
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
+        .await
+        .map_err(|_| "websocket handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((ws, leaf))
+}
+
+#[tokio::test]
+async fn wss_bridge_and_echo_routes() {
+    let certs = Certs::new();
+    let backend = echo_backend().await;
+    let g = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[[route]]\npath = \"/echo\"\nbackend = \"echo\"\n[[route]]\npath = \"/tcp\"\nbackend = \"tcp://{backend}\"\n",
+        certs.listener("")
+    ))
+    .await;
+    let c = certs.connector(false);
+    let (mut ws, leaf) = wss(g.addr, "localhost", &c, "/echo").await.unwrap();
+    assert_eq!(leaf, certs.der("server.crt"));
+    ws.send(Message::text("over wss")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over wss"));
+
+    let (ws, _) = wss(g.addr, "localhost", &c, "/tcp").await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let data = pattern(2 * 1024 * 1024, 5);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx
+    });
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        match tokio::time::timeout(WAIT, rx.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got == data, "bytes intact through the wss bridge");
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test]
+async fn sni_chooses_the_certificate_with_a_default() {
+    let certs = Certs::new();
+    let g = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener("")
+    ))
+    .await;
+    let c = certs.connector(false);
+    for (name, cert) in [
+        ("other.test", "other.crt"),
+        ("ed.test", "ed.crt"),
+        ("localhost", "server.crt"),
+    ] {
+        let (mut ws, leaf) = wss(g.addr, name, &c, "/").await.unwrap();
+        assert_eq!(leaf, certs.der(cert), "SNI {name}");
+        ws.send(Message::text(name)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(name));
+    }
+    // An IP address sends no SNI: the default certificate.
+    let (_, leaf) = wss(g.addr, "127.0.0.1", &c, "/").await.unwrap();
+    assert_eq!(leaf, certs.der("server.crt"));
+}
+
+#[tokio::test]
+async fn client_certificate_required_when_client_ca_is_set() {
+    let certs = Certs::new();
+    let extra = format!(", client_ca = \"{}\"", certs.p("ca.crt"));
+    let g = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener(&extra)
+    ))
+    .await;
+    let (mut ws, _) = wss(g.addr, "localhost", &certs.connector(true), "/")
+        .await
+        .unwrap();
+    ws.send(Message::text("with a certificate")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("with a certificate")
+    );
+    // Without one the TLS layer refuses (TLS 1.3 reports it on the first read).
+    let refused = wss(g.addr, "localhost", &certs.connector(false), "/").await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate must be refused"
+    );
+}
+
+/// Plain HTTP, garbage, and a client hanging up mid-handshake: each closed cleanly, counted,
+/// and the listener keeps serving.
+#[tokio::test]
+async fn non_tls_and_broken_handshakes_are_closed_cleanly() {
+    let certs = Certs::new();
+    let g = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nhandshake_timeout = \"500ms\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener("")
+    ))
+    .await;
+    for junk in [
+        &upgrade_request("/", "").into_bytes()[..],
+        &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3][..],
+        &b"\x00\xffgarbage"[..],
+    ] {
+        let mut s = TcpStream::connect(g.addr).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "connection closed, not left hanging");
+        assert!(!String::from_utf8_lossy(&sink).contains("101"));
+    }
+    // Hang up mid-handshake.
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    drop(s);
+    // A silent TLS client is closed at handshake_timeout.
+    let mut silent = TcpStream::connect(g.addr).await.unwrap();
+    assert!(expect_eof(&mut silent).await);
+    // Still serving.
+    let (mut ws, _) = wss(g.addr, "localhost", &certs.connector(false), "/")
+        .await
+        .unwrap();
+    ws.send(Message::text("fine")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("fine"));
+    drop(ws);
+    let admin = g.admin.unwrap();
+    let until = std::time::Instant::now() + WAIT;
+    loop {
+        let text = http_get(admin, "/metrics").await.1;
+        let m = parse_metrics(&text);
+        let failures = m
+            .get("wsgate_tls_handshake_failures_total")
+            .copied()
+            .unwrap_or(0.0);
+        let open = m.get("wsgate_client_connections").copied().unwrap_or(-1.0);
+        if failures >= 5.0 && open == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "failures {failures}, open {open}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGHUP after the certificate files were renewed: new connections get the new certificate,
+/// the live session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_the_certificate_and_keeps_sessions() {
+    let certs = Certs::new();
+    let gate = GateProcess::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.p("server.crt"),
+        certs.p("server.key")
+    ));
+    let c = certs.connector(false);
+    let old = certs.der("server.crt");
+    let (mut live, leaf) = wss(gate.addr, "localhost", &c, "/").await.unwrap();
+    assert_eq!(leaf, old);
+    Certs::make(certs.dir.path(), "rsa", "server", "localhost 127.0.0.1");
+    let renewed = certs.der("server.crt");
+    assert_ne!(renewed, old);
+    gate.signal("HUP");
+    gate.wait_for_log("config reloaded");
+    let (_, leaf) = wss(gate.addr, "localhost", &c, "/").await.unwrap();
+    assert_eq!(leaf, renewed, "new connections get the renewed certificate");
+    live.send(Message::text("live through the swap"))
+        .await
+        .unwrap();
+    assert_eq!(
+        live.next().await.unwrap().unwrap(),
+        Message::text("live through the swap")
+    );
+}
+
+/// A missing file or a key that does not match its certificate stops wsgate at start, with
+/// the file named; --check-config reports the same.
+#[test]
+fn bad_certificate_files_stop_wsgate_at_start() {
+    let certs = Certs::new();
+    let dir = TempDir::new();
+    let cases = [
+        (certs.p("server.crt"), certs.p("other.key"), "does not fit"),
+        (certs.p("missing.crt"), certs.p("server.key"), "missing.crt"),
+        (certs.p("server.crt"), certs.p("missing.key"), "missing.key"),
+    ];
+    for (i, (cert, key, needle)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(
+            &path,
+            format!("[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n"),
+        )
+        .unwrap();
+        for flag in ["--check-config", "--config"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+                .arg(flag)
+                .arg(&path)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {i}: {err}");
+            assert!(
+                err.contains(needle) && err.contains("line 3"),
+                "{flag} {i}: {err}"
+            );
+        }
+    }
+}
