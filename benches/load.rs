@@ -1,8 +1,9 @@
 //! Load benchmark: the wsgate bridge against a plain TCP relay, in one run, on loopback, on
 //! the same TCP echo backend. Each server runs as its own process.
 //!
-//! Run: `cargo bench --bench load` (LOAD_SECS=N sets each phase's length, default 3;
-//! LOAD_IDLE=N the idle sessions, default 1000).
+//! Run: `cargo bench --bench load` (LOAD_SECS=N sets each phase's length, default 2;
+//! LOAD_REPS=N how often each phase runs, alternating the two servers, default 3, the median
+//! is reported; LOAD_IDLE=N the idle sessions, default 1000).
 //!
 //! Measures: single-connection throughput (64 KiB messages echoed), round trips per second
 //! (32-byte messages; 1 and 64 connections), new connections per second (handshake, one
@@ -39,6 +40,10 @@ fn main() {
     let secs: u64 = std::env::var("LOAD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let reps: usize = std::env::var("LOAD_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let idle: usize = std::env::var("LOAD_IDLE")
         .ok()
@@ -55,7 +60,20 @@ fn main() {
         .build()
         .unwrap();
 
-    println!("phase length {secs}s; servers: plain TCP relay (copy_bidirectional, 64 KiB buffers) and wsgate bridge, both to one TCP echo process");
+    println!("phase length {secs}s, {reps} runs each (median), alternating servers: plain TCP relay (copy_bidirectional, 64 KiB buffers) and wsgate bridge, both to one TCP echo process");
+    // Runs a phase `reps` times for each server, alternating, and returns both medians.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let both = |f: &dyn Fn(SocketAddr, bool) -> f64| {
+        let (mut r, mut g) = (Vec::new(), Vec::new());
+        for _ in 0..reps.max(1) {
+            r.push(f(relay.addr, false));
+            g.push(f(gate.addr, true));
+        }
+        (median(r), median(g))
+    };
     let mut rows = Vec::new();
     let mut row = |name: &str, unit: &str, relay: f64, gate: f64| {
         rows.push(format!(
