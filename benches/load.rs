@@ -82,16 +82,13 @@ fn main() {
         ));
     };
 
-    let r = rt.block_on(throughput(relay.addr, false, phase));
-    let g = rt.block_on(throughput(gate.addr, true, phase));
+    let (r, g) = both(&|a, ws| rt.block_on(throughput(a, ws, phase)));
     row("throughput, 1 conn, 64 KiB messages", "MB/s", r, g);
     for conns in [1usize, 64] {
-        let r = rt.block_on(round_trips(relay.addr, false, conns, phase));
-        let g = rt.block_on(round_trips(gate.addr, true, conns, phase));
+        let (r, g) = both(&|a, ws| rt.block_on(round_trips(a, ws, conns, phase)));
         row(&format!("round trips/s, {conns} conn(s), 32 B"), "/s", r, g);
     }
-    let r = rt.block_on(new_connections(relay.addr, false, phase));
-    let g = rt.block_on(new_connections(gate.addr, true, phase));
+    let (r, g) = both(&|a, ws| rt.block_on(new_connections(a, ws, phase)));
     row(
         "new connections/s (handshake + 1 message + close)",
         "/s",

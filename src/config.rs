@@ -85,6 +85,16 @@ pub enum Backend {
     Tcp(String),
     /// `unix:/path`
     Unix(PathBuf),
+    /// `tls://host:port`: the bridge over a TLS client connection.
+    Tls { authority: String, host: String },
+    /// `ws://host:port/path` or `wss://…`: a proxy route, the upgrade is forwarded to a ws app.
+    Ws {
+        secure: bool,
+        authority: String,
+        host: String,
+        /// Path the route's prefix is replaced with; `None` forwards the request path as is.
+        path: Option<String>,
+    },
 }
 
 impl fmt::Display for Backend {
@@ -93,6 +103,18 @@ impl fmt::Display for Backend {
             Backend::Echo => f.write_str("echo"),
             Backend::Tcp(addr) => write!(f, "tcp://{addr}"),
             Backend::Unix(path) => write!(f, "unix:{}", path.display()),
+            Backend::Tls { authority, .. } => write!(f, "tls://{authority}"),
+            Backend::Ws {
+                secure,
+                authority,
+                path,
+                ..
+            } => write!(
+                f,
+                "{}://{authority}{}",
+                if *secure { "wss" } else { "ws" },
+                path.as_deref().unwrap_or("")
+            ),
         }
     }
 }
@@ -104,14 +126,33 @@ impl Backend {
             return Ok(Backend::Echo);
         }
         if let Some(addr) = spec.strip_prefix("tcp://") {
-            let addr = addr.trim_end_matches('/');
-            let (host, port) = addr
-                .rsplit_once(':')
-                .ok_or_else(|| format!("backend {spec:?} needs a port: tcp://host:port"))?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(format!("backend {spec:?} is not tcp://host:port"));
+            let (authority, _) = host_port(spec, addr.trim_end_matches('/'))?;
+            return Ok(Backend::Tcp(authority));
+        }
+        if let Some(addr) = spec.strip_prefix("tls://") {
+            let (authority, host) = host_port(spec, addr.trim_end_matches('/'))?;
+            return Ok(Backend::Tls { authority, host });
+        }
+        for (scheme, secure) in [("ws://", false), ("wss://", true)] {
+            if let Some(rest) = spec.strip_prefix(scheme) {
+                let (addr, path) = match rest.find('/') {
+                    Some(i) => (&rest[..i], Some(&rest[i..])),
+                    None => (rest, None),
+                };
+                let (authority, host) = host_port(spec, addr)?;
+                let path = path
+                    .filter(|p| *p != "/")
+                    .map(|p| p.trim_end_matches('/').to_owned());
+                if path.as_deref().is_some_and(|p| p.contains(['?', '#', ' '])) {
+                    return Err(format!("backend {spec:?}: the path may not have a query"));
+                }
+                return Ok(Backend::Ws {
+                    secure,
+                    authority,
+                    host,
+                    path,
+                });
             }
-            return Ok(Backend::Tcp(addr.to_owned()));
         }
         if let Some(path) = spec.strip_prefix("unix:") {
             if path.is_empty() {
@@ -119,17 +160,33 @@ impl Backend {
             }
             return Ok(Backend::Unix(base.join(path)));
         }
-        for scheme in ["ws://", "wss://", "tls://"] {
-            if spec.starts_with(scheme) {
-                return Err(format!(
-                    "backend {spec:?}: {scheme} backends are not supported by this version"
-                ));
-            }
-        }
         Err(format!(
-            "backend {spec:?} is not one of: echo, tcp://host:port, unix:/path"
+            "backend {spec:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path"
         ))
     }
+
+    /// Whether this is a proxy route's backend (the upgrade is forwarded).
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, Backend::Ws { .. })
+    }
+
+    /// Whether connecting needs a TLS client config.
+    pub fn uses_tls(&self) -> bool {
+        matches!(self, Backend::Tls { .. } | Backend::Ws { secure: true, .. })
+    }
+}
+
+/// Splits "host:port" (or "[v6]:port"), checking both; returns the authority and the bare host
+/// (for SNI and certificate checks).
+fn host_port(spec: &str, addr: &str) -> Result<(String, String), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("backend {spec:?} needs a port, e.g. host:port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("backend {spec:?}: {addr:?} is not host:port"));
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((addr.to_owned(), bare.to_owned()))
 }
 
 /// Frames sent to the client on a bridge route.
@@ -226,6 +283,8 @@ struct RawRoute {
     origins: Vec<toml::Spanned<String>>,
     #[serde(default)]
     message: MessageMode,
+    /// CA bundle for tls:// and wss:// backends (system roots when absent).
+    ca: Option<toml::Spanned<String>>,
 }
 
 /// A duration written with a unit: "250ms", "10s", "5m", "1h".
@@ -477,7 +536,26 @@ impl Config {
                 }
                 origins.push(v.to_ascii_lowercase());
             }
-            let route = Route::new(path, backend, subprotocols, origins, r.message);
+            let mut route = Route::new(path, backend, subprotocols, origins, r.message);
+            match (&r.ca, route.backend.uses_tls()) {
+                (Some(ca), false) => {
+                    return Err(invalid(
+                        Some(ca.span()),
+                        "route.ca is only for tls:// and wss:// backends".into(),
+                    ))
+                }
+                (ca, true) => {
+                    let ca_path = ca.as_ref().map(|c| base.join(c.get_ref()));
+                    let client = crate::tls::client_config(ca_path.as_deref()).map_err(|m| {
+                        invalid(
+                            ca.as_ref().map(|c| c.span()).or(Some(r.backend.span())),
+                            format!("route: {m}"),
+                        )
+                    })?;
+                    route.tls_client = Some(crate::route::ClientTls(client));
+                }
+                (None, false) => {}
+            }
             if routes.iter().any(|x: &Route| x.path == route.path) {
                 return Err(invalid(
                     Some(r.path.span()),

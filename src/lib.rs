@@ -16,6 +16,7 @@ pub mod config;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;
+pub mod proxy;
 pub mod relay;
 pub mod route;
 pub mod server;

@@ -23,7 +23,7 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{BackendConn, BoxRead};
+use crate::backend::BoxRead;
 use crate::config::MessageMode;
 use crate::frame::{close_code, OpCode};
 use crate::metrics::SessionCounters;
@@ -138,14 +138,15 @@ impl Shared {
 
 /// Runs one session to its end and says how it went.
 ///
-/// `initial` holds client bytes that arrived behind the handshake. `shutdown`, when
+/// `initial` holds client bytes that arrived behind the handshake; `backend` is `None` for
+/// the built-in echo. `shutdown`, when
 /// cancelled, closes the session with 1001. Cancel-safe only in that dropping it drops the
 /// connections.
 pub async fn run(
     client_read: BoxRead,
     initial: BytesMut,
     client_write: BoxWrite,
-    backend: BackendConn,
+    backend: Option<(BoxRead, BoxWrite)>,
     limits: &SessionLimits,
     shutdown: &CancellationToken,
     counters: SessionCounters,
@@ -163,8 +164,8 @@ pub async fn run(
         counters,
     };
     let (backend_read, backend_write) = match backend {
-        BackendConn::Echo => (None, None),
-        BackendConn::Stream { read, write } => (Some(read), Some(write)),
+        None => (None, None),
+        Some((read, write)) => (Some(read), Some(write)),
     };
     let pumps = async {
         tokio::join!(

@@ -6,6 +6,18 @@ use crate::config::{Backend, MessageMode};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoAcceptableSubprotocol;
 
+/// The TLS client config for a tls:// or wss:// backend (compared by identity).
+#[derive(Debug, Clone)]
+pub struct ClientTls(pub std::sync::Arc<tokio_rustls::rustls::ClientConfig>);
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ClientTls {}
+
 /// A compiled `[[route]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -17,6 +29,8 @@ pub struct Route {
     /// Allowed origins, lowercased; when not empty a present Origin header must be one.
     pub origins: Vec<String>,
     pub message: MessageMode,
+    /// Set for tls:// and wss:// backends.
+    pub tls_client: Option<ClientTls>,
 }
 
 impl Route {
@@ -38,6 +52,7 @@ impl Route {
             subprotocols,
             origins,
             message,
+            tls_client: None,
         }
     }
 

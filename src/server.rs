@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -36,6 +37,7 @@ use crate::backend::{self, BackendConn, BoxRead};
 use crate::config::Config;
 use crate::handshake::{self, Rejection};
 use crate::metrics::{Metrics, RejectionLabels, SessionCounters};
+use crate::proxy;
 use crate::relay::{self, SessionLimits};
 use crate::route::Route;
 use crate::ws::BoxWrite;
@@ -411,6 +413,8 @@ struct Conn {
     peer: SocketAddr,
     /// Set once a request head has arrived: the handshake deadline stops there.
     head_seen: AtomicBool,
+    /// The client came in over TLS (X-Forwarded-Proto on proxy routes).
+    tls: bool,
     /// Moves into the session on upgrade; otherwise dropped with the connection.
     slot: Mutex<Option<ConnectionSlot>>,
     over_capacity: bool,
@@ -435,6 +439,7 @@ async fn serve_connection(
         id,
         peer,
         head_seen: AtomicBool::new(false),
+        tls: tls.is_some(),
     });
     match tls {
         None => serve_http(conn, TokioIo::new(stream), deadline).await,
@@ -489,10 +494,16 @@ where
     }
 }
 
-type Body = Full<Bytes>;
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 fn text_response(status: StatusCode, body: String) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -546,18 +557,24 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
             Rejection::new(StatusCode::NOT_FOUND, "no_route", "no route for this path"),
         );
     };
-    let accepted = match handshake::check(req.method(), req.version(), req.headers(), route) {
+    let route = route.clone();
+    if route.backend.is_proxy() && !is_websocket_upgrade(req.headers()) {
+        return proxy_http(&conn, req, &route).await;
+    }
+    let accepted = match handshake::check(req.method(), req.version(), req.headers(), &route) {
         Ok(a) => a,
         Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
     };
     let limits = &conn.config.limits;
     let connect_started = Instant::now();
-    let backend = match backend::connect(&route.backend, limits.connect_timeout).await {
+    let backend = match backend::connect(&route, limits.connect_timeout).await {
         Ok(b) => b,
         Err(e) => {
             let status = match e {
                 backend::ConnectError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                backend::ConnectError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+                backend::ConnectError::Unreachable(_) | backend::ConnectError::Tls(_) => {
+                    StatusCode::BAD_GATEWAY
+                }
             };
             warn!(route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
             return refuse(
@@ -572,8 +589,16 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
         .backend_connect_seconds
         .get_or_create(&Metrics::route(&route.path))
         .observe(connect_started.elapsed().as_secs_f64());
+    let (backend, proxy_accept) = match backend {
+        BackendConn::Proxy(io) => match proxy_upgrade(&conn, &mut req, &route, io).await {
+            Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
+            Err(response) => return response,
+        },
+        BackendConn::Echo => (SessionBackend::Bridge(None), None),
+        BackendConn::Stream { read, write } => (SessionBackend::Bridge(Some((read, write))), None),
+    };
 
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -582,10 +607,23 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&accepted.accept).expect("base64 is a valid header value"),
     );
-    if let Some(protocol) = &accepted.protocol {
-        // Chosen from the route's own list of tokens, so always a valid value.
-        if let Ok(v) = HeaderValue::from_str(protocol) {
-            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    match proxy_accept {
+        // A proxy route answers with the app's choice (checked against the offer and route).
+        Some(accept) => {
+            if let Some(p) = accept.protocol {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+            }
+            if let Some(e) = accept.extensions {
+                headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, e);
+            }
+        }
+        None => {
+            if let Some(protocol) = &accepted.protocol {
+                // Chosen from the route's own list of tokens, so always a valid value.
+                if let Ok(v) = HeaderValue::from_str(protocol) {
+                    headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+                }
+            }
         }
     }
 
@@ -623,8 +661,16 @@ struct Session {
     limits: SessionLimits,
 }
 
+/// What a session relays to.
+enum SessionBackend {
+    /// The bridge: a byte stream, or `None` for the built-in echo.
+    Bridge(Option<(BoxRead, BoxWrite)>),
+    /// A proxy route: the app's side of the upgrade, ready once its 101 is through.
+    Proxy(hyper::upgrade::OnUpgrade),
+}
+
 impl Session {
-    async fn run(self, upgraded: hyper::upgrade::Upgraded, backend: BackendConn) {
+    async fn run(self, upgraded: hyper::upgrade::Upgraded, backend: SessionBackend) {
         let m = &self.state.metrics;
         let route = &self.route.path;
         let label = Metrics::route(route);
@@ -633,17 +679,47 @@ impl Session {
         let counters = SessionCounters::for_route(m, route);
         info!(peer = %self.peer, route = %route, backend = %self.route.backend, "upgraded");
         let started = Instant::now();
-        let (read, initial, write) = split_upgraded(upgraded);
-        let summary = relay::run(
-            read,
-            initial,
-            write,
-            backend,
-            &self.limits,
-            &self.state.sessions_stop,
-            counters,
-        )
-        .await;
+        let summary = match backend {
+            SessionBackend::Bridge(backend) => {
+                let (read, initial, write) = split_upgraded(upgraded);
+                relay::run(
+                    read,
+                    initial,
+                    write,
+                    backend,
+                    &self.limits,
+                    &self.state.sessions_stop,
+                    counters,
+                )
+                .await
+            }
+            SessionBackend::Proxy(app) => {
+                let end = match app.await {
+                    Ok(app) => {
+                        let end = proxy::splice(
+                            TokioIo::new(upgraded),
+                            TokioIo::new(app),
+                            self.limits.idle_timeout,
+                            &self.state.sessions_stop,
+                            counters.bytes_from_client.clone(),
+                            counters.bytes_to_client.clone(),
+                        )
+                        .await;
+                        match end {
+                            proxy::SpliceEnd::Closed => "closed",
+                            proxy::SpliceEnd::Error => "error",
+                            proxy::SpliceEnd::IdleTimeout => "idle_timeout",
+                            proxy::SpliceEnd::Shutdown => "shutdown",
+                        }
+                    }
+                    Err(_) => "backend_upgrade_failed",
+                };
+                relay::Summary {
+                    end,
+                    ..relay::Summary::default()
+                }
+            }
+        };
         let duration = started.elapsed();
         m.sessions_open.get_or_create(&label).dec();
         m.session_seconds
@@ -700,6 +776,176 @@ fn split_upgraded(upgraded: hyper::upgrade::Upgraded) -> (BoxRead, BytesMut, Box
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
             (Box::pin(read), BytesMut::new(), Box::pin(write))
         }
+    }
+}
+
+// ---- proxy routes ----
+
+fn is_websocket_upgrade(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+}
+
+/// Forwards the client's upgrade to the app and checks its answer. On a good 101 returns the
+/// app's side of the upgrade and what the client's 101 carries over; otherwise the response
+/// for the client (the app's own status and body, or 502/504).
+async fn proxy_upgrade(
+    conn: &Arc<Conn>,
+    req: &mut Request<Incoming>,
+    route: &Route,
+    io: Box<dyn backend::Io>,
+) -> Result<(hyper::upgrade::OnUpgrade, proxy::BackendAccept), Response<Body>> {
+    let limits = &conn.config.limits;
+    let bad_gateway = |label: &'static str, reason: String| {
+        refuse(
+            conn,
+            Some(&route.path),
+            Rejection::new(StatusCode::BAD_GATEWAY, label, reason),
+        )
+    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                return Err(bad_gateway(
+                    "backend_http",
+                    format!("backend HTTP failed: {e}"),
+                ))
+            }
+        };
+    conn.state.tracker.spawn(connection.with_upgrades());
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().trim_ascii().to_vec())
+        .unwrap_or_default();
+    let (parts, _) = Request::new(()).into_parts();
+    let mut head = parts;
+    head.method = req.method().clone();
+    head.uri = req.uri().clone();
+    head.headers = req.headers().clone();
+    let request = proxy::backend_request(
+        &head,
+        Empty::<Bytes>::new(),
+        route,
+        conn.peer,
+        conn.tls,
+        true,
+    );
+    let response =
+        match tokio::time::timeout(limits.connect_timeout, sender.send_request(request)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return Err(bad_gateway(
+                    "backend_http",
+                    format!("backend HTTP failed: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(refuse(
+                    conn,
+                    Some(&route.path),
+                    Rejection::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "backend_timeout",
+                        "backend did not answer the upgrade in time",
+                    ),
+                ))
+            }
+        };
+    match proxy::check_backend_101(response.status(), response.headers(), &key, &offered, route) {
+        Ok(accept) => Ok((hyper::upgrade::on(response), accept)),
+        Err(reason) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Err(bad_gateway("backend_bad_101", reason.to_owned()))
+        }
+        Err(_) => {
+            // The app refused: its status and body go to the client as they are.
+            info!(route = %route.path, status = response.status().as_u16(), "backend refused the upgrade");
+            conn.state
+                .metrics
+                .rejections
+                .get_or_create(&RejectionLabels {
+                    route: route.path.clone(),
+                    reason: "backend_refused".into(),
+                })
+                .inc();
+            let (parts, body) = response.into_parts();
+            let mut out = Response::new(body.boxed());
+            *out.status_mut() = parts.status;
+            *out.headers_mut() = proxy::passthrough_headers(&parts.headers);
+            out.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(out)
+        }
+    }
+}
+
+/// A plain HTTP request on a proxy route: forwarded to the app, both bodies streamed.
+async fn proxy_http(conn: &Arc<Conn>, req: Request<Incoming>, route: &Route) -> Response<Body> {
+    let limits = &conn.config.limits;
+    let io = match backend::connect(route, limits.connect_timeout).await {
+        Ok(BackendConn::Proxy(io)) => io,
+        Ok(_) => unreachable!("proxy routes connect to proxy backends"),
+        Err(e) => {
+            let status = match e {
+                backend::ConnectError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            return refuse(
+                conn,
+                Some(&route.path),
+                Rejection::new(status, e.label(), e.to_string()),
+            );
+        }
+    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                return refuse(
+                    conn,
+                    Some(&route.path),
+                    Rejection::new(
+                        StatusCode::BAD_GATEWAY,
+                        "backend_http",
+                        format!("backend HTTP failed: {e}"),
+                    ),
+                )
+            }
+        };
+    conn.state.tracker.spawn(connection);
+    let (parts, body) = req.into_parts();
+    let request = proxy::backend_request(&parts, body, route, conn.peer, conn.tls, false);
+    match sender.send_request(request).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            let mut out = Response::new(body.boxed());
+            *out.status_mut() = parts.status;
+            *out.headers_mut() = proxy::passthrough_headers(&parts.headers);
+            out
+        }
+        Err(e) => refuse(
+            conn,
+            Some(&route.path),
+            Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                "backend_http",
+                format!("backend HTTP failed: {e}"),
+            ),
+        ),
     }
 }
 

@@ -1,0 +1,404 @@
+//! Proxy routes (`ws://` and `wss://` backends): the client's request is forwarded to the ws
+//! app with hop-by-hop headers dropped and X-Forwarded-For/-Proto/-Host added; the app's 101
+//! is checked before the client gets its own; then bytes are spliced both ways.
+//!
+//! The request and response building and the 101 check are pure; [`splice`] is the I/O.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Request, StatusCode, Uri};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Backend;
+use crate::handshake::accept_key;
+use crate::route::Route;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus those the
+/// Connection header names.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The path to ask the app for: the request's own path when the backend URL has none (as
+/// nginx's `proxy_pass` without a URI), else the route prefix replaced by the backend's path.
+fn backend_path(route: &Route, uri: &Uri) -> String {
+    let path = uri.path();
+    let mapped = match &route.backend {
+        Backend::Ws {
+            path: Some(base), ..
+        } => {
+            let rest = if route.path == "/" {
+                path
+            } else {
+                path.strip_prefix(route.path.as_str()).unwrap_or(path)
+            };
+            match (base.as_str(), rest) {
+                (b, "") => b.to_owned(),
+                (b, r) if r.starts_with('/') => format!("{b}{r}"),
+                (b, r) => format!("{b}/{r}"),
+            }
+        }
+        _ => path.to_owned(),
+    };
+    match uri.query() {
+        Some(q) => format!("{mapped}?{q}"),
+        None => mapped,
+    }
+}
+
+/// Builds the request sent to the app from the client's request head.
+pub fn backend_request<B>(
+    parts: &Parts,
+    body: B,
+    route: &Route,
+    peer: SocketAddr,
+    client_tls: bool,
+    upgrade: bool,
+) -> Request<B> {
+    let Backend::Ws { authority, .. } = &route.backend else {
+        unreachable!("only proxy routes forward requests");
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let original_host = parts.headers.get(header::HOST).cloned();
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, host);
+    }
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if client_tls { "https" } else { "http" }),
+    );
+    match original_host {
+        Some(h) => {
+            headers.insert("x-forwarded-host", h);
+        }
+        None => {
+            headers.remove("x-forwarded-host");
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = backend_path(route, &parts.uri)
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    *request.headers_mut() = headers;
+    request
+}
+
+/// What the client's 101 carries over from the app's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAccept {
+    pub protocol: Option<HeaderValue>,
+    pub extensions: Option<HeaderValue>,
+}
+
+/// Checks the app's 101: the accept key for the client's key, and a subprotocol (if any)
+/// that the client offered and the route allows.
+pub fn check_backend_101(
+    status: StatusCode,
+    headers: &HeaderMap,
+    client_key: &[u8],
+    offered: &[String],
+    route: &Route,
+) -> Result<BackendAccept, &'static str> {
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err("backend did not switch protocols");
+    }
+    let upgrade_ok = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    if !upgrade_ok {
+        return Err("backend 101 without Upgrade: websocket");
+    }
+    let accept = headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(HeaderValue::as_bytes);
+    if accept != Some(accept_key(client_key).as_bytes()) {
+        return Err("backend answered with a wrong Sec-WebSocket-Accept");
+    }
+    let protocol = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+    if let Some(p) = &protocol {
+        let p = p.to_str().unwrap_or("").trim();
+        let allowed = route.subprotocols.is_empty() || route.subprotocols.iter().any(|a| a == p);
+        if !offered.iter().any(|o| o == p) || !allowed {
+            return Err("backend chose a subprotocol that was not offered or is not allowed");
+        }
+    } else if !route.subprotocols.is_empty() {
+        return Err("backend chose no subprotocol though the route requires one");
+    }
+    Ok(BackendAccept {
+        protocol,
+        extensions: headers.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
+    })
+}
+
+/// Headers of an app's response passed through to the client (hop-by-hop ones dropped).
+pub fn passthrough_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h);
+    h
+}
+
+/// Counts bytes as they pass and notes that the client sent something.
+struct Counted<S> {
+    inner: S,
+    counter: Counter,
+    activity: Option<Arc<AtomicBool>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.counter.inc_by(n as u64);
+            if let Some(a) = &self.activity {
+                a.store(true, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How a spliced session ended.
+pub enum SpliceEnd {
+    /// One side closed and the other followed (the WebSocket close handshake passed through).
+    Closed,
+    Error,
+    IdleTimeout,
+    Shutdown,
+}
+
+/// Splices the upgraded client and app connections with 64 KiB buffers each way (a slow side
+/// stops the other's reads), until both are done, the client is silent for `idle`, or `stop`
+/// is cancelled (drain). Frames pass through untouched, so no close frame is injected: a cut
+/// session ends with a TCP close.
+pub async fn splice<C, B>(
+    client: C,
+    app: B,
+    idle: Duration,
+    stop: &CancellationToken,
+    from_client: Counter,
+    to_client: Counter,
+) -> SpliceEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(AtomicBool::new(false));
+    let mut client = Counted {
+        inner: client,
+        counter: from_client,
+        activity: Some(activity.clone()),
+    };
+    let mut app = Counted {
+        inner: app,
+        counter: to_client,
+        activity: None,
+    };
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, 64 * 1024, 64 * 1024);
+    let idle_watch = async {
+        let mut deadline = Instant::now() + idle;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            if !activity.swap(false, Ordering::Relaxed) {
+                return;
+            }
+            deadline = Instant::now() + idle;
+        }
+    };
+    tokio::select! {
+        r = copy => if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
+        () = idle_watch => SpliceEnd::IdleTimeout,
+        () = stop.cancelled() => SpliceEnd::Shutdown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MessageMode;
+
+    fn route(path: &str, backend: &str, protocols: &[&str]) -> Route {
+        Route::new(
+            path,
+            Backend::parse(backend, std::path::Path::new("/")).unwrap(),
+            protocols.iter().map(|p| p.to_string()).collect(),
+            vec![],
+            MessageMode::Binary,
+        )
+    }
+
+    #[test]
+    fn paths_map_like_nginx_proxy_pass() {
+        let uri: Uri = "/app/socket?room=1".parse().unwrap();
+        assert_eq!(
+            backend_path(&route("/app", "ws://h:1", &[]), &uri),
+            "/app/socket?room=1"
+        );
+        assert_eq!(
+            backend_path(&route("/app", "ws://h:1/ws", &[]), &uri),
+            "/ws/socket?room=1"
+        );
+        let bare: Uri = "/app".parse().unwrap();
+        assert_eq!(
+            backend_path(&route("/app", "ws://h:1/ws", &[]), &bare),
+            "/ws"
+        );
+    }
+
+    #[test]
+    fn forwarded_request_drops_hop_by_hop_and_adds_forwarded_headers() {
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "public.example")
+            .header("connection", "keep-alive, Upgrade, x-secret")
+            .header("x-secret", "hop")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", "chat")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let r = route("/", "ws://127.0.0.1:3000", &[]);
+        let out = backend_request(
+            &parts,
+            (),
+            &r,
+            "192.0.2.7:5555".parse().unwrap(),
+            true,
+            true,
+        );
+        let h = out.headers();
+        assert_eq!(h["host"], "127.0.0.1:3000");
+        assert!(h.get("x-secret").is_none());
+        assert_eq!(h["connection"], "Upgrade");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "public.example");
+        assert_eq!(h["sec-websocket-protocol"], "chat");
+        assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    }
+
+    #[test]
+    fn backend_101_is_checked() {
+        let key = b"dGhlIHNhbXBsZSBub25jZQ==";
+        let r = route("/", "ws://h:1", &[]);
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        assert!(check_backend_101(StatusCode::SWITCHING_PROTOCOLS, &h, key, &[], &r).is_ok());
+        let mut wrong = h.clone();
+        wrong.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        );
+        assert!(check_backend_101(StatusCode::SWITCHING_PROTOCOLS, &wrong, key, &[], &r).is_err());
+        let mut proto = h.clone();
+        proto.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("evil"),
+        );
+        assert!(check_backend_101(
+            StatusCode::SWITCHING_PROTOCOLS,
+            &proto,
+            key,
+            &["chat".into()],
+            &r
+        )
+        .is_err());
+        proto.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat"),
+        );
+        assert!(check_backend_101(
+            StatusCode::SWITCHING_PROTOCOLS,
+            &proto,
+            key,
+            &["chat".into()],
+            &r
+        )
+        .is_ok());
+        let strict = route("/", "ws://h:1", &["binary"]);
+        assert!(check_backend_101(
+            StatusCode::SWITCHING_PROTOCOLS,
+            &proto,
+            key,
+            &["chat".into()],
+            &strict
+        )
+        .is_err());
+    }
+}
