@@ -1,61 +1,91 @@
 #!/usr/bin/env python3
-"""Runs the Autobahn TestSuite cases (kosoku) against a wsgate echo route and fails on any
-failed case. Cases 12.* and 13.* (permessage-deflate, which wsgate does not offer) may report
+"""Runs the Autobahn TestSuite cases (kosoku) against wsgate and fails on any failed case.
+
+Two runs:
+  direct   kosoku → wsgate (echo route)
+  chained  kosoku → wsgate A (proxy route, wss:// backend) → wsgate B (TLS listener, echo)
+           (kosoku speaks plain ws only, so the chain is how wss and proxy routes are covered)
+Cases 12.* and 13.* (permessage-deflate, which wsgate does not offer) may report
 UNIMPLEMENTED. Usage: autobahn.py WSGATE_BINARY OUTDIR"""
-import json, os, re, subprocess, sys, time, collections
+import collections, json, os, re, subprocess, sys, threading, time
 
 binary, outdir = sys.argv[1], sys.argv[2]
+here = os.path.dirname(os.path.abspath(__file__))
 kosoku = os.path.join(os.path.dirname(sys.executable), "kosoku")
-server = subprocess.Popen([binary, "127.0.0.1:0", "echo"], stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "RUST_LOG": "warn,wsgate::server=info"})
-addr = None
-deadline = time.monotonic() + 30
-try:
-    # wsgate logs "listening addr=127.0.0.1:PORT" once bound; wait for that line (bounded).
-    while addr is None and time.monotonic() < deadline:
-        line = server.stderr.readline()
+procs = []
+
+
+def start(args):
+    """Starts wsgate and waits (bounded) for its "listening addr=…" log line."""
+    p = subprocess.Popen([binary, *args], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "RUST_LOG": "warn,wsgate::server=info"})
+    procs.append(p)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
         if not line:
             break
-        m = re.search(r"addr=(127\.0\.0\.1:\d+).*listening|listening.*addr=(127\.0\.0\.1:\d+)", line)
+        m = re.search(r"(?<!admin )listening addr=(\S+)", line)
         if m:
-            addr = m.group(1) or m.group(2)
-    if addr is None:
-        sys.exit("autobahn: wsgate did not report its address")
-    # Keep draining wsgate's log so it never blocks on a full pipe.
-    import threading
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+            # Keep draining the log so wsgate never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+            return m.group(1)
+    sys.exit(f"autobahn: wsgate {args} did not report its address")
+
+
+def suite(name, addr, out):
     started = time.monotonic()
-    run = subprocess.run([kosoku, "-m", "fuzzingclient", "-p", "2", "-o", outdir, addr],
+    run = subprocess.run([kosoku, "-m", "fuzzingclient", "-p", "2", "-o", out, addr],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     elapsed = time.monotonic() - started
-finally:
-    server.terminate()
-    server.wait(timeout=60)
+    with open(os.path.join(out, "index.json")) as f:
+        index = json.load(f)
+    counts, failed, skipped = collections.Counter(), [], 0
+    for cases in index.values():
+        for case, r in cases.items():
+            behavior, close = r["behavior"], r["behaviorClose"]
+            counts[behavior] += 1
+            if case.split(".")[0] in ("12", "13") and behavior == "UNIMPLEMENTED":
+                skipped += 1
+            elif behavior not in {"OK", "NON-STRICT", "INFORMATIONAL"} or close not in {"OK", "INFORMATIONAL"}:
+                failed.append(f"{case}: behavior={behavior} close={close}")
+    total = sum(counts.values())
+    print(f"autobahn {name}: {total} cases in {elapsed:.0f}s: " +
+          ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for f in failed:
+        print(f"autobahn {name}: FAILED {f}")
+    if total < 500:
+        print(f"autobahn {name}: expected the whole suite (517 cases); kosoku said:\n" + run.stdout[-2000:])
+        failed.append("incomplete run")
+    return total - len(failed) - skipped, len(failed), skipped
 
-with open(os.path.join(outdir, "index.json")) as f:
-    index = json.load(f)
-ok_behavior = {"OK", "NON-STRICT", "INFORMATIONAL"}
-ok_close = {"OK", "INFORMATIONAL"}
-counts = collections.Counter()
-failed = []
-for agent, cases in index.items():
-    for case, r in cases.items():
-        behavior, close = r["behavior"], r["behaviorClose"]
-        counts[behavior] += 1
-        deflate = case.split(".")[0] in ("12", "13")
-        if deflate and behavior == "UNIMPLEMENTED":
-            continue
-        if behavior not in ok_behavior or close not in ok_close:
-            failed.append(f"{case}: behavior={behavior} close={close}")
-total = sum(counts.values())
-print(f"autobahn: {total} cases in {elapsed:.0f}s: " +
-      ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-for f in failed:
-    print("autobahn: FAILED " + f)
-if total < 500:
-    print("autobahn: expected the whole suite (517 cases); kosoku said:\n" + run.stdout[-2000:])
-    sys.exit(1)
-skipped = sum(1 for cases in index.values() for c, r in cases.items()
-              if c.split(".")[0] in ("12", "13") and r["behavior"] == "UNIMPLEMENTED")
-print(f"autobahn: {total - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped")
+
+try:
+    os.makedirs(outdir, exist_ok=True)
+    results = [suite("direct", start(["127.0.0.1:0", "echo"]), os.path.join(outdir, "direct"))]
+
+    certs = os.path.join(outdir, "certs")
+    subprocess.run([os.path.join(here, "..", "certs", "gen-dev-certs.sh"), certs, "localhost"],
+                   check=True, stdout=subprocess.DEVNULL)
+    b_conf = os.path.join(outdir, "b.toml")
+    with open(b_conf, "w") as f:
+        f.write(f'[[listen]]\naddr = "127.0.0.1:0"\n'
+                f'tls = {{ cert = "{certs}/server.crt", key = "{certs}/server.key" }}\n'
+                f'[[route]]\npath = "/"\nbackend = "echo"\n')
+    b_port = start(["--config", b_conf]).rsplit(":", 1)[1]
+    a_conf = os.path.join(outdir, "a.toml")
+    with open(a_conf, "w") as f:
+        f.write(f'[[listen]]\naddr = "127.0.0.1:0"\n'
+                f'[[route]]\npath = "/"\nbackend = "wss://localhost:{b_port}"\nca = "{certs}/ca.crt"\n')
+    results.append(suite("chained (proxy → wss)", start(["--config", a_conf]), os.path.join(outdir, "chained")))
+finally:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=60)
+
+passed = sum(r[0] for r in results)
+failed = sum(r[1] for r in results)
+skipped = sum(r[2] for r in results)
+print(f"autobahn: {passed} passed, {failed} failed, {skipped} skipped")
 sys.exit(1 if failed else 0)
