@@ -291,9 +291,10 @@ async fn pump_client(
                 Event::Pong(_) => {}
                 Event::Close(close) => {
                     let code = close.as_ref().map(|(code, _)| *code);
+                    let reason = close.as_ref().map_or("", |(_, r)| r.as_str());
                     let _ = s.close_received.set(code.unwrap_or(1005));
-                    // Echo the code (§5.5.1); a no-op if our close went first.
-                    s.close("client_close", code, "").await;
+                    // Echo the code and reason (§5.5.1); a no-op if our close went first.
+                    s.close("client_close", code, reason).await;
                     return finish(s, client, backend).await;
                 }
             }

@@ -7,6 +7,11 @@ use common::*;
 
 /// Runs tests/peers/ws_client.py SCENARIO URL and returns its JSON line, parsed loosely.
 fn run_client(scenario: &str, url: &str) -> String {
+    run_client_with(scenario, url, &[])
+}
+
+/// The same with extra arguments after the URL.
+fn run_client_with(scenario: &str, url: &str, extra: &[String]) -> String {
     let out = std::process::Command::new(python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -14,6 +19,7 @@ fn run_client(scenario: &str, url: &str) -> String {
         ))
         .arg(scenario)
         .arg(url)
+        .args(extra)
         .output()
         .expect("run the Python websockets client");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -93,4 +99,30 @@ async fn python_sees_502_for_a_dead_backend() {
         .await
         .unwrap();
     assert_eq!(field(&out, "status"), "502");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_over_wss_trusting_the_test_ca() {
+    let dir = TempDir::new();
+    let d = dir.path().display().to_string();
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-certs.sh"
+    ))
+    .args([&d, "localhost", "127.0.0.1"])
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let g = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{d}/server.crt\", key = \"{d}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n"
+    ))
+    .await;
+    let url = format!("wss://localhost:{}/", g.addr.port());
+    let ca = vec![format!("{d}/ca.crt")];
+    let out = tokio::task::spawn_blocking(move || run_client_with("echo_tls", &url, &ca))
+        .await
+        .unwrap();
+    assert_eq!(field(&out, "text"), "over wss");
+    assert_eq!(field(&out, "cn"), "localhost");
+    assert_eq!(field(&out, "close_rcvd"), "1000");
 }

@@ -64,6 +64,18 @@ async def refused(url):
         return {"status": getattr(resp, "status_code", None), "error": type(e).__name__}
 
 
+async def echo_tls(url):
+    """wss with an ssl context that trusts only the test CA (argv[3])."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=sys.argv[3])
+    async with connect(url, ssl=ctx) as ws:
+        await ws.send("over wss")
+        out = {"text": await ws.recv(), "cn": dict(x[0] for x in ws.transport.get_extra_info("peercert")["subject"])["commonName"]}
+        await ws.close()
+        out["close_rcvd"] = ws.close_code
+    return out
+
+
 scenario, url = sys.argv[1], sys.argv[2]
 result = asyncio.run(asyncio.wait_for(globals()[scenario](url), timeout=20))
 print(json.dumps(result))
