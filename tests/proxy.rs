@@ -26,6 +26,7 @@ async fn ws_app(protocol: Option<&'static str>) -> (std::net::SocketAddr, Seen) 
         while let Ok((stream, _)) = listener.accept().await {
             let record = record.clone();
             tokio::spawn(async move {
+                #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
                 let callback = |req: &Request, mut resp: Response| {
                     let mut r = record.lock().unwrap();
                     r.push(("path".into(), req.uri().to_string()));
@@ -42,10 +43,8 @@ async fn ws_app(protocol: Option<&'static str>) -> (std::net::SocketAddr, Seen) 
                     return;
                 };
                 while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() || m.is_binary() {
-                        if ws.send(m).await.is_err() {
-                            break;
-                        }
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        break;
                     }
                 }
             });
