@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use wsgate::backend::Io;
 use wsgate::frame::{apply_mask, FrameHeader, OpCode, MAX_HEADER_LEN};
 
 const ROLE: &str = "WSGATE_LOAD_ROLE";
@@ -53,24 +55,53 @@ fn main() {
 
     let echo = Server::spawn_role("echo", None);
     let relay = Server::spawn_role("relay", Some(echo.addr));
-    let gate = Server::spawn_wsgate(echo.addr);
+    let gate = Server::spawn_wsgate(&["127.0.0.1:0", &echo.addr.to_string()]);
+    // wss: the same bridge behind a TLS listener, with a certificate made for the run.
+    let certs = std::env::temp_dir().join(format!("wsgate-load-{}", std::process::id()));
+    let made = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-certs.sh"
+    ))
+    .arg(&certs)
+    .arg("localhost")
+    .output()
+    .expect("certs/gen-dev-certs.sh (needs openssl)");
+    assert!(made.status.success());
+    let tls_conf = certs.join("wss.toml");
+    std::fs::write(
+        &tls_conf,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"tcp://{1}\"\n",
+            certs.display(),
+            echo.addr
+        ),
+    )
+    .unwrap();
+    let gate_tls = Server::spawn_wsgate(&["--config", tls_conf.to_str().unwrap()]);
+    let connector = tls_connector(&certs.join("ca.crt"));
+    // Proxy routes: one more hop in front of a ws app (a wsgate echo): a plain TCP relay
+    // as the baseline, a wsgate proxy route as the candidate.
+    let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
+    let relay_to_app = Server::spawn_role("relay", Some(app.addr));
+    let proxy = Server::spawn_wsgate(&["127.0.0.1:0", &format!("ws://{}", app.addr)]);
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
 
-    println!("phase length {secs}s, {reps} runs each (median), alternating servers: plain TCP relay (copy_bidirectional, 64 KiB buffers) and wsgate bridge, both to one TCP echo process");
-    // Runs a phase `reps` times for each server, alternating, and returns both medians.
+    println!("phase length {secs}s, {reps} runs each (median), alternating baseline and candidate; baseline: plain TCP relay (copy_bidirectional, 64 KiB buffers) in front of the same backend");
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let both = |f: &dyn Fn(SocketAddr, bool) -> f64| {
+    // Runs a phase `reps` times for baseline and candidate, alternating; both medians.
+    let both = |f: &dyn Fn(&Target) -> f64, base: &Target, cand: &Target| {
         let (mut r, mut g) = (Vec::new(), Vec::new());
         for _ in 0..reps.max(1) {
-            r.push(f(relay.addr, false));
-            g.push(f(gate.addr, true));
+            r.push(f(base));
+            g.push(f(cand));
         }
         (median(r), median(g))
     };
@@ -81,33 +112,110 @@ fn main() {
             gate / relay
         ));
     };
+    let raw = Target::raw(relay.addr);
+    let ws = Target::ws(gate.addr);
+    let wss = Target {
+        tls: Some(connector),
+        ..Target::ws(gate_tls.addr)
+    };
 
-    let (r, g) = both(&|a, ws| rt.block_on(throughput(a, ws, phase)));
-    row("throughput, 1 conn, 64 KiB messages", "MB/s", r, g);
+    let (r, g) = both(&|t| rt.block_on(throughput(t, phase)), &raw, &ws);
+    row("bridge throughput, 1 conn, 64 KiB messages", "MB/s", r, g);
     for conns in [1usize, 64] {
-        let (r, g) = both(&|a, ws| rt.block_on(round_trips(a, ws, conns, phase)));
-        row(&format!("round trips/s, {conns} conn(s), 32 B"), "/s", r, g);
+        let (r, g) = both(&|t| rt.block_on(round_trips(t, conns, phase)), &raw, &ws);
+        row(
+            &format!("bridge round trips/s, {conns} conn(s), 32 B"),
+            "/s",
+            r,
+            g,
+        );
     }
-    let (r, g) = both(&|a, ws| rt.block_on(new_connections(a, ws, phase)));
+    let (r, g) = both(&|t| rt.block_on(new_connections(t, phase)), &raw, &ws);
     row(
-        "new connections/s (handshake + 1 message + close)",
+        "bridge new connections/s (handshake + 1 message + close)",
         "/s",
         r,
         g,
     );
-    let r = rt.block_on(idle_memory(&relay, false, idle));
-    let g = rt.block_on(idle_memory(&gate, true, idle));
+    let (r, g) = both(&|t| rt.block_on(throughput(t, phase)), &raw, &wss);
+    row(
+        "wss bridge throughput, 1 conn, 64 KiB messages",
+        "MB/s",
+        r,
+        g,
+    );
+    let (r, g) = both(&|t| rt.block_on(new_connections(t, phase)), &raw, &wss);
+    row(
+        "wss new connections/s (TLS + handshake + 1 message + close)",
+        "/s",
+        r,
+        g,
+    );
+    let (r, g) = both(
+        &|t| rt.block_on(round_trips(t, 64, phase)),
+        &Target::ws(relay_to_app.addr),
+        &Target::ws(proxy.addr),
+    );
+    row(
+        "proxy route round trips/s, 64 conns, 32 B (in front of a ws app)",
+        "/s",
+        r,
+        g,
+    );
+    let r = rt.block_on(idle_memory(&relay, &raw, idle));
+    let g = rt.block_on(idle_memory(&gate, &ws, idle));
     row(
         &format!("KiB per idle session ({idle} sessions)"),
         "KiB",
         r,
         g,
     );
+    let _ = std::fs::remove_dir_all(&certs);
 
     println!("\n| measure | plain TCP relay | wsgate | wsgate / relay |\n|---|---:|---:|---:|");
     for r in rows {
         println!("{r}");
     }
+}
+
+/// Where a client connects, and how: raw TCP, WebSocket, or WebSocket over TLS.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    ws: bool,
+    tls: Option<TlsConnector>,
+}
+
+impl Target {
+    fn raw(addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            ws: false,
+            tls: None,
+        }
+    }
+    fn ws(addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            ws: true,
+            tls: None,
+        }
+    }
+}
+
+fn tls_connector(ca: &std::path::Path) -> TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
 }
 
 // ---- the server processes ----
@@ -127,11 +235,10 @@ impl Server {
         Server::start(cmd, "addr=")
     }
 
-    fn spawn_wsgate(backend: SocketAddr) -> Server {
+    fn spawn_wsgate(args: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        cmd.args(["127.0.0.1:0", &backend.to_string()])
-            .env("RUST_LOG", "warn,wsgate::server=info");
-        Server::start(cmd, "addr=")
+        cmd.args(args).env("RUST_LOG", "warn,wsgate::server=info");
+        Server::start(cmd, "listening addr=")
     }
 
     /// Starts the process and reads its stderr until it reports its address.
@@ -221,15 +328,23 @@ fn serve_role(target: Option<SocketAddr>) {
 // ---- a minimal client: raw TCP, or WebSocket with our own masked frames ----
 
 struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     ws: bool,
     inbuf: Vec<u8>,
 }
 
 impl Client {
-    async fn connect(addr: SocketAddr, ws: bool) -> Client {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
+    async fn connect(target: &Target) -> Client {
+        let tcp = TcpStream::connect(target.addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut stream: Box<dyn Io> = match &target.tls {
+            None => Box::new(tcp),
+            Some(connector) => {
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                Box::new(connector.connect(name, tcp).await.unwrap())
+            }
+        };
+        let ws = target.ws;
         let mut inbuf = Vec::new();
         if ws {
             stream
@@ -348,11 +463,12 @@ impl Client {
 }
 
 /// MB/s of payload echoed through one connection, writer and reader running at once.
-async fn throughput(addr: SocketAddr, ws: bool, phase: Duration) -> f64 {
-    let client = Client::connect(addr, ws).await;
+async fn throughput(target: &Target, phase: Duration) -> f64 {
+    let ws = target.ws;
+    let client = Client::connect(target).await;
     let msg = client.message(&vec![0x61u8; 64 * 1024]);
     let Client { stream, inbuf, .. } = client;
-    let (mut r, mut w) = stream.into_split();
+    let (mut r, mut w) = tokio::io::split(stream);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
@@ -407,14 +523,15 @@ async fn throughput(addr: SocketAddr, ws: bool, phase: Duration) -> f64 {
 }
 
 /// Round trips per second with `conns` connections, each one message in flight.
-async fn round_trips(addr: SocketAddr, ws: bool, conns: usize, phase: Duration) -> f64 {
+async fn round_trips(target: &Target, conns: usize, phase: Duration) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + phase;
     let mut tasks = Vec::new();
     for _ in 0..conns {
         let count = count.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(addr, ws).await;
+            let mut c = Client::connect(&target).await;
             let msg = c.message(&[0x62u8; 32]);
             while Instant::now() < deadline {
                 c.stream.write_all(&msg).await.unwrap();
@@ -432,15 +549,16 @@ async fn round_trips(addr: SocketAddr, ws: bool, conns: usize, phase: Duration) 
 }
 
 /// New connections per second: connect, (handshake,) one 32-byte message echoed, close.
-async fn new_connections(addr: SocketAddr, ws: bool, phase: Duration) -> f64 {
+async fn new_connections(target: &Target, phase: Duration) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + phase;
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let count = count.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let mut c = Client::connect(addr, ws).await;
+                let mut c = Client::connect(&target).await;
                 let msg = c.message(&[0x63u8; 32]);
                 c.stream.write_all(&msg).await.unwrap();
                 c.read_payload(32).await;
@@ -458,11 +576,11 @@ async fn new_connections(addr: SocketAddr, ws: bool, phase: Duration) -> f64 {
 
 /// RSS growth of the server process per idle session, in KiB (each session has exchanged one
 /// message first, so it is a live, set-up session).
-async fn idle_memory(server: &Server, ws: bool, n: usize) -> f64 {
+async fn idle_memory(server: &Server, target: &Target, n: usize) -> f64 {
     let before = server.rss_kib();
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut c = Client::connect(server.addr, ws).await;
+        let mut c = Client::connect(target).await;
         let msg = c.message(b"hi");
         c.stream.write_all(&msg).await.unwrap();
         c.read_payload(2).await;
