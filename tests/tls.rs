@@ -277,34 +277,88 @@ async fn non_tls_and_broken_handshakes_are_closed_cleanly() {
     }
 }
 
-/// SIGHUP after the certificate files were renewed: new connections get the new certificate,
-/// the live session goes on.
+/// One SIGHUP that swaps the certificate (files renewed in place), adds a route and changes
+/// a limit, while a wss session streams 4 MiB through it all: new connections see the new
+/// certificate, route and limit; the live session loses no byte (SHA-256).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_swaps_the_certificate_and_keeps_sessions() {
+async fn reload_swaps_certificate_route_and_limit_while_a_session_streams() {
+    use sha2::{Digest, Sha256};
     let certs = Certs::new();
-    let gate = GateProcess::start(&format!(
-        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+    let listen = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
         certs.p("server.crt"),
         certs.p("server.key")
+    );
+    let gate = GateProcess::start(&format!(
+        "{listen}[[route]]\npath = \"/\"\nbackend = \"echo\"\n"
     ));
     let c = certs.connector(false);
     let old = certs.der("server.crt");
-    let (mut live, leaf) = wss(gate.addr, "localhost", &c, "/").await.unwrap();
+    let (live, leaf) = wss(gate.addr, "localhost", &c, "/").await.unwrap();
     assert_eq!(leaf, old);
+    let (mut tx, mut rx) = live.split();
+    let data = pattern(4 * 1024 * 1024, 77);
+    let want = Sha256::digest(&data);
+    let sent = data.clone();
+    // Half the data before the reload, the rest after it (64 KiB messages, over the old
+    // limit of the new config).
+    let (go_on, reloaded) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        let (first, rest) = sent.split_at(sent.len() / 2);
+        for chunk in first.chunks(64 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        reloaded.await.unwrap();
+        for chunk in rest.chunks(64 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx
+    });
+    let reader = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut got = 0;
+        while got < data.len() {
+            match tokio::time::timeout(WAIT, rx.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+            {
+                Message::Binary(b) => {
+                    got += b.len();
+                    hasher.update(&b);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        hasher.finalize()
+    });
+
     Certs::make(certs.dir.path(), "rsa", "server", "localhost 127.0.0.1");
     let renewed = certs.der("server.crt");
     assert_ne!(renewed, old);
+    std::fs::write(
+        &gate.config_path,
+        format!("{listen}[limits]\nmax_message_size = \"1KiB\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n[[route]]\npath = \"/added\"\nbackend = \"echo\"\n"),
+    )
+    .unwrap();
     gate.signal("HUP");
     gate.wait_for_log("config reloaded");
-    let (_, leaf) = wss(gate.addr, "localhost", &c, "/").await.unwrap();
+    let (mut added, leaf) = wss(gate.addr, "localhost", &c, "/added").await.unwrap();
     assert_eq!(leaf, renewed, "new connections get the renewed certificate");
-    live.send(Message::text("live through the swap"))
-        .await
-        .unwrap();
+    added.send(Message::text("new route")).await.unwrap();
     assert_eq!(
-        live.next().await.unwrap().unwrap(),
-        Message::text("live through the swap")
+        added.next().await.unwrap().unwrap(),
+        Message::text("new route")
     );
+    added.send(Message::binary(vec![0u8; 2048])).await.unwrap();
+    match added.next().await.unwrap().unwrap() {
+        Message::Close(Some(c)) => assert_eq!(u16::from(c.code), 1009, "the new limit"),
+        other => panic!("expected 1009, got {other:?}"),
+    }
+    go_on.send(()).unwrap();
+    assert_eq!(reader.await.unwrap(), want, "the live session lost no byte");
+    drop(writer.await.unwrap());
 }
 
 /// A missing file or a key that does not match its certificate stops wsgate at start, with
