@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use wsgate::backend::Io;
-use wsgate::frame::{apply_mask, FrameHeader, OpCode, MAX_HEADER_LEN};
+use wsgate::frame::{encode_frame, FrameHeader, OpCode};
 
 const ROLE: &str = "WSGATE_LOAD_ROLE";
 
@@ -375,20 +375,12 @@ impl Client {
         if !self.ws {
             return payload.to_vec();
         }
-        let key = [0x12, 0x34, 0x56, 0x78];
-        let mut out = [0u8; MAX_HEADER_LEN];
-        let n = FrameHeader {
-            fin: true,
-            opcode: OpCode::Binary,
-            mask: Some(key),
-            payload_len: payload.len() as u64,
-        }
-        .encode(&mut out);
-        let mut frame = out[..n].to_vec();
-        let start = frame.len();
-        frame.extend_from_slice(payload);
-        apply_mask(&mut frame[start..], key, 0);
-        frame
+        encode_frame(
+            true,
+            OpCode::Binary,
+            Some([0x12, 0x34, 0x56, 0x78]),
+            payload,
+        )
     }
 
     /// Reads until `want` payload bytes have arrived (frame headers are parsed and skipped).
@@ -435,19 +427,12 @@ impl Client {
 
     async fn close(mut self) {
         if self.ws {
-            let key = [1, 2, 3, 4];
-            let mut out = [0u8; MAX_HEADER_LEN];
-            let n = FrameHeader {
-                fin: true,
-                opcode: OpCode::Close,
-                mask: Some(key),
-                payload_len: 2,
-            }
-            .encode(&mut out);
-            let mut frame = out[..n].to_vec();
-            let mut code = 1000u16.to_be_bytes();
-            apply_mask(&mut code, key, 0);
-            frame.extend_from_slice(&code);
+            let frame = encode_frame(
+                true,
+                OpCode::Close,
+                Some([1, 2, 3, 4]),
+                &1000u16.to_be_bytes(),
+            );
             let _ = self.stream.write_all(&frame).await;
         } else {
             let _ = self.stream.shutdown().await;

@@ -181,6 +181,27 @@ impl FrameHeader {
     }
 }
 
+/// A whole frame: header in the minimal length form, then the payload, masked when `mask` is
+/// given (client frames). For tests, fuzzing and load tools; the server's own writer sends
+/// header and payload without copying them together.
+pub fn encode_frame(fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; MAX_HEADER_LEN];
+    let n = FrameHeader {
+        fin,
+        opcode,
+        mask,
+        payload_len: payload.len() as u64,
+    }
+    .encode(&mut header);
+    let mut out = Vec::with_capacity(n + payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut out[n..], key, 0);
+    }
+    out
+}
+
 /// XORs `buf` with the masking key, `offset` being the position of `buf[0]` within the payload
 /// (so a payload unmasked in pieces across reads comes out right).
 ///

@@ -893,6 +893,16 @@ async fn proxy_upgrade(
     }
 }
 
+/// The app's response for the client: its status, headers (hop-by-hop ones dropped) and
+/// streamed body.
+fn passthrough(response: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let mut out = Response::new(body.boxed());
+    *out.status_mut() = parts.status;
+    *out.headers_mut() = proxy::passthrough_headers(&parts.headers);
+    out
+}
+
 /// A plain HTTP request on a proxy route: forwarded to the app, both bodies streamed.
 async fn proxy_http(conn: &Arc<Conn>, req: Request<Incoming>, route: &Route) -> Response<Body> {
     let limits = &conn.config.limits;
@@ -930,13 +940,7 @@ async fn proxy_http(conn: &Arc<Conn>, req: Request<Incoming>, route: &Route) -> 
     let (parts, body) = req.into_parts();
     let request = proxy::backend_request(&parts, body, route, conn.peer, conn.tls, false);
     match sender.send_request(request).await {
-        Ok(response) => {
-            let (parts, body) = response.into_parts();
-            let mut out = Response::new(body.boxed());
-            *out.status_mut() = parts.status;
-            *out.headers_mut() = proxy::passthrough_headers(&parts.headers);
-            out
-        }
+        Ok(response) => passthrough(response),
         Err(e) => refuse(
             conn,
             Some(&route.path),

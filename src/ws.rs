@@ -415,20 +415,8 @@ impl FrameWriter {
 mod tests {
     use super::*;
 
-    pub(crate) fn client_frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        let mut header = [0u8; MAX_HEADER_LEN];
-        let n = FrameHeader {
-            fin,
-            opcode,
-            mask: Some(key),
-            payload_len: payload.len() as u64,
-        }
-        .encode(&mut header);
-        let mut out = header[..n].to_vec();
-        let mut body = payload.to_vec();
-        apply_mask(&mut body, key, 0);
-        out.extend_from_slice(&body);
-        out
+    fn client_frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+        crate::frame::encode_frame(fin, opcode, Some(key), payload)
     }
 
     fn decode_all(decoder: &mut Decoder, bytes: &[u8]) -> Result<Vec<Event>, Violation> {

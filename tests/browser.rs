@@ -30,7 +30,7 @@ async fn chromium_over_wss_bridge_proxy_and_close_codes() {
         .expect("Debian's chromium (scripts/test installs it)");
     let dir = TempDir::new();
     let d = dir.path().display().to_string();
-    run(Command::new(format!("{ROOT}/certs/gen-dev-certs.sh")).args([&d, "localhost"]));
+    gen_certs(dir.path(), "ec", "server", "localhost");
     // Trust the test CA the way Chromium on Linux does: the NSS database under $HOME.
     let profile = dir.path().join("profile");
     let nssdb = format!("sql:{}/.pki/nssdb", profile.display());

@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use wsgate::frame::{apply_mask, FrameHeader, OpCode, MAX_HEADER_LEN};
+use wsgate::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
 use wsgate::ws::{Decoder, Event, MessageKind};
 
 fn opcode() -> impl Strategy<Value = OpCode> {
@@ -68,19 +68,7 @@ fn message() -> impl Strategy<Value = Message> {
 }
 
 fn frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let mut header = [0u8; MAX_HEADER_LEN];
-    let n = FrameHeader {
-        fin,
-        opcode,
-        mask: Some(key),
-        payload_len: payload.len() as u64,
-    }
-    .encode(&mut header);
-    let mut out = header[..n].to_vec();
-    let mut body = payload.to_vec();
-    apply_mask(&mut body, key, 0);
-    out.extend(body);
-    out
+    wsgate::frame::encode_frame(fin, opcode, Some(key), payload)
 }
 
 fn encode(messages: &[Message], key: [u8; 4]) -> Vec<u8> {

@@ -262,23 +262,7 @@ async fn sighup_reload_keeps_live_sessions_intact() {
         }
         tx
     });
-    let mut hasher = Sha256::new();
-    let mut got = 0;
-    while got < data.len() {
-        match tokio::time::timeout(WAIT, rx.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            Message::Binary(b) => {
-                got += b.len();
-                hasher.update(&b);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(hasher.finalize(), want);
+    assert_eq!(sha256_of_binary(&mut rx, data.len()).await, want.to_vec());
     drop(writer.await.unwrap());
 }
 

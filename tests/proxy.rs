@@ -234,19 +234,7 @@ async fn dead_app_is_502() {
 /// Certificates for the TLS backends, made by certs/gen-dev-certs.sh.
 fn dev_certs() -> TempDir {
     let dir = TempDir::new();
-    let out = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/certs/gen-dev-certs.sh"
-    ))
-    .arg(dir.path())
-    .args(["localhost", "127.0.0.1"])
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gen_certs(dir.path(), "ec", "server", "localhost 127.0.0.1");
     dir
 }
 

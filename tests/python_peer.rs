@@ -105,14 +105,7 @@ async fn python_sees_502_for_a_dead_backend() {
 async fn python_over_wss_trusting_the_test_ca() {
     let dir = TempDir::new();
     let d = dir.path().display().to_string();
-    let out = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/certs/gen-dev-certs.sh"
-    ))
-    .args([&d, "localhost", "127.0.0.1"])
-    .output()
-    .unwrap();
-    assert!(out.status.success());
+    gen_certs(dir.path(), "ec", "server", "localhost 127.0.0.1");
     let g = Gate::start(&format!(
         "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{d}/server.crt\", key = \"{d}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n"
     ))

@@ -261,24 +261,7 @@ async fn large_transfer_each_way_is_intact() {
         }
         tx
     });
-    let mut hasher = Sha256::new();
-    let mut got = 0;
-    while got < total {
-        match tokio::time::timeout(WAIT, rx.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            Message::Binary(b) => {
-                got += b.len();
-                hasher.update(&b);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(got, total);
-    assert_eq!(hasher.finalize(), sent_hash);
+    assert_eq!(sha256_of_binary(&mut rx, total).await, sent_hash.to_vec());
     let _ = writer.await.unwrap();
 }
 

@@ -39,21 +39,7 @@ impl Certs {
     }
 
     fn make(dir: &Path, key_type: &str, prefix: &str, names: &str) {
-        let out = Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/certs/gen-dev-certs.sh"
-        ))
-        .arg(dir)
-        .args(names.split(' '))
-        .env("KEY_TYPE", key_type)
-        .env("PREFIX", prefix)
-        .output()
-        .expect("run certs/gen-dev-certs.sh (needs openssl)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        gen_certs(dir, key_type, prefix, names);
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -314,25 +300,8 @@ async fn reload_swaps_certificate_route_and_limit_while_a_session_streams() {
         }
         tx
     });
-    let reader = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        let mut got = 0;
-        while got < data.len() {
-            match tokio::time::timeout(WAIT, rx.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap()
-            {
-                Message::Binary(b) => {
-                    got += b.len();
-                    hasher.update(&b);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        hasher.finalize()
-    });
+    let n = data.len();
+    let reader = tokio::spawn(async move { sha256_of_binary(&mut rx, n).await });
 
     Certs::make(certs.dir.path(), "rsa", "server", "localhost 127.0.0.1");
     let renewed = certs.der("server.crt");
@@ -357,7 +326,11 @@ async fn reload_swaps_certificate_route_and_limit_while_a_session_streams() {
         other => panic!("expected 1009, got {other:?}"),
     }
     go_on.send(()).unwrap();
-    assert_eq!(reader.await.unwrap(), want, "the live session lost no byte");
+    assert_eq!(
+        reader.await.unwrap(),
+        want.to_vec(),
+        "the live session lost no byte"
+    );
     drop(writer.await.unwrap());
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use wsgate::frame::{apply_mask, FrameHeader, OpCode, MAX_HEADER_LEN};
+use wsgate::frame::{FrameHeader, OpCode};
 use wsgate::{Config, Server};
 
 /// Upper bound for any single wait in a test.
@@ -422,19 +422,7 @@ pub async fn raw_ws(addr: SocketAddr, path: &str) -> BufReader<TcpStream> {
 
 /// A masked client frame.
 pub fn client_frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let mut header = [0u8; MAX_HEADER_LEN];
-    let n = FrameHeader {
-        fin,
-        opcode,
-        mask: Some(key),
-        payload_len: payload.len() as u64,
-    }
-    .encode(&mut header);
-    let mut out = header[..n].to_vec();
-    let mut body = payload.to_vec();
-    apply_mask(&mut body, key, 0);
-    out.extend_from_slice(&body);
-    out
+    wsgate::frame::encode_frame(fin, opcode, Some(key), payload)
 }
 
 /// A server frame as read off the wire.
@@ -529,4 +517,51 @@ pub async fn upgrade_head(addr: SocketAddr, request: &[u8]) -> (RawResponse, Tcp
         }
     }
     (parse_response(&head, false), s)
+}
+
+/// Makes a certificate signed by a test CA in `dir` with certs/gen-dev-certs.sh (openssl);
+/// the CA is made on first use. `key_type` is ec, rsa or ed25519.
+pub fn gen_certs(dir: &Path, key_type: &str, prefix: &str, names: &str) {
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-certs.sh"
+    ))
+    .arg(dir)
+    .args(names.split(' '))
+    .env("KEY_TYPE", key_type)
+    .env("PREFIX", prefix)
+    .output()
+    .expect("run certs/gen-dev-certs.sh (needs openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Reads binary messages until `n` payload bytes arrived (bounded by WAIT per message) and
+/// returns their SHA-256.
+pub async fn sha256_of_binary<S, E>(stream: &mut S, n: usize) -> Vec<u8>
+where
+    S: futures_util::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("message in time")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
+                got += b.len();
+                hasher.update(&b);
+            }
+            other => panic!("expected binary data, got {other:?}"),
+        }
+    }
+    assert_eq!(got, n);
+    hasher.finalize().to_vec()
 }
