@@ -9,7 +9,7 @@ Cases 12.* and 13.* (permessage-deflate, which wsgate does not offer) may report
 UNIMPLEMENTED. Usage: autobahn.py WSGATE_BINARY OUTDIR"""
 import collections, json, os, re, subprocess, sys, threading, time
 
-binary, outdir = sys.argv[1], sys.argv[2]
+binary, outdir = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 here = os.path.dirname(os.path.abspath(__file__))
 kosoku = os.path.join(os.path.dirname(sys.executable), "kosoku")
 procs = []
@@ -21,16 +21,18 @@ def start(args):
                          env={**os.environ, "RUST_LOG": "warn,wsgate::server=info"})
     procs.append(p)
     deadline = time.monotonic() + 30
+    seen = []
     while time.monotonic() < deadline:
         line = p.stderr.readline()
         if not line:
             break
+        seen.append(line)
         m = re.search(r"(?<!admin )listening addr=(\S+)", line)
         if m:
             # Keep draining the log so wsgate never blocks on a full pipe.
             threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
             return m.group(1)
-    sys.exit(f"autobahn: wsgate {args} did not report its address")
+    sys.exit(f"autobahn: wsgate {args} did not report its address:\n" + "".join(seen[-5:]))
 
 
 def suite(name, addr, out):
