@@ -6,7 +6,7 @@ Two runs:
   chained  kosoku → wsgate A (proxy route, wss:// backend) → wsgate B (TLS listener, echo)
            (kosoku speaks plain ws only, so the chain is how wss and proxy routes are covered)
 Cases 12.* and 13.* (permessage-deflate, which wsgate does not offer) may report
-UNIMPLEMENTED. Usage: autobahn.py WSGATE_BINARY OUTDIR"""
+UNIMPLEMENTED; the chained run leaves them out. Usage: autobahn.py WSGATE_BINARY OUTDIR"""
 import collections, json, os, re, subprocess, sys, threading, time
 
 binary, outdir = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
@@ -35,9 +35,9 @@ def start(args):
     sys.exit(f"autobahn: wsgate {args} did not report its address:\n" + "".join(seen[-5:]))
 
 
-def suite(name, addr, out):
+def suite(name, addr, out, extra=()):
     started = time.monotonic()
-    run = subprocess.run([kosoku, "-m", "fuzzingclient", "-p", "2", "-o", out, addr],
+    run = subprocess.run([kosoku, "-m", "fuzzingclient", "-p", "2", "-o", out, *extra, addr],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     elapsed = time.monotonic() - started
     with open(os.path.join(out, "index.json")) as f:
@@ -56,8 +56,8 @@ def suite(name, addr, out):
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for f in failed:
         print(f"autobahn {name}: FAILED {f}")
-    if total < 500:
-        print(f"autobahn {name}: expected the whole suite (517 cases); kosoku said:\n" + run.stdout[-2000:])
+    if total < (300 if extra else 500):
+        print(f"autobahn {name}: expected the whole selection; kosoku said:\n" + run.stdout[-2000:])
         failed.append("incomplete run")
     return total - len(failed) - skipped, len(failed), skipped
 
@@ -79,7 +79,9 @@ try:
     with open(a_conf, "w") as f:
         f.write(f'[[listen]]\naddr = "127.0.0.1:0"\n'
                 f'[[route]]\npath = "/"\nbackend = "wss://localhost:{b_port}"\nca = "{certs}/ca.crt"\n')
-    results.append(suite("chained (proxy → wss)", start(["--config", a_conf]), os.path.join(outdir, "chained")))
+    # 12.*/13.* (permessage-deflate) only report UNIMPLEMENTED, as in the direct run.
+    results.append(suite("chained (proxy → wss)", start(["--config", a_conf]), os.path.join(outdir, "chained"),
+                         ["-x", "12.*", "-x", "13.*"]))
 finally:
     for p in procs:
         p.terminate()

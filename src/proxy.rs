@@ -189,6 +189,8 @@ pub fn passthrough_headers(headers: &HeaderMap) -> HeaderMap {
 struct Counted<S> {
     inner: S,
     counter: Counter,
+    /// This session's bytes read through here.
+    total: u64,
     activity: Option<Arc<AtomicBool>>,
 }
 
@@ -203,6 +205,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.counter.inc_by(n as u64);
+            self.total += n as u64;
             if let Some(a) = &self.activity {
                 a.store(true, Ordering::Relaxed);
             }
@@ -227,7 +230,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
-/// How a spliced session ended.
+/// How a spliced session ended, and the bytes read from each side.
+pub struct Spliced {
+    pub end: SpliceEnd,
+    pub from_client: u64,
+    pub to_client: u64,
+}
+
+/// Why a spliced session ended.
 pub enum SpliceEnd {
     /// One side closed and the other followed (the WebSocket close handshake passed through).
     Closed,
@@ -247,7 +257,7 @@ pub async fn splice<C, B>(
     stop: &CancellationToken,
     from_client: Counter,
     to_client: Counter,
-) -> SpliceEnd
+) -> Spliced
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -256,11 +266,13 @@ where
     let mut client = Counted {
         inner: client,
         counter: from_client,
+        total: 0,
         activity: Some(activity.clone()),
     };
     let mut app = Counted {
         inner: app,
         counter: to_client,
+        total: 0,
         activity: None,
     };
     let copy =
@@ -275,10 +287,15 @@ where
             deadline = Instant::now() + idle;
         }
     };
-    tokio::select! {
+    let end = tokio::select! {
         r = copy => if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
         () = idle_watch => SpliceEnd::IdleTimeout,
         () = stop.cancelled() => SpliceEnd::Shutdown,
+    };
+    Spliced {
+        end,
+        from_client: client.total,
+        to_client: app.total,
     }
 }
 

@@ -649,7 +649,8 @@ async fn handle_request(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response
                 Err(e) => debug!(error = %e, "upgrade failed"),
             }
         }
-        .instrument(info_span!("conn", id = conn.id)),
+        // The connection's own span, not nested in the handshake's (same id).
+        .instrument(info_span!(parent: None, "conn", id = conn.id)),
     );
     response
 }
@@ -693,32 +694,34 @@ impl Session {
                 )
                 .await
             }
-            SessionBackend::Proxy(app) => {
-                let end = match app.await {
-                    Ok(app) => {
-                        let end = proxy::splice(
-                            TokioIo::new(upgraded),
-                            TokioIo::new(app),
-                            self.limits.idle_timeout,
-                            &self.state.sessions_stop,
-                            counters.bytes_from_client.clone(),
-                            counters.bytes_to_client.clone(),
-                        )
-                        .await;
-                        match end {
+            SessionBackend::Proxy(app) => match app.await {
+                Ok(app) => {
+                    let spliced = proxy::splice(
+                        TokioIo::new(upgraded),
+                        TokioIo::new(app),
+                        self.limits.idle_timeout,
+                        &self.state.sessions_stop,
+                        counters.bytes_from_client.clone(),
+                        counters.bytes_to_client.clone(),
+                    )
+                    .await;
+                    relay::Summary {
+                        bytes_from_client: spliced.from_client,
+                        bytes_to_client: spliced.to_client,
+                        end: match spliced.end {
                             proxy::SpliceEnd::Closed => "closed",
                             proxy::SpliceEnd::Error => "error",
                             proxy::SpliceEnd::IdleTimeout => "idle_timeout",
                             proxy::SpliceEnd::Shutdown => "shutdown",
-                        }
+                        },
+                        ..relay::Summary::default()
                     }
-                    Err(_) => "backend_upgrade_failed",
-                };
-                relay::Summary {
-                    end,
-                    ..relay::Summary::default()
                 }
-            }
+                Err(_) => relay::Summary {
+                    end: "backend_upgrade_failed",
+                    ..relay::Summary::default()
+                },
+            },
         };
         let duration = started.elapsed();
         m.sessions_open.get_or_create(&label).dec();
