@@ -69,14 +69,24 @@ pub enum HeaderError {
     LengthTopBit,
 }
 
+impl HeaderError {
+    /// A short fixed reason, fit for a close frame.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HeaderError::ReservedBits => "reserved bits set",
+            HeaderError::ReservedOpcode(_) => "reserved opcode",
+            HeaderError::FragmentedControl => "fragmented control frame",
+            HeaderError::ControlTooLong => "control frame over 125 bytes",
+            HeaderError::LengthTopBit => "64-bit length with top bit set",
+        }
+    }
+}
+
 impl fmt::Display for HeaderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HeaderError::ReservedBits => f.write_str("reserved bits set"),
             HeaderError::ReservedOpcode(op) => write!(f, "reserved opcode {op:#x}"),
-            HeaderError::FragmentedControl => f.write_str("fragmented control frame"),
-            HeaderError::ControlTooLong => f.write_str("control frame over 125 bytes"),
-            HeaderError::LengthTopBit => f.write_str("64-bit length with top bit set"),
+            other => f.write_str(other.reason()),
         }
     }
 }

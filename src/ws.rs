@@ -184,8 +184,8 @@ impl Decoder {
         loop {
             match self.state {
                 State::Header => {
-                    let Some((header, header_len)) = FrameHeader::parse(buf)
-                        .map_err(|e| Violation::protocol(header_reason(e)))?
+                    let Some((header, header_len)) =
+                        FrameHeader::parse(buf).map_err(|e| Violation::protocol(e.reason()))?
                     else {
                         return Ok(None);
                     };
@@ -322,17 +322,6 @@ impl Decoder {
             first,
             fin: message_done,
         })
-    }
-}
-
-fn header_reason(e: crate::frame::HeaderError) -> &'static str {
-    use crate::frame::HeaderError::*;
-    match e {
-        ReservedBits => "reserved bits set",
-        ReservedOpcode(_) => "reserved opcode",
-        FragmentedControl => "fragmented control frame",
-        ControlTooLong => "control frame over 125 bytes",
-        LengthTopBit => "64-bit length with top bit set",
     }
 }
 
