@@ -803,24 +803,7 @@ async fn proxy_upgrade(
     io: Box<dyn backend::Io>,
 ) -> Result<(hyper::upgrade::OnUpgrade, proxy::BackendAccept), Response<Body>> {
     let limits = &conn.config.limits;
-    let bad_gateway = |label: &'static str, reason: String| {
-        refuse(
-            conn,
-            Some(&route.path),
-            Rejection::new(StatusCode::BAD_GATEWAY, label, reason),
-        )
-    };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                return Err(bad_gateway(
-                    "backend_http",
-                    format!("backend HTTP failed: {e}"),
-                ))
-            }
-        };
-    conn.state.tracker.spawn(connection.with_upgrades());
+    let mut sender = app_client(conn, route, io).await?;
     let offered: Vec<String> = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -851,12 +834,7 @@ async fn proxy_upgrade(
     let response =
         match tokio::time::timeout(limits.connect_timeout, sender.send_request(request)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                return Err(bad_gateway(
-                    "backend_http",
-                    format!("backend HTTP failed: {e}"),
-                ))
-            }
+            Ok(Err(e)) => return Err(backend_http_failed(conn, route, e)),
             Err(_) => {
                 return Err(refuse(
                     conn,
@@ -871,9 +849,11 @@ async fn proxy_upgrade(
         };
     match proxy::check_backend_101(response.status(), response.headers(), &key, &offered, route) {
         Ok(accept) => Ok((hyper::upgrade::on(response), accept)),
-        Err(reason) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            Err(bad_gateway("backend_bad_101", reason.to_owned()))
-        }
+        Err(reason) if response.status() == StatusCode::SWITCHING_PROTOCOLS => Err(refuse(
+            conn,
+            Some(&route.path),
+            Rejection::new(StatusCode::BAD_GATEWAY, "backend_bad_101", reason),
+        )),
         Err(_) => {
             // The app refused: its status and body go to the client as they are.
             info!(route = %route.path, status = response.status().as_u16(), "backend refused the upgrade");
@@ -893,6 +873,44 @@ async fn proxy_upgrade(
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             Err(out)
         }
+    }
+}
+
+/// 502 for an app that did not speak HTTP as expected.
+fn backend_http_failed(
+    conn: &Conn,
+    route: &Route,
+    error: impl std::fmt::Display,
+) -> Response<Body> {
+    refuse(
+        conn,
+        Some(&route.path),
+        Rejection::new(
+            StatusCode::BAD_GATEWAY,
+            "backend_http",
+            format!("backend HTTP failed: {error}"),
+        ),
+    )
+}
+
+/// An HTTP/1.1 client connection to the app over `io`; the connection task (with upgrades)
+/// runs on the tracker.
+async fn app_client<B>(
+    conn: &Arc<Conn>,
+    route: &Route,
+    io: Box<dyn backend::Io>,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, Response<Body>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+        Ok((sender, connection)) => {
+            conn.state.tracker.spawn(connection.with_upgrades());
+            Ok(sender)
+        }
+        Err(e) => Err(backend_http_failed(conn, route, e)),
     }
 }
 
@@ -924,35 +942,15 @@ async fn proxy_http(conn: &Arc<Conn>, req: Request<Incoming>, route: &Route) -> 
             );
         }
     };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                return refuse(
-                    conn,
-                    Some(&route.path),
-                    Rejection::new(
-                        StatusCode::BAD_GATEWAY,
-                        "backend_http",
-                        format!("backend HTTP failed: {e}"),
-                    ),
-                )
-            }
-        };
-    conn.state.tracker.spawn(connection);
+    let mut sender = match app_client(conn, route, io).await {
+        Ok(sender) => sender,
+        Err(response) => return response,
+    };
     let (parts, body) = req.into_parts();
     let request = proxy::backend_request(&parts, body, route, conn.peer, conn.tls, false);
     match sender.send_request(request).await {
         Ok(response) => passthrough(response),
-        Err(e) => refuse(
-            conn,
-            Some(&route.path),
-            Rejection::new(
-                StatusCode::BAD_GATEWAY,
-                "backend_http",
-                format!("backend HTTP failed: {e}"),
-            ),
-        ),
+        Err(e) => backend_http_failed(conn, route, e),
     }
 }
 
