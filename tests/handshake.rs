@@ -240,12 +240,7 @@ async fn handshaking_connections_count_toward_max_connections() {
 
 #[tokio::test]
 async fn backend_refused_is_502_and_client_not_upgraded() {
-    // A port that was just free: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_addr().port();
     let g = Gate::route("/", &format!("tcp://127.0.0.1:{port}"), "", "").await;
     assert_refused(
         &raw_request(g.addr, upgrade_request("/", "").as_bytes()).await,

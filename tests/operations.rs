@@ -269,10 +269,7 @@ async fn sighup_reload_keeps_live_sessions_intact() {
 /// Listeners follow the file: a second [[listen]] starts; removing the first closes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_and_removes_listeners() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = unused_addr();
     let gate = GateProcess::start(
         "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
     );

@@ -88,11 +88,7 @@ async fn python_gets_the_negotiated_subprotocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sees_502_for_a_dead_backend() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_addr().port();
     let g = Gate::route("/", &format!("tcp://127.0.0.1:{port}"), "", "").await;
     let url = g.url("/");
     let out = tokio::task::spawn_blocking(move || run_client("refused", &url))

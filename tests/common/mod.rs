@@ -323,6 +323,15 @@ pub async fn never_read_backend(hold: Duration) -> SocketAddr {
     .await
 }
 
+/// A loopback address that was free a moment ago (bound, noted, closed): nothing listens
+/// there, for dead-backend tests, or for a listener a reload adds.
+pub fn unused_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// A deterministic byte pattern, distinct per `seed`.
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

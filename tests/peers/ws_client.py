@@ -22,32 +22,30 @@ async def echo(url):
     return out
 
 
-async def drain(url):
-    """Read everything the backend sends until wsgate closes; report size and close code."""
+async def read_until_closed(ws):
+    """Read everything until wsgate closes; report size and close code and reason."""
     out = {"bytes": 0}
-    async with connect(url, max_size=None) as ws:
-        try:
-            async for m in ws:
-                out["bytes"] += len(m)
-        except ConnectionClosed:
-            pass
-        out["close_rcvd"] = ws.close_code
-        out["close_reason"] = ws.close_reason
+    try:
+        async for m in ws:
+            out["bytes"] += len(m)
+    except ConnectionClosed:
+        pass
+    out["close_rcvd"] = ws.close_code
+    out["close_reason"] = ws.close_reason
     return out
+
+
+async def drain(url):
+    """Read everything the backend sends until wsgate closes."""
+    async with connect(url, max_size=None) as ws:
+        return await read_until_closed(ws)
 
 
 async def send_then_read(url):
     """Send one message, then read until closed (for backends that fail)."""
-    out = {"bytes": 0}
     async with connect(url, max_size=None) as ws:
         await ws.send(b"trigger")
-        try:
-            async for m in ws:
-                out["bytes"] += len(m)
-        except ConnectionClosed:
-            pass
-        out["close_rcvd"] = ws.close_code
-    return out
+        return await read_until_closed(ws)
 
 
 async def subprotocol(url):
