@@ -4,8 +4,10 @@
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
-use wsgate::frame::{apply_mask, apply_mask_bytewise, FrameHeader, OpCode, MAX_HEADER_LEN};
-use wsgate::ws::Decoder;
+use wsgate::protocol::decoder::Decoder;
+use wsgate::protocol::frame::{
+    apply_mask, apply_mask_bytewise, FrameHeader, OpCode, MAX_HEADER_LEN,
+};
 
 fn unmask(c: &mut Criterion) {
     let mut g = c.benchmark_group("unmask");

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
-use wsgate::backend::Io;
-use wsgate::frame::{encode_frame, FrameHeader, OpCode};
+use wsgate::protocol::frame::{encode_frame, FrameHeader, OpCode};
+use wsgate::stream::Io;
 
 const ROLE: &str = "WSGATE_LOAD_ROLE";
 

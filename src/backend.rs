@@ -1,27 +1,18 @@
 //! Connecting to a route's backend, before the client is upgraded.
 
 use std::io;
-use std::pin::Pin;
 use std::time::Duration;
 
+use hyper::StatusCode;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
-use crate::config::Backend;
-use crate::route::Route;
-use crate::ws::BoxWrite;
-
-/// Boxed read half of a byte stream.
-pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
-
-/// A whole byte stream (TCP or TLS), for the proxy's HTTP client.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+use crate::route::{Backend, Route};
+use crate::stream::{BoxRead, BoxWrite, Io};
 
 /// A connected backend.
-pub enum BackendConn {
+pub(crate) enum BackendConn {
     /// The built-in echo: no socket, the relay answers each message itself.
     Echo,
     /// A byte stream for the bridge, split so each direction runs on its own.
@@ -32,7 +23,7 @@ pub enum BackendConn {
 
 /// Why a backend could not be reached; each maps to the HTTP status the client gets.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// Refused, unreachable, or not resolvable: 502.
     #[error("backend unreachable: {0}")]
     Unreachable(io::Error),
@@ -46,11 +37,19 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// Fixed label for logs and metrics.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             ConnectError::Unreachable(_) => "backend_unreachable",
             ConnectError::Tls(_) => "backend_tls",
             ConnectError::Timeout => "backend_timeout",
+        }
+    }
+
+    /// The HTTP status the client gets: 504 for a timeout, 502 for everything else.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            ConnectError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ConnectError::Unreachable(_) | ConnectError::Tls(_) => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -87,7 +86,7 @@ async fn tls(
 
 /// Connects to the route's backend within `timeout`. Cancel-safe: dropping it abandons the
 /// attempt.
-pub async fn connect(route: &Route, timeout: Duration) -> Result<BackendConn, ConnectError> {
+pub(crate) async fn connect(route: &Route, timeout: Duration) -> Result<BackendConn, ConnectError> {
     let attempt = async {
         Ok(match &route.backend {
             Backend::Echo => BackendConn::Echo,

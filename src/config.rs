@@ -4,17 +4,16 @@
 //! (a duration without a unit, a backend URL we cannot serve) is an error naming the line and
 //! the key, and wsgate does not start with it.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::route::{Route, RouteTable};
+use crate::route::{Backend, BackendSpecError, ClientTls, MessageMode, Route, RouteTable};
 use crate::tls::{SniCert, TlsFiles};
-use std::sync::Arc;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -40,7 +39,7 @@ pub struct ListenerTls {
     pub server: Arc<tokio_rustls::rustls::ServerConfig>,
 }
 
-/// `[limits]`; each default is the one in DESIGN.md.
+/// `[limits]`; each default is the one documented in docs/design.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest client message, all fragments together (default 16 MiB); bigger → close 1009.
@@ -76,128 +75,6 @@ impl Default for Limits {
     }
 }
 
-/// Where a route's sessions go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    /// Built in: echoes each message with its type.
-    Echo,
-    /// `tcp://host:port`
-    Tcp(String),
-    /// `unix:/path`
-    Unix(PathBuf),
-    /// `tls://host:port`: the bridge over a TLS client connection.
-    Tls { authority: String, host: String },
-    /// `ws://host:port/path` or `wss://…`: a proxy route, the upgrade is forwarded to a ws app.
-    Ws {
-        secure: bool,
-        authority: String,
-        host: String,
-        /// Path the route's prefix is replaced with; `None` forwards the request path as is.
-        path: Option<String>,
-    },
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Backend::Echo => f.write_str("echo"),
-            Backend::Tcp(addr) => write!(f, "tcp://{addr}"),
-            Backend::Unix(path) => write!(f, "unix:{}", path.display()),
-            Backend::Tls { authority, .. } => write!(f, "tls://{authority}"),
-            Backend::Ws {
-                secure,
-                authority,
-                path,
-                ..
-            } => write!(
-                f,
-                "{}://{authority}{}",
-                if *secure { "wss" } else { "ws" },
-                path.as_deref().unwrap_or("")
-            ),
-        }
-    }
-}
-
-impl Backend {
-    /// Parses a backend spec; relative unix socket paths are taken from `base`.
-    pub fn parse(spec: &str, base: &Path) -> Result<Backend, String> {
-        if spec == "echo" {
-            return Ok(Backend::Echo);
-        }
-        if let Some(addr) = spec.strip_prefix("tcp://") {
-            let (authority, _) = host_port(spec, addr.trim_end_matches('/'))?;
-            return Ok(Backend::Tcp(authority));
-        }
-        if let Some(addr) = spec.strip_prefix("tls://") {
-            let (authority, host) = host_port(spec, addr.trim_end_matches('/'))?;
-            return Ok(Backend::Tls { authority, host });
-        }
-        for (scheme, secure) in [("ws://", false), ("wss://", true)] {
-            if let Some(rest) = spec.strip_prefix(scheme) {
-                let (addr, path) = match rest.find('/') {
-                    Some(i) => (&rest[..i], Some(&rest[i..])),
-                    None => (rest, None),
-                };
-                let (authority, host) = host_port(spec, addr)?;
-                let path = path
-                    .filter(|p| *p != "/")
-                    .map(|p| p.trim_end_matches('/').to_owned());
-                if path.as_deref().is_some_and(|p| p.contains(['?', '#', ' '])) {
-                    return Err(format!("backend {spec:?}: the path may not have a query"));
-                }
-                return Ok(Backend::Ws {
-                    secure,
-                    authority,
-                    host,
-                    path,
-                });
-            }
-        }
-        if let Some(path) = spec.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("backend \"unix:\" needs a socket path".into());
-            }
-            return Ok(Backend::Unix(base.join(path)));
-        }
-        Err(format!(
-            "backend {spec:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path"
-        ))
-    }
-
-    /// Whether this is a proxy route's backend (the upgrade is forwarded).
-    pub fn is_proxy(&self) -> bool {
-        matches!(self, Backend::Ws { .. })
-    }
-
-    /// Whether connecting needs a TLS client config.
-    pub fn uses_tls(&self) -> bool {
-        matches!(self, Backend::Tls { .. } | Backend::Ws { secure: true, .. })
-    }
-}
-
-/// Splits "host:port" (or "[v6]:port"), checking both; returns the authority and the bare host
-/// (for SNI and certificate checks).
-fn host_port(spec: &str, addr: &str) -> Result<(String, String), String> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| format!("backend {spec:?} needs a port, e.g. host:port"))?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(format!("backend {spec:?}: {addr:?} is not host:port"));
-    }
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    Ok((addr.to_owned(), bare.to_owned()))
-}
-
-/// Frames sent to the client on a bridge route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageMode {
-    #[default]
-    Binary,
-    Text,
-}
-
 /// A config error, with the line it is about when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -212,6 +89,12 @@ pub enum ConfigError {
         line: Option<(usize, String)>,
         message: String,
     },
+    /// Quick mode (`wsgate LISTEN TARGET`): the listen address does not parse.
+    #[error("listen address {0:?} is not ip:port")]
+    QuickListen(String),
+    /// Quick mode: the target does not parse.
+    #[error(transparent)]
+    QuickBackend(#[from] BackendSpecError),
 }
 
 // ---- raw TOML shape ----
@@ -552,7 +435,7 @@ impl Config {
                             format!("route: {m}"),
                         )
                     })?;
-                    route.tls_client = Some(crate::route::ClientTls(client));
+                    route.tls_client = Some(ClientTls(client));
                 }
                 (None, false) => {}
             }
@@ -573,10 +456,10 @@ impl Config {
     }
 
     /// The config of quick mode, `wsgate LISTEN TARGET`: one listener, "/" to one backend.
-    pub fn quick(listen: &str, target: &str) -> Result<Config, String> {
+    pub fn quick(listen: &str, target: &str) -> Result<Config, ConfigError> {
         let addr: SocketAddr = listen
             .parse()
-            .map_err(|_| format!("listen address {listen:?} is not ip:port"))?;
+            .map_err(|_| ConfigError::QuickListen(listen.to_owned()))?;
         let spec = if target.contains("://") || target.starts_with("unix:") || target == "echo" {
             target.to_owned()
         } else {

@@ -1,27 +1,35 @@
 //! wsgate: a WebSocket gateway. It accepts WebSocket connections, checks each against its
 //! route (path, origin, subprotocol) and relays it to a backend service.
 //!
-//! The data path, one module per step:
+//! The modules in the order a request meets them:
 //! ```text
-//! client ─TCP─▶ server (accept, cap, handshake_timeout) ─▶ hyper HTTP/1.1 request
-//!        ─▶ route (path → route) ─▶ handshake (RFC 6455 §4 checks, accept key)
-//!        ─▶ backend (connect before the 101) ─▶ 101 ─▶ relay (two pumps)
-//!              frames ⇄ ws::Decoder / ws::FrameWriter (frame codec) ⇄ backend bytes
+//! client ─TCP─▶ server::accept      accept, max_connections, backoff
+//!        ─────▶ server::conn        TLS (tls), handshake_timeout, hyper HTTP/1.1
+//!        ─────▶ server::dispatch    route (path → Route), protocol::handshake (§4 checks)
+//!        ─────▶ backend             connect before the 101 (proxy::forward: the app's 101)
+//!        ─────▶ server::session     the session's lifecycle, metrics, log line
+//!                 ├─ bridge         two pumps: protocol::decoder ⇄ backend bytes ⇄ protocol::writer
+//!                 └─ proxy::splice  bytes both ways to a ws app
 //! ```
-//! `frame`, `ws::Decoder`, `handshake`, `route` and `config` are pure (no I/O) and carry
-//! their unit tests; `server` is the only module that spawns tasks.
+//! Beside the path: `config` (TOML → Config; reads the PEM files through `tls`), `metrics`,
+//! `server::reload`, `server::admin`, and the leaf types `stream` (byte-stream halves) and
+//! `session_end` (how a session ended). `protocol`, `route` and `proxy::headers` are pure (no
+//! I/O) and carry their unit tests; `server` is the only module that spawns tasks. Imports run
+//! one way: server → bridge/proxy → backend → protocol → route.
 
-pub mod backend;
+// Public: what the binary, the tests, the benches and the fuzz targets use.
 pub mod config;
-pub mod frame;
-pub mod handshake;
-pub mod metrics;
-pub mod proxy;
-pub mod relay;
+pub mod protocol;
 pub mod route;
-pub mod server;
-pub mod tls;
-pub mod ws;
+pub mod stream;
 
-pub use config::Config;
-pub use server::{Handle, Server};
+mod backend;
+mod bridge;
+mod metrics;
+mod proxy;
+mod server;
+mod session_end;
+mod tls;
+
+pub use config::{Config, ConfigError};
+pub use server::{Handle, ReloadError, Server};

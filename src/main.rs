@@ -81,9 +81,12 @@ fn main() -> ExitCode {
         };
     }
     let config = match (&cli.config, &cli.listen, &cli.target) {
-        (Some(path), _, _) => Config::load(path).map_err(|e| e.to_string()),
+        (Some(path), _, _) => Config::load(path),
         (None, Some(listen), Some(target)) => Config::quick(listen, target),
-        _ => Err("give --config FILE, or LISTEN and TARGET (see --help)".to_owned()),
+        _ => {
+            eprintln!("wsgate: give --config FILE, or LISTEN and TARGET (see --help)");
+            return ExitCode::from(2);
+        }
     };
     let config = match config {
         Ok(c) => c,

@@ -11,12 +11,12 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabel {
+pub(crate) struct RouteLabel {
     pub route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RejectionLabels {
+pub(crate) struct RejectionLabels {
     /// The route path, or "none" when no route matched.
     pub route: String,
     /// A fixed label such as `no_route`, `origin`, `backend_unreachable`.
@@ -24,14 +24,14 @@ pub struct RejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub(crate) struct DirectionLabels {
     pub route: String,
     /// `from_client` or `to_client`.
     pub direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CloseLabels {
+pub(crate) struct CloseLabels {
     pub route: String,
     /// `sent` or `received`.
     pub side: String,
@@ -41,12 +41,12 @@ pub struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub(crate) struct ResultLabel {
     pub result: String,
 }
 
 #[derive(Clone)]
-pub struct Buckets(fn() -> Histogram);
+pub(crate) struct Buckets(fn() -> Histogram);
 
 impl MetricConstructor<Histogram> for Buckets {
     fn new_metric(&self) -> Histogram {
@@ -60,7 +60,7 @@ fn seconds_buckets() -> Histogram {
 }
 
 /// Every metric wsgate exports.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Accepted client connections now open (handshaking and upgraded).
     pub connections: Gauge,
@@ -85,7 +85,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("wsgate");
         let m = Metrics {
             registry: Registry::default(),
@@ -173,27 +173,27 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
 
-    pub fn route(route: &str) -> RouteLabel {
+    pub(crate) fn route(route: &str) -> RouteLabel {
         RouteLabel {
             route: route.to_owned(),
         }
     }
 
-    pub fn direction(route: &str, direction: &str) -> DirectionLabels {
+    pub(crate) fn direction(route: &str, direction: &str) -> DirectionLabels {
         DirectionLabels {
             route: route.to_owned(),
             direction: direction.to_owned(),
         }
     }
 
-    pub fn close(route: &str, side: &str, code: Option<u16>) -> CloseLabels {
+    pub(crate) fn close(route: &str, side: &str, code: Option<u16>) -> CloseLabels {
         CloseLabels {
             route: route.to_owned(),
             side: side.to_owned(),
@@ -203,7 +203,7 @@ impl Metrics {
 }
 
 /// A bounded label for a close code.
-pub fn close_code_label(code: Option<u16>) -> String {
+pub(crate) fn close_code_label(code: Option<u16>) -> String {
     match code {
         None => "none".into(),
         Some(c @ 1000..=1015) => c.to_string(),
@@ -215,7 +215,7 @@ pub fn close_code_label(code: Option<u16>) -> String {
 
 /// The per-session handles the relay counts into as it goes.
 #[derive(Clone, Default)]
-pub struct SessionCounters {
+pub(crate) struct SessionCounters {
     pub bytes_from_client: Counter,
     pub bytes_to_client: Counter,
     pub messages_from_client: Counter,
@@ -223,7 +223,7 @@ pub struct SessionCounters {
 }
 
 impl SessionCounters {
-    pub fn for_route(m: &Metrics, route: &str) -> SessionCounters {
+    pub(crate) fn for_route(m: &Metrics, route: &str) -> SessionCounters {
         // One statement per lookup: `get_or_create` holds the family's lock until its guard
         // is dropped, and a second lookup that inserts would wait for it forever.
         let bytes_from_client = m

@@ -1,6 +1,148 @@
-//! Path → route, and each route's origin and subprotocol checks. No I/O.
+//! Path → route, each route's origin and subprotocol checks, and the backend a route names.
+//! No I/O: `config` builds routes from the file, the server looks them up.
 
-use crate::config::{Backend, MessageMode};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where a route's sessions go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Built in: echoes each message with its type.
+    Echo,
+    /// `tcp://host:port`
+    Tcp(String),
+    /// `unix:/path`
+    Unix(PathBuf),
+    /// `tls://host:port`: the bridge over a TLS client connection.
+    Tls { authority: String, host: String },
+    /// `ws://host:port/path` or `wss://…`: a proxy route, the upgrade is forwarded to a ws app.
+    Ws {
+        secure: bool,
+        authority: String,
+        host: String,
+        /// Path the route's prefix is replaced with; `None` forwards the request path as is.
+        path: Option<String>,
+    },
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Echo => f.write_str("echo"),
+            Backend::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Backend::Unix(path) => write!(f, "unix:{}", path.display()),
+            Backend::Tls { authority, .. } => write!(f, "tls://{authority}"),
+            Backend::Ws {
+                secure,
+                authority,
+                path,
+                ..
+            } => write!(
+                f,
+                "{}://{authority}{}",
+                if *secure { "wss" } else { "ws" },
+                path.as_deref().unwrap_or("")
+            ),
+        }
+    }
+}
+
+impl Backend {
+    /// Parses a backend spec; relative unix socket paths are taken from `base`.
+    pub fn parse(spec: &str, base: &Path) -> Result<Backend, BackendSpecError> {
+        if spec == "echo" {
+            return Ok(Backend::Echo);
+        }
+        if let Some(addr) = spec.strip_prefix("tcp://") {
+            let (authority, _) = host_port(spec, addr.trim_end_matches('/'))?;
+            return Ok(Backend::Tcp(authority));
+        }
+        if let Some(addr) = spec.strip_prefix("tls://") {
+            let (authority, host) = host_port(spec, addr.trim_end_matches('/'))?;
+            return Ok(Backend::Tls { authority, host });
+        }
+        for (scheme, secure) in [("ws://", false), ("wss://", true)] {
+            if let Some(rest) = spec.strip_prefix(scheme) {
+                let (addr, path) = match rest.find('/') {
+                    Some(i) => (&rest[..i], Some(&rest[i..])),
+                    None => (rest, None),
+                };
+                let (authority, host) = host_port(spec, addr)?;
+                let path = path
+                    .filter(|p| *p != "/")
+                    .map(|p| p.trim_end_matches('/').to_owned());
+                if path.as_deref().is_some_and(|p| p.contains(['?', '#', ' '])) {
+                    return Err(BackendSpecError::PathWithQuery(spec.to_owned()));
+                }
+                return Ok(Backend::Ws {
+                    secure,
+                    authority,
+                    host,
+                    path,
+                });
+            }
+        }
+        if let Some(path) = spec.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(BackendSpecError::EmptyUnixPath);
+            }
+            return Ok(Backend::Unix(base.join(path)));
+        }
+        Err(BackendSpecError::UnknownScheme(spec.to_owned()))
+    }
+
+    /// Whether this is a proxy route's backend (the upgrade is forwarded).
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, Backend::Ws { .. })
+    }
+
+    /// Whether connecting needs a TLS client config.
+    pub fn uses_tls(&self) -> bool {
+        matches!(self, Backend::Tls { .. } | Backend::Ws { secure: true, .. })
+    }
+}
+
+/// Splits "host:port" (or "[v6]:port"), checking both; returns the authority and the bare host
+/// (for SNI and certificate checks).
+fn host_port(spec: &str, addr: &str) -> Result<(String, String), BackendSpecError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| BackendSpecError::NoPort(spec.to_owned()))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(BackendSpecError::NotHostPort {
+            spec: spec.to_owned(),
+            addr: addr.to_owned(),
+        });
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((addr.to_owned(), bare.to_owned()))
+}
+
+/// Frames sent to the client on a bridge route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageMode {
+    #[default]
+    Binary,
+    Text,
+}
+
+/// A backend spec wsgate cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendSpecError {
+    #[error("backend {0:?} needs a port, e.g. host:port")]
+    NoPort(String),
+    #[error("backend {spec:?}: {addr:?} is not host:port")]
+    NotHostPort { spec: String, addr: String },
+    #[error("backend {0:?}: the path may not have a query")]
+    PathWithQuery(String),
+    #[error("backend \"unix:\" needs a socket path")]
+    EmptyUnixPath,
+    #[error("backend {0:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path")]
+    UnknownScheme(String),
+}
 
 /// The route requires a subprotocol and the client offered none of its list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

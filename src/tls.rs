@@ -38,34 +38,76 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
+/// Why a listener's or a backend's TLS settings cannot be built; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsError {
+    /// A file that cannot be read or holds nothing usable; `what` says which setting it is.
+    #[error("{what} {}: {detail}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("key {} does not fit certificate {}: {detail}", key.display(), cert.display())]
+    KeyMismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        detail: String,
+    },
+    #[error("no system trust roots found; set ca = \"…\" on the route")]
+    NoSystemRoots,
+    #[error("TLS setup: {0}")]
+    Setup(tokio_rustls::rustls::Error),
+}
+
+fn file_error(what: &'static str, path: &Path, detail: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        what,
+        path: path.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
 /// Reads a certificate chain and its key, and checks that they belong together.
 fn certified_key(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
-) -> Result<CertifiedKey, String> {
+) -> Result<CertifiedKey, TlsError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("certificate {}: {e}", cert.display()))?;
+        .map_err(|e| file_error("certificate", cert, e))?;
     if chain.is_empty() {
-        return Err(format!(
-            "certificate {}: no CERTIFICATE in the file",
-            cert.display()
+        return Err(file_error(
+            "certificate",
+            cert,
+            "no CERTIFICATE in the file",
         ));
     }
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        format!(
-            "key {}: {e} (PKCS#8, PKCS#1 or SEC1 PEM expected)",
-            key.display()
+        file_error(
+            "key",
+            key,
+            format!("{e} (PKCS#8, PKCS#1 or SEC1 PEM expected)"),
         )
     })?;
-    CertifiedKey::from_der(chain, der, provider).map_err(|e| {
-        format!(
-            "key {} does not fit certificate {}: {e}",
-            key.display(),
-            cert.display()
-        )
+    CertifiedKey::from_der(chain, der, provider).map_err(|e| TlsError::KeyMismatch {
+        key: key.to_owned(),
+        cert: cert.to_owned(),
+        detail: e.to_string(),
     })
+}
+
+/// Reads a CA bundle into a root store; `what` names the setting in errors.
+fn read_roots(what: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| file_error(what, path, e))?;
+    for c in certs {
+        roots.add(c).map_err(|e| file_error(what, path, e))?;
+    }
+    Ok(roots)
 }
 
 /// Serves the certificate whose names include the client's SNI, else the default one.
@@ -85,7 +127,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// Builds the rustls server config for a listener.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let default = Arc::new(certified_key(&files.cert, &files.key, &provider)?);
     let mut by_name = HashMap::new();
@@ -97,22 +139,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     }
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&version::TLS13, &version::TLS12])
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(TlsError::Setup)?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(ca)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("client_ca {}: {e}", ca.display()))?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("client_ca {}: {e}", ca.display()))?;
-            }
+            let roots = read_roots("client_ca", ca)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| format!("client_ca {}: {e}", ca.display()))?;
+                .map_err(|e| file_error("client_ca", ca, e))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -123,30 +157,22 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
 
 /// The TLS client config for tls:// and wss:// backends: the certificates in `ca`, or the
 /// system's trust roots when there is none.
-pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
-    let mut roots = RootCertStore::empty();
-    match ca {
-        Some(ca) => {
-            let certs = CertificateDer::pem_file_iter(ca)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("ca {}: {e}", ca.display()))?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("ca {}: {e}", ca.display()))?;
-            }
-        }
+pub(crate) fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(ca) => read_roots("ca", ca)?,
         None => {
+            let mut roots = RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err("no system trust roots found; set ca = \"…\" on the route".into());
+                return Err(TlsError::NoSystemRoots);
             }
+            roots
         }
-    }
+    };
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&version::TLS13, &version::TLS12])
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use wsgate::ws::{Decoder, Event};
+use wsgate::protocol::decoder::{Decoder, Event};
 
 fn run(data: &[u8], piece: usize) -> (Vec<Event>, Option<u16>) {
     let mut decoder = Decoder::new(1 << 16);

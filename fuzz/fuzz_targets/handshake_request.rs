@@ -5,8 +5,8 @@
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Version};
 use libfuzzer_sys::fuzz_target;
-use wsgate::config::{Backend, MessageMode};
-use wsgate::handshake;
+use wsgate::route::{Backend, MessageMode};
+use wsgate::protocol::handshake;
 use wsgate::route::Route;
 
 fuzz_target!(|data: &[u8]| {

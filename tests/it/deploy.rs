@@ -2,8 +2,6 @@
 //! --check-config, the Kubernetes YAML through a YAML parser); the image build cannot be (no
 //! Docker engine here), so the Dockerfile is checked for its shape only.
 
-mod common;
-
 use std::process::Command;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -34,7 +32,7 @@ fn systemd_unit_verifies() {
         assert!(unit.contains(hardening), "unit lacks {hardening}");
     }
     // verify checks that ExecStart's binary exists: point it at the one just built.
-    let dir = common::TempDir::new();
+    let dir = crate::common::TempDir::new();
     let path = dir.path().join("wsgate.service");
     std::fs::write(
         &path,
@@ -105,7 +103,7 @@ print(json.dumps({
   "nonroot": gate["securityContext"]["runAsNonRoot"],
 }))
 "#;
-    let out = Command::new(common::python())
+    let out = Command::new(crate::common::python())
         .args([
             "-c",
             script,
@@ -122,7 +120,7 @@ print(json.dumps({
     assert_eq!(v["ready"], "/readyz");
     assert_eq!(v["live"], "/healthz");
     assert_eq!(v["nonroot"], true);
-    let dir = common::TempDir::new();
+    let dir = crate::common::TempDir::new();
     let path = dir.path().join("wsgate.toml");
     std::fs::write(&path, v["toml"].as_str().unwrap()).unwrap();
     check_config(&path);

@@ -1,18 +1,16 @@
 //! The bridge relay against real TCP/unix backends, driven by tokio-tungstenite as the client:
 //! data both ways, every ending with nothing lost, text mode, volume, concurrency, memory.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::frame::OpCode;
+use wsgate::protocol::frame::OpCode;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

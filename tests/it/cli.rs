@@ -1,10 +1,8 @@
 //! The `wsgate` command: --check-config, --help, quick mode, and refusing bad configs.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 

@@ -1,11 +1,9 @@
 //! One test per row of DESIGN.md's "what a bad request gets" table, with raw requests:
 //! status, headers, a one-line body, `Connection: close`, and the socket closed after it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -332,7 +330,7 @@ async fn frames_pipelined_behind_upgrade_are_frames() {
     let mut req = upgrade_request("/strict", "Sec-WebSocket-Protocol: binary\r\n").into_bytes();
     req.extend(client_frame(
         true,
-        wsgate::frame::OpCode::Binary,
+        wsgate::protocol::frame::OpCode::Binary,
         b"early",
         [1, 2, 3, 4],
     ));

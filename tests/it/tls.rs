@@ -1,14 +1,12 @@
 //! wss:// listeners with certificates made at test time by certs/gen-dev-certs.sh (openssl),
 //! and a rustls client (tokio-rustls) under tokio-tungstenite.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};

@@ -1,89 +1,16 @@
-//! The server side of a WebSocket connection: frames in, message events out, and frames back.
+//! [`Decoder`]: client frames in, message events out.
 //!
-//! [`Decoder`] is a pure state machine over a byte buffer: it turns client frames into
-//! [`Event`]s, streaming data payloads out as they arrive (a message is never buffered whole),
-//! and enforces every §5 rule with the close code it calls for. [`FrameWriter`] encodes server
-//! frames (unmasked, minimal length form) onto any `AsyncWrite`.
-
-use std::pin::Pin;
+//! A pure state machine over a byte buffer: it turns client frames into [`Event`]s, streaming
+//! data payloads out as they arrive (a message is never buffered whole), and enforces every §5
+//! rule with the close code it calls for.
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{
-    apply_mask, close_code, close_payload, parse_close_payload, ClosePayloadError, FrameHeader,
-    OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
+use super::frame::{
+    apply_mask, close_code, parse_close_payload, ClosePayloadError, FrameHeader, OpCode,
 };
-
-/// Text that is not UTF-8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidUtf8;
-
-/// Incremental UTF-8 check for text that arrives in pieces: fails as soon as a byte makes the
-/// text invalid, and carries an incomplete sequence (at most 3 bytes) into the next piece.
-#[derive(Debug, Default, Clone)]
-pub struct Utf8Validator {
-    pending: [u8; 4],
-    pending_len: u8,
-}
-
-impl Utf8Validator {
-    /// Feeds the next piece. Fails at the first byte that makes the text invalid; an
-    /// incomplete sequence at the end is kept (see [`Utf8Validator::pending_len`]).
-    pub fn feed(&mut self, piece: &[u8]) -> Result<(), InvalidUtf8> {
-        let mut rest = piece;
-        if self.pending_len > 0 {
-            let have = usize::from(self.pending_len);
-            let need = utf8_width(self.pending[0]) - have;
-            let take = need.min(rest.len());
-            self.pending[have..have + take].copy_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            let now = have + take;
-            match std::str::from_utf8(&self.pending[..now]) {
-                Ok(_) => self.pending_len = 0,
-                Err(e) if e.error_len().is_none() => {
-                    self.pending_len = now as u8;
-                    return Ok(());
-                }
-                Err(_) => return Err(InvalidUtf8),
-            }
-        }
-        match std::str::from_utf8(rest) {
-            Ok(_) => Ok(()),
-            Err(e) if e.error_len().is_none() => {
-                let tail = &rest[e.valid_up_to()..];
-                self.pending[..tail.len()].copy_from_slice(tail);
-                self.pending_len = tail.len() as u8;
-                Ok(())
-            }
-            Err(_) => Err(InvalidUtf8),
-        }
-    }
-
-    /// Bytes at the end of what was fed that form a still-incomplete sequence (0 to 3).
-    pub fn pending_len(&self) -> usize {
-        usize::from(self.pending_len)
-    }
-
-    /// True when no incomplete sequence is pending (a text message may end here).
-    pub fn is_complete(&self) -> bool {
-        self.pending_len == 0
-    }
-
-    pub fn reset(&mut self) {
-        self.pending_len = 0;
-    }
-}
-
-/// Length of the UTF-8 sequence a lead byte starts (only called on a pending lead byte, which
-/// `from_utf8` has already accepted as a possible start).
-fn utf8_width(lead: u8) -> usize {
-    match lead {
-        0xC0..=0xDF => 2,
-        0xE0..=0xEF => 3,
-        _ => 4,
-    }
-}
+use super::utf8::Utf8Validator;
+use crate::session_end::SessionEnd;
 
 /// Data message type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,11 +37,12 @@ pub enum Event {
     Close(Option<(u16, String)>),
 }
 
-/// A rule the client broke: the close code to send and a short reason.
+/// A rule the client broke: the close code to send, a short reason, and how the session ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
     pub code: u16,
     pub reason: &'static str,
+    pub end: SessionEnd,
 }
 
 impl Violation {
@@ -122,6 +50,23 @@ impl Violation {
         Violation {
             code: close_code::PROTOCOL_ERROR,
             reason,
+            end: SessionEnd::ProtocolError,
+        }
+    }
+
+    fn invalid_utf8(reason: &'static str) -> Self {
+        Violation {
+            code: close_code::INVALID_PAYLOAD,
+            reason,
+            end: SessionEnd::InvalidUtf8,
+        }
+    }
+
+    fn too_big() -> Self {
+        Violation {
+            code: close_code::MESSAGE_TOO_BIG,
+            reason: "message too big",
+            end: SessionEnd::MessageTooBig,
         }
     }
 }
@@ -218,10 +163,7 @@ impl Decoder {
                     }
                     self.message_len = self.message_len.saturating_add(header.payload_len);
                     if self.message_len > self.max_message_size {
-                        return Err(Violation {
-                            code: close_code::MESSAGE_TOO_BIG,
-                            reason: "message too big",
-                        });
+                        return Err(Violation::too_big());
                     }
                     buf.advance(header_len);
                     self.state = State::Payload {
@@ -276,10 +218,7 @@ impl Decoder {
                                 return Err(Violation::protocol("invalid close code"))
                             }
                             Err(ClosePayloadError::BadReason) => {
-                                return Err(Violation {
-                                    code: close_code::INVALID_PAYLOAD,
-                                    reason: "close reason is not UTF-8",
-                                })
+                                return Err(Violation::invalid_utf8("close reason is not UTF-8"))
                             }
                         },
                     }));
@@ -300,10 +239,7 @@ impl Decoder {
         let frame_done = remaining == 0;
         let message_done = frame_done && fin;
         if kind == MessageKind::Text {
-            let bad = Violation {
-                code: close_code::INVALID_PAYLOAD,
-                reason: "invalid UTF-8 in text message",
-            };
+            let bad = Violation::invalid_utf8("invalid UTF-8 in text message");
             self.utf8.feed(&payload).map_err(|_| bad.clone())?;
             if message_done && !self.utf8.is_complete() {
                 return Err(bad);
@@ -325,87 +261,13 @@ impl Decoder {
     }
 }
 
-/// Boxed write half of the client connection.
-pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
-
-/// Writes server frames (unmasked, minimal length form) to the client.
-///
-/// Once a close frame has been sent, further data and ping frames are dropped, as §5.5.1
-/// requires; the close itself is sent at most once.
-pub struct FrameWriter {
-    io: BoxWrite,
-    close_sent: Option<u16>,
-}
-
-impl FrameWriter {
-    pub fn new(io: BoxWrite) -> Self {
-        FrameWriter {
-            io,
-            close_sent: None,
-        }
-    }
-
-    /// The code of the close frame sent, if one was.
-    pub fn close_sent(&self) -> Option<u16> {
-        self.close_sent
-    }
-
-    /// Sends one frame. Not cancel-safe: a frame cut short leaves the stream unusable, so
-    /// callers only cancel it when they are about to drop the connection.
-    pub async fn send(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) -> std::io::Result<()> {
-        if self.close_sent.is_some() {
-            return Ok(());
-        }
-        self.send_unchecked(opcode, fin, payload).await
-    }
-
-    async fn send_unchecked(
-        &mut self,
-        opcode: OpCode,
-        fin: bool,
-        payload: &[u8],
-    ) -> std::io::Result<()> {
-        let mut header = [0u8; MAX_HEADER_LEN];
-        let n = FrameHeader {
-            fin,
-            opcode,
-            mask: None,
-            payload_len: payload.len() as u64,
-        }
-        .encode(&mut header);
-        let mut frame = (&header[..n]).chain(payload);
-        self.io.write_all_buf(&mut frame).await
-    }
-
-    /// Sends a pong answering a ping (same payload), unless a close was already sent.
-    pub async fn pong(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        debug_assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
-        self.send(OpCode::Pong, true, payload).await
-    }
-
-    /// Sends the close frame once; `None` sends an empty close (the answer to an empty one).
-    pub async fn close(&mut self, code: Option<u16>, reason: &str) -> std::io::Result<()> {
-        if self.close_sent.is_some() {
-            return Ok(());
-        }
-        self.close_sent = Some(code.unwrap_or(1005));
-        let payload = code.map(|c| close_payload(c, reason)).unwrap_or_default();
-        self.send_unchecked(OpCode::Close, true, &payload).await?;
-        self.io.flush().await
-    }
-
-    /// Half-closes the client TCP connection (FIN) after the close handshake.
-    pub async fn shutdown(&mut self) -> std::io::Result<()> {
-        self.io.shutdown().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame::close_payload;
 
     fn client_frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        crate::frame::encode_frame(fin, opcode, Some(key), payload)
+        crate::protocol::frame::encode_frame(fin, opcode, Some(key), payload)
     }
 
     fn decode_all(decoder: &mut Decoder, bytes: &[u8]) -> Result<Vec<Event>, Violation> {
@@ -415,29 +277,6 @@ mod tests {
             events.push(e);
         }
         Ok(events)
-    }
-
-    #[test]
-    fn utf8_validator_carries_sequences_and_fails_fast() {
-        let text = "aé€😀".as_bytes();
-        for cut in 0..=text.len() {
-            let mut v = Utf8Validator::default();
-            v.feed(&text[..cut]).unwrap();
-            v.feed(&text[cut..]).unwrap();
-            assert!(v.is_complete(), "cut {cut}");
-        }
-        // Byte by byte.
-        let mut v = Utf8Validator::default();
-        for b in text {
-            v.feed(std::slice::from_ref(b)).unwrap();
-        }
-        assert!(v.is_complete());
-        // 0xF4 0x90 can never start a valid sequence: fail at once, not at the end.
-        let mut v = Utf8Validator::default();
-        assert!(v.feed(&[0xF4]).is_ok());
-        assert!(v.feed(&[0x90]).is_err());
-        let mut v = Utf8Validator::default();
-        assert!(v.feed(&[b'a', 0xED, 0xA0]).is_err(), "surrogate");
     }
 
     #[test]

@@ -1,9 +1,7 @@
 //! The Python `websockets` library as the client: a second real peer, with its own idea of
 //! close codes (it accepts 1014) and subprotocols.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Runs tests/peers/ws_client.py SCENARIO URL and returns its JSON line, parsed loosely.
 fn run_client(scenario: &str, url: &str) -> String {

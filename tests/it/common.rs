@@ -1,6 +1,5 @@
 //! Shared test fixtures: wsgate in-process or as a process, real TCP backends, raw HTTP and
 //! raw frames. Everything binds 127.0.0.1 on ports the OS picks, and every wait is bounded.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use wsgate::frame::{FrameHeader, OpCode};
+use wsgate::protocol::frame::{FrameHeader, OpCode};
 use wsgate::{Config, Server};
 
 /// Upper bound for any single wait in a test.
@@ -20,7 +19,6 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Gate {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
-    pub handle: wsgate::Handle,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -32,7 +30,6 @@ impl Gate {
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addrs()[0];
         let admin = server.admin_addr();
-        let handle = server.handle();
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -40,7 +37,6 @@ impl Gate {
         Gate {
             addr,
             admin,
-            handle,
             stop: Some(tx),
             done: Some(done),
         }
@@ -431,7 +427,7 @@ pub async fn raw_ws(addr: SocketAddr, path: &str) -> BufReader<TcpStream> {
 
 /// A masked client frame.
 pub fn client_frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    wsgate::frame::encode_frame(fin, opcode, Some(key), payload)
+    wsgate::protocol::frame::encode_frame(fin, opcode, Some(key), payload)
 }
 
 /// A server frame as read off the wire.

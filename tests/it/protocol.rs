@@ -1,11 +1,9 @@
 //! RFC 6455 framing on the wire, with raw frames against the echo route: one regression test
 //! per classic mistake of the sample servers wsgate replaces, and each close code.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncWriteExt;
-use wsgate::frame::{close_payload, OpCode};
+use wsgate::protocol::frame::{close_payload, OpCode};
 
 const KEY4: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
 

@@ -241,7 +241,8 @@ pub fn apply_mask_bytewise(buf: &mut [u8], key: [u8; 4], offset: usize) {
     }
 }
 
-/// Close status codes wsgate sends (§7.4.1, plus 1014 from the IANA registry).
+/// Close status codes wsgate sends (§7.4.1, plus 1014 from the IANA registry), and the two
+/// reserved ones it reports.
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
@@ -250,6 +251,10 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
     pub const BAD_GATEWAY: u16 = 1014;
+    /// Never on the wire: stands for "the close frame had no code" in logs and metrics.
+    pub const NO_STATUS: u16 = 1005;
+    /// Never on the wire: stands for "no close frame at all" in logs and metrics.
+    pub const ABNORMAL: u16 = 1006;
 }
 
 /// Whether a peer may send `code` in a close frame (§7.4; 1004-1006 and 1015 are reserved for

@@ -3,11 +3,9 @@
 //! WebSocket API against wsgate over wss. The test CA is trusted through an NSS database in
 //! the browser profile (no certificate-error flag).
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 

@@ -1,27 +1,15 @@
-//! Proxy routes (`ws://` and `wss://` backends): the client's request is forwarded to the ws
-//! app with hop-by-hop headers dropped and X-Forwarded-For/-Proto/-Host added; the app's 101
-//! is checked before the client gets its own; then bytes are spliced both ways.
-//!
-//! The request and response building and the 101 check are pure; [`splice`] is the I/O.
+//! The pure half of proxy routes: the request sent to the app (hop-by-hop headers dropped,
+//! X-Forwarded-For/-Proto/-Host added, the path mapped), the check of the app's 101, and the
+//! headers of an app's answer passed back to the client.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, StatusCode, Uri};
-use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::Backend;
-use crate::handshake::accept_key;
-use crate::route::Route;
+use crate::protocol::handshake::{accept_key, header_tokens};
+use crate::route::{Backend, Route};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus those the
 /// Connection header names.
@@ -37,12 +25,8 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = header_tokens(headers, &header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -81,7 +65,7 @@ fn backend_path(route: &Route, uri: &Uri) -> String {
 }
 
 /// Builds the request sent to the app from the client's request head.
-pub fn backend_request<B>(
+pub(crate) fn backend_request<B>(
     parts: &Parts,
     body: B,
     route: &Route,
@@ -132,14 +116,14 @@ pub fn backend_request<B>(
 
 /// What the client's 101 carries over from the app's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendAccept {
+pub(crate) struct BackendAccept {
     pub protocol: Option<HeaderValue>,
     pub extensions: Option<HeaderValue>,
 }
 
 /// Checks the app's 101: the accept key for the client's key, and a subprotocol (if any)
 /// that the client offered and the route allows.
-pub fn check_backend_101(
+pub(crate) fn check_backend_101(
     status: StatusCode,
     headers: &HeaderMap,
     client_key: &[u8],
@@ -179,130 +163,16 @@ pub fn check_backend_101(
 }
 
 /// Headers of an app's response passed through to the client (hop-by-hop ones dropped).
-pub fn passthrough_headers(headers: &HeaderMap) -> HeaderMap {
+pub(crate) fn passthrough_headers(headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
     strip_hop_by_hop(&mut h);
     h
 }
 
-/// Counts bytes as they pass and notes that the client sent something.
-struct Counted<S> {
-    inner: S,
-    counter: Counter,
-    /// This session's bytes read through here.
-    total: u64,
-    activity: Option<Arc<AtomicBool>>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.counter.inc_by(n as u64);
-            self.total += n as u64;
-            if let Some(a) = &self.activity {
-                a.store(true, Ordering::Relaxed);
-            }
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// How a spliced session ended, and the bytes read from each side.
-pub struct Spliced {
-    pub end: SpliceEnd,
-    pub from_client: u64,
-    pub to_client: u64,
-}
-
-/// Why a spliced session ended.
-pub enum SpliceEnd {
-    /// One side closed and the other followed (the WebSocket close handshake passed through).
-    Closed,
-    Error,
-    IdleTimeout,
-    Shutdown,
-}
-
-/// Splices the upgraded client and app connections with 64 KiB buffers each way (a slow side
-/// stops the other's reads), until both are done, the client is silent for `idle`, or `stop`
-/// is cancelled (drain). Frames pass through untouched, so no close frame is injected: a cut
-/// session ends with a TCP close.
-pub async fn splice<C, B>(
-    client: C,
-    app: B,
-    idle: Duration,
-    stop: &CancellationToken,
-    from_client: Counter,
-    to_client: Counter,
-) -> Spliced
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let activity = Arc::new(AtomicBool::new(false));
-    let mut client = Counted {
-        inner: client,
-        counter: from_client,
-        total: 0,
-        activity: Some(activity.clone()),
-    };
-    let mut app = Counted {
-        inner: app,
-        counter: to_client,
-        total: 0,
-        activity: None,
-    };
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, 64 * 1024, 64 * 1024);
-    let idle_watch = async {
-        let mut deadline = Instant::now() + idle;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            if !activity.swap(false, Ordering::Relaxed) {
-                return;
-            }
-            deadline = Instant::now() + idle;
-        }
-    };
-    let end = tokio::select! {
-        r = copy => if r.is_ok() { SpliceEnd::Closed } else { SpliceEnd::Error },
-        () = idle_watch => SpliceEnd::IdleTimeout,
-        () = stop.cancelled() => SpliceEnd::Shutdown,
-    };
-    Spliced {
-        end,
-        from_client: client.total,
-        to_client: app.total,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MessageMode;
+    use crate::route::MessageMode;
 
     fn route(path: &str, backend: &str, protocols: &[&str]) -> Route {
         Route::new(

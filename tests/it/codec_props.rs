@@ -3,8 +3,8 @@
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use wsgate::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
-use wsgate::ws::{Decoder, Event, MessageKind};
+use wsgate::protocol::decoder::{Decoder, Event, MessageKind};
+use wsgate::protocol::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
 
 fn opcode() -> impl Strategy<Value = OpCode> {
     prop_oneof![
@@ -68,7 +68,7 @@ fn message() -> impl Strategy<Value = Message> {
 }
 
 fn frame(fin: bool, opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    wsgate::frame::encode_frame(fin, opcode, Some(key), payload)
+    wsgate::protocol::frame::encode_frame(fin, opcode, Some(key), payload)
 }
 
 fn encode(messages: &[Message], key: [u8; 4]) -> Vec<u8> {

@@ -1,11 +1,9 @@
 //! Proxy routes (ws:// and wss:// backends) and tls:// bridge backends, against a
 //! tokio-tungstenite ws app, hand-written misbehaving apps, and a TLS echo service.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

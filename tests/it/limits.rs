@@ -1,14 +1,12 @@
 //! The `[limits]` timers: idle timeout, pings, close timeout, and drain on shutdown.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::frame::OpCode;
+use wsgate::protocol::frame::OpCode;
 
 #[tokio::test]
 async fn silent_client_gets_1001_at_idle_timeout() {

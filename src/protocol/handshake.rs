@@ -54,8 +54,11 @@ pub struct Accepted {
 }
 
 /// Comma-separated tokens of every instance of a header, trimmed; values that are not
-/// visible ASCII yield nothing (and so never match).
-fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+/// visible ASCII yield nothing (and so never match). The one place header lists are split.
+pub fn header_tokens<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(name)
         .iter()
@@ -65,8 +68,9 @@ fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item =
         .filter(|t| !t.is_empty())
 }
 
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+/// Whether a header lists `token` (ASCII case-insensitive).
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, ()> {
@@ -78,7 +82,8 @@ fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a He
     }
 }
 
-/// Checks a request against §4.2.1 and the route's rules, in the order of DESIGN.md's table.
+/// Checks a request against §4.2.1 and the route's rules, in the order of the refusal table
+/// in docs/design.md.
 pub fn check(
     method: &Method,
     version: Version,
@@ -152,7 +157,7 @@ pub fn check(
         return Err(Rejection::new(S::FORBIDDEN, "origin", "origin not allowed"));
     }
     let protocol = route
-        .choose_subprotocol(tokens(headers, &header::SEC_WEBSOCKET_PROTOCOL))
+        .choose_subprotocol(header_tokens(headers, &header::SEC_WEBSOCKET_PROTOCOL))
         .map_err(|_| {
             bad(
                 "subprotocol",
@@ -171,7 +176,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, MessageMode};
+    use crate::route::{Backend, MessageMode};
 
     /// RFC 6455 §1.3's worked example.
     #[test]

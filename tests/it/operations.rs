@@ -1,11 +1,9 @@
 //! Running as a sidecar: admin endpoints and metrics, drain on SIGTERM, reload on SIGHUP and
 //! on file change (--watch), JSON logs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;

@@ -1,0 +1,86 @@
+//! [`FrameWriter`]: server frames (unmasked, minimal length form) onto the client stream.
+
+use bytes::Buf;
+use tokio::io::AsyncWriteExt;
+
+use super::frame::{
+    close_code, close_payload, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
+};
+use crate::stream::BoxWrite;
+
+/// Writes server frames (unmasked, minimal length form) to the client.
+///
+/// Once a close frame has been sent, further data and ping frames are dropped, as §5.5.1
+/// requires; the close itself is sent at most once.
+pub(crate) struct FrameWriter {
+    io: BoxWrite,
+    close_sent: Option<u16>,
+}
+
+impl FrameWriter {
+    pub(crate) fn new(io: BoxWrite) -> Self {
+        FrameWriter {
+            io,
+            close_sent: None,
+        }
+    }
+
+    /// The code of the close frame sent, if one was.
+    pub(crate) fn close_sent(&self) -> Option<u16> {
+        self.close_sent
+    }
+
+    /// Sends one frame. Not cancel-safe: a frame cut short leaves the stream unusable, so
+    /// callers only cancel it when they are about to drop the connection.
+    pub(crate) async fn send(
+        &mut self,
+        opcode: OpCode,
+        fin: bool,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        if self.close_sent.is_some() {
+            return Ok(());
+        }
+        self.send_unchecked(opcode, fin, payload).await
+    }
+
+    async fn send_unchecked(
+        &mut self,
+        opcode: OpCode,
+        fin: bool,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let mut header = [0u8; MAX_HEADER_LEN];
+        let n = FrameHeader {
+            fin,
+            opcode,
+            mask: None,
+            payload_len: payload.len() as u64,
+        }
+        .encode(&mut header);
+        let mut frame = (&header[..n]).chain(payload);
+        self.io.write_all_buf(&mut frame).await
+    }
+
+    /// Sends a pong answering a ping (same payload), unless a close was already sent.
+    pub(crate) async fn pong(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        debug_assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
+        self.send(OpCode::Pong, true, payload).await
+    }
+
+    /// Sends the close frame once; `None` sends an empty close (the answer to an empty one).
+    pub(crate) async fn close(&mut self, code: Option<u16>, reason: &str) -> std::io::Result<()> {
+        if self.close_sent.is_some() {
+            return Ok(());
+        }
+        self.close_sent = Some(code.unwrap_or(close_code::NO_STATUS));
+        let payload = code.map(|c| close_payload(c, reason)).unwrap_or_default();
+        self.send_unchecked(OpCode::Close, true, &payload).await?;
+        self.io.flush().await
+    }
+
+    /// Half-closes the client TCP connection (FIN) after the close handshake.
+    pub(crate) async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.io.shutdown().await
+    }
+}

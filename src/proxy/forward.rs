@@ -1,0 +1,136 @@
+//! The HTTP/1.1 exchange with a ws app: the client's upgrade (or plain request) forwarded over
+//! a connection the caller already opened, and the app's answer checked.
+//!
+//! Nothing here answers the client: each outcome is returned, and the server turns it into
+//! the client's response, so refusals are logged and counted in one place.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
+
+use super::headers::{backend_request, check_backend_101, BackendAccept};
+use crate::protocol::handshake::{header_tokens, Rejection};
+use crate::route::Route;
+use crate::stream::Io;
+
+/// Who the request is forwarded for (X-Forwarded-For and -Proto).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForwardedFor {
+    pub peer: SocketAddr,
+    /// The client came in over TLS.
+    pub tls: bool,
+}
+
+/// Why a forwarded request gives the client no upgrade.
+#[derive(Debug)]
+pub(crate) enum ForwardError {
+    /// The app could not be spoken to, or its 101 was wrong: the client gets this refusal.
+    Refused(Rejection),
+    /// The app answered the upgrade with something else (403, 404, …): passed to the client.
+    AppRefused(Response<Incoming>),
+}
+
+fn http_failed(error: impl std::fmt::Display) -> ForwardError {
+    ForwardError::Refused(Rejection::new(
+        StatusCode::BAD_GATEWAY,
+        "backend_http",
+        format!("backend HTTP failed: {error}"),
+    ))
+}
+
+/// An HTTP/1.1 client connection to the app over `io`; the connection task (with upgrades)
+/// runs on `tracker`, so a drain waits for it.
+async fn app_client<B>(
+    io: Box<dyn Io>,
+    tracker: &TaskTracker,
+) -> Result<SendRequest<B>, ForwardError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(http_failed)?;
+    tracker.spawn(connection.with_upgrades());
+    Ok(sender)
+}
+
+/// Forwards the client's upgrade to the app and checks its answer within `timeout`. On a good
+/// 101 returns the app's side of the upgrade and what the client's 101 carries over.
+pub(crate) async fn upgrade(
+    req: &Request<Incoming>,
+    route: &Route,
+    io: Box<dyn Io>,
+    client: ForwardedFor,
+    timeout: Duration,
+    tracker: &TaskTracker,
+) -> Result<(OnUpgrade, BackendAccept), ForwardError> {
+    let mut sender = app_client(io, tracker).await?;
+    let offered: Vec<String> = header_tokens(req.headers(), &header::SEC_WEBSOCKET_PROTOCOL)
+        .map(str::to_owned)
+        .collect();
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().trim_ascii().to_vec())
+        .unwrap_or_default();
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = req.method().clone();
+    head.uri = req.uri().clone();
+    head.headers = req.headers().clone();
+    let request = backend_request(
+        &head,
+        Empty::<Bytes>::new(),
+        route,
+        client.peer,
+        client.tls,
+        true,
+    );
+    let response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(http_failed(e)),
+        Err(_) => {
+            return Err(ForwardError::Refused(Rejection::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend_timeout",
+                "backend did not answer the upgrade in time",
+            )))
+        }
+    };
+    match check_backend_101(response.status(), response.headers(), &key, &offered, route) {
+        Ok(accept) => Ok((hyper::upgrade::on(response), accept)),
+        Err(reason) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Err(ForwardError::Refused(Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                "backend_bad_101",
+                reason,
+            )))
+        }
+        Err(_) => Err(ForwardError::AppRefused(response)),
+    }
+}
+
+/// Forwards a plain HTTP request (both bodies streamed) over `io` and returns the app's
+/// answer.
+pub(crate) async fn http(
+    req: Request<Incoming>,
+    route: &Route,
+    io: Box<dyn Io>,
+    client: ForwardedFor,
+    tracker: &TaskTracker,
+) -> Result<Response<Incoming>, ForwardError> {
+    let mut sender = app_client(io, tracker).await?;
+    let (parts, body) = req.into_parts();
+    let request = backend_request(&parts, body, route, client.peer, client.tls, false);
+    sender.send_request(request).await.map_err(http_failed)
+}

@@ -1,0 +1,182 @@
+//! One request on a client connection: the route, the RFC 6455 checks, the backend connected
+//! (and, on proxy routes, the app's 101 checked) **before** the client's 101, then the session
+//! handed to its own task. Every refusal goes through [`refuse`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::conn::Conn;
+use super::respond::{forward_failed, full, passthrough, refuse, Body};
+use super::session::{Session, SessionBackend};
+use crate::backend::{self, BackendConn};
+use crate::bridge::SessionLimits;
+use crate::metrics::Metrics;
+use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
+use crate::proxy::forward::{self, ForwardedFor};
+use crate::proxy::headers::BackendAccept;
+use crate::route::Route;
+
+pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
+    conn.head_seen
+        .store(true, std::sync::atomic::Ordering::Release);
+    let state = &conn.state;
+    if conn.over_capacity {
+        let mut r = Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "over_capacity",
+            "too many connections; try again later",
+        );
+        r.headers.push((header::RETRY_AFTER, "1"));
+        return refuse(&conn, None, r);
+    }
+    let Some(route) = conn.config.routes.find(req.uri().path()) else {
+        return refuse(
+            &conn,
+            None,
+            Rejection::new(StatusCode::NOT_FOUND, "no_route", "no route for this path"),
+        );
+    };
+    let route = route.clone();
+    let forwarded_for = ForwardedFor {
+        peer: conn.peer,
+        tls: conn.tls,
+    };
+    let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
+    if route.backend.is_proxy() && !is_upgrade {
+        return proxy_http(&conn, req, &route, forwarded_for).await;
+    }
+    let accepted = match handshake::check(req.method(), req.version(), req.headers(), &route) {
+        Ok(a) => a,
+        Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
+    };
+    let limits = &conn.config.limits;
+    let connect_started = Instant::now();
+    let backend = match backend::connect(&route, limits.connect_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
+            return refuse(
+                &conn,
+                Some(&route.path),
+                Rejection::new(e.status(), e.label(), e.to_string()),
+            );
+        }
+    };
+    state
+        .metrics
+        .backend_connect_seconds
+        .get_or_create(&Metrics::route(&route.path))
+        .observe(connect_started.elapsed().as_secs_f64());
+    let (backend, proxy_accept) = match backend {
+        BackendConn::Proxy(io) => {
+            let forwarded = forward::upgrade(
+                &req,
+                &route,
+                io,
+                forwarded_for,
+                limits.connect_timeout,
+                &state.tracker,
+            )
+            .await;
+            match forwarded {
+                Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
+                Err(e) => return forward_failed(&conn, &route.path, e),
+            }
+        }
+        BackendConn::Echo => (SessionBackend::Bridge(None), None),
+        BackendConn::Stream { read, write } => (SessionBackend::Bridge(Some((read, write))), None),
+    };
+    let response = switching_protocols(&accepted, proxy_accept);
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
+    let session = Session {
+        state: state.clone(),
+        peer: conn.peer,
+        limits: SessionLimits {
+            max_message_size: limits.max_message_size,
+            idle_timeout: limits.idle_timeout,
+            ping_interval: limits.ping_interval,
+            close_timeout: limits.close_timeout,
+            message: route.message,
+        },
+        route,
+    };
+    state.tracker.spawn(
+        async move {
+            let _slot = slot;
+            match on_upgrade.await {
+                Ok(upgraded) => session.run(upgraded, backend).await,
+                Err(e) => debug!(error = %e, "upgrade failed"),
+            }
+        }
+        // The connection's own span, not nested in the handshake's (same id).
+        .instrument(info_span!(parent: None, "conn", id = conn.id)),
+    );
+    response
+}
+
+/// The client's 101: the accept key, and the subprotocol (and, on proxy routes, the
+/// extensions) chosen.
+fn switching_protocols(accepted: &Accepted, proxy: Option<BackendAccept>) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accepted.accept).expect("base64 is a valid header value"),
+    );
+    match proxy {
+        // A proxy route answers with the app's choice (checked against the offer and route).
+        Some(accept) => {
+            if let Some(p) = accept.protocol {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+            }
+            if let Some(e) = accept.extensions {
+                headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, e);
+            }
+        }
+        None => {
+            if let Some(protocol) = &accepted.protocol {
+                // Chosen from the route's own list of tokens, so always a valid value.
+                if let Ok(v) = HeaderValue::from_str(protocol) {
+                    headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+                }
+            }
+        }
+    }
+    response
+}
+
+/// A plain HTTP request on a proxy route: forwarded to the app, both bodies streamed.
+async fn proxy_http(
+    conn: &Conn,
+    req: Request<Incoming>,
+    route: &Route,
+    client: ForwardedFor,
+) -> Response<Body> {
+    let limits = &conn.config.limits;
+    let io = match backend::connect(route, limits.connect_timeout).await {
+        Ok(BackendConn::Proxy(io)) => io,
+        Ok(_) => unreachable!("proxy routes connect to proxy backends"),
+        Err(e) => {
+            return refuse(
+                conn,
+                Some(&route.path),
+                Rejection::new(e.status(), e.label(), e.to_string()),
+            );
+        }
+    };
+    match forward::http(req, route, io, client, &conn.state.tracker).await {
+        Ok(response) => passthrough(response),
+        Err(e) => forward_failed(conn, &route.path, e),
+    }
+}

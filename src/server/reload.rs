@@ -1,0 +1,157 @@
+//! Reload: a new config applied while the server runs. New listeners are bound first (any
+//! failure changes nothing), then the config is swapped for new connections, then listeners
+//! no longer configured are closed. Live sessions keep the config they started with.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{accept, bind, Handle, State};
+use crate::config::{Config, ConfigError, Listener};
+use crate::metrics::ResultLabel;
+
+/// Why a reload was not applied; the old config stays in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload (quick mode)")]
+    NoConfigFile,
+    #[error("draining: reload ignored")]
+    Draining,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] std::io::Error),
+}
+
+/// One listening address: its accept loop and the TLS settings new connections get.
+pub(super) struct ListenerSlot {
+    pub(super) bound: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    /// The listener's TLS config, swapped on reload (new certificates, new connections).
+    tls: Arc<RwLock<Option<TlsAcceptor>>>,
+}
+
+impl ListenerSlot {
+    /// Stops accepting and waits for the accept loop to end (the socket is closed then).
+    pub(super) async fn close(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+pub(super) fn acceptor(listener: &Listener) -> Option<TlsAcceptor> {
+    listener
+        .tls
+        .as_ref()
+        .map(|t| TlsAcceptor::from(t.server.clone()))
+}
+
+impl State {
+    pub(super) fn start_listener(
+        self: &Arc<Self>,
+        configured: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        listener: TcpListener,
+    ) {
+        let bound = listener.local_addr().unwrap_or(configured);
+        let stop = CancellationToken::new();
+        let tls = Arc::new(RwLock::new(tls));
+        let task = tokio::spawn(accept::run(
+            listener,
+            self.clone(),
+            stop.clone(),
+            tls.clone(),
+        ));
+        self.listeners.lock().unwrap().insert(
+            configured,
+            ListenerSlot {
+                bound,
+                stop,
+                task,
+                tls,
+            },
+        );
+    }
+}
+
+impl Handle {
+    /// Reads the config file again and applies it; on any error the old config stays.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let Some(path) = self.state.config_path.lock().unwrap().clone() else {
+            return Err(ReloadError::NoConfigFile);
+        };
+        let result = match Config::load(&path) {
+            Ok(config) => self.apply(config).await,
+            Err(e) => Err(e.into()),
+        };
+        let m = &self.state.metrics;
+        let label = ResultLabel {
+            result: if result.is_ok() { "success" } else { "failure" }.into(),
+        };
+        m.reloads.get_or_create(&label).inc();
+        m.last_reload_success.set(i64::from(result.is_ok()));
+        match &result {
+            Ok(()) => info!(path = %path.display(), "config reloaded"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "config reload rejected; keeping the old config")
+            }
+        }
+        result
+    }
+
+    /// Applies a validated config: binds new listeners first (any failure changes nothing),
+    /// swaps the config for new connections, then closes listeners no longer configured.
+    pub async fn apply(&self, config: Config) -> Result<(), ReloadError> {
+        let state = &self.state;
+        if state.draining.load(Ordering::Acquire) {
+            return Err(ReloadError::Draining);
+        }
+        let old = state.config();
+        if old.admin != config.admin {
+            warn!("[admin] addr changes take effect at restart");
+        }
+        let existing: Vec<SocketAddr> = state.listeners.lock().unwrap().keys().copied().collect();
+        let mut fresh = Vec::new();
+        for l in &config.listen {
+            if !existing.contains(&l.addr) {
+                fresh.push((l.addr, acceptor(l), bind(l.addr).await?));
+            }
+        }
+        let removed: Vec<SocketAddr> = existing
+            .into_iter()
+            .filter(|a| !config.listen.iter().any(|l| l.addr == *a))
+            .collect();
+        // Kept listeners take the new TLS settings (renewed certificates) for new connections.
+        {
+            let slots = state.listeners.lock().unwrap();
+            for l in &config.listen {
+                if let Some(slot) = slots.get(&l.addr) {
+                    *slot.tls.write().unwrap() = acceptor(l);
+                }
+            }
+        }
+        *state.config.write().unwrap() = Arc::new(config);
+        for (configured, tls, listener) in fresh {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "listening");
+            }
+            state.start_listener(configured, tls, listener);
+        }
+        for addr in removed {
+            let slot = state.listeners.lock().unwrap().remove(&addr);
+            if let Some(slot) = slot {
+                let bound = slot.bound;
+                slot.close().await;
+                info!(addr = %bound, "listener closed");
+            }
+        }
+        Ok(())
+    }
+}

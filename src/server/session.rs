@@ -1,0 +1,142 @@
+//! An upgraded session from start to end: the bridge or the proxy splice run on the client's
+//! connection, the route's metrics kept, and one log line written when it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tracing::info;
+
+use super::State;
+use crate::bridge::{self, SessionLimits, Summary};
+use crate::metrics::{Metrics, SessionCounters};
+use crate::protocol::frame::close_code;
+use crate::proxy::splice::splice;
+use crate::route::Route;
+use crate::session_end::SessionEnd;
+use crate::stream::{BoxRead, BoxWrite};
+
+pub(super) struct Session {
+    pub(super) state: Arc<State>,
+    pub(super) peer: SocketAddr,
+    pub(super) route: Route,
+    pub(super) limits: SessionLimits,
+}
+
+/// What a session relays to.
+pub(super) enum SessionBackend {
+    /// The bridge: a byte stream, or `None` for the built-in echo.
+    Bridge(Option<(BoxRead, BoxWrite)>),
+    /// A proxy route: the app's side of the upgrade, ready once its 101 is through.
+    Proxy(OnUpgrade),
+}
+
+impl Session {
+    /// Runs the session to its end. Cancel-safe only in that dropping it drops both
+    /// connections (the drain cancels sessions through `sessions_stop` instead).
+    pub(super) async fn run(self, upgraded: Upgraded, backend: SessionBackend) {
+        let m = &self.state.metrics;
+        let route = &self.route.path;
+        let label = Metrics::route(route);
+        m.sessions_total.get_or_create(&label).inc();
+        m.sessions_open.get_or_create(&label).inc();
+        let counters = SessionCounters::for_route(m, route);
+        info!(peer = %self.peer, route = %route, backend = %self.route.backend, "upgraded");
+        let started = Instant::now();
+        let summary = match backend {
+            SessionBackend::Bridge(backend) => {
+                let (read, initial, write) = split_upgraded(upgraded);
+                bridge::run(
+                    read,
+                    initial,
+                    write,
+                    backend,
+                    &self.limits,
+                    &self.state.sessions_stop,
+                    counters,
+                )
+                .await
+            }
+            SessionBackend::Proxy(app) => match app.await {
+                Ok(app) => {
+                    let spliced = splice(
+                        TokioIo::new(upgraded),
+                        TokioIo::new(app),
+                        self.limits.idle_timeout,
+                        &self.state.sessions_stop,
+                        counters.bytes_from_client.clone(),
+                        counters.bytes_to_client.clone(),
+                    )
+                    .await;
+                    Summary {
+                        bytes_from_client: spliced.from_client,
+                        bytes_to_client: spliced.to_client,
+                        ..Summary::ended(spliced.end)
+                    }
+                }
+                Err(_) => Summary::ended(SessionEnd::BackendUpgradeFailed),
+            },
+        };
+        let duration = started.elapsed();
+        m.sessions_open.get_or_create(&label).dec();
+        m.session_seconds
+            .get_or_create(&label)
+            .observe(duration.as_secs_f64());
+        m.close_codes
+            .get_or_create(&Metrics::close(route, "sent", summary.close_sent))
+            .inc();
+        m.close_codes
+            .get_or_create(&Metrics::close(route, "received", summary.close_received))
+            .inc();
+        info!(
+            peer = %self.peer,
+            route = %route,
+            backend = %self.route.backend,
+            bytes_in = summary.bytes_from_client,
+            bytes_out = summary.bytes_to_client,
+            messages_in = summary.messages_from_client,
+            messages_out = summary.messages_to_client,
+            duration_ms = duration.as_millis() as u64,
+            close_sent = summary.close_sent.unwrap_or(0),
+            close_received = summary.close_received.unwrap_or(close_code::ABNORMAL),
+            end = summary.end.as_str(),
+            "session ended"
+        );
+    }
+}
+
+/// Takes the client connection back from hyper: the plain TCP stream when it is one (no
+/// extra layer on the data path), with the bytes hyper had already read behind the request.
+fn split_upgraded(upgraded: Upgraded) -> (BoxRead, BytesMut, BoxWrite) {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            return (
+                Box::pin(read),
+                BytesMut::from(&parts.read_buf[..]),
+                Box::pin(write),
+            );
+        }
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+        Ok(parts) => {
+            // A TLS session has one state for both directions: split behind a lock.
+            let (read, write) = tokio::io::split(parts.io.into_inner());
+            (
+                Box::pin(read),
+                BytesMut::from(&parts.read_buf[..]),
+                Box::pin(write),
+            )
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            (Box::pin(read), BytesMut::new(), Box::pin(write))
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! How a session ended: one bounded set of reasons, shown as `end` in the session's log line.
+//! Decoder violations carry theirs; the bridge and the proxy splice pick the rest.
+
+/// Why a session ended. The first reason recorded wins; [`SessionEnd::as_str`] is the label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent a close frame.
+    ClientClose,
+    /// The backend closed its side (FIN); everything it sent was delivered, then close 1000.
+    BackendEof,
+    /// The backend reset or failed: close 1014.
+    BackendError,
+    /// The backend sent invalid UTF-8 on a text route: close 1014.
+    BackendInvalidUtf8,
+    /// The client broke a §5 rule: close 1002.
+    ProtocolError,
+    /// The client sent invalid UTF-8: close 1007.
+    InvalidUtf8,
+    /// The client's message exceeded max_message_size: close 1009.
+    MessageTooBig,
+    /// Nothing heard from the client for idle_timeout: close 1001.
+    IdleTimeout,
+    /// wsgate is draining: close 1001.
+    Shutdown,
+    /// The client's connection ended without a close frame.
+    ClientGone,
+    /// Writing to the client failed.
+    ClientError,
+    /// The client did not read our frames, so a pong could not be sent in time.
+    ClientNotReading,
+    /// The peer did not finish the close handshake within close_timeout.
+    CloseTimeout,
+    /// Proxy route: both sides closed (the close handshake passed through).
+    Closed,
+    /// Proxy route: one side failed.
+    Error,
+    /// Proxy route: the app's side of the upgrade never completed.
+    BackendUpgradeFailed,
+    /// Nothing recorded a reason (should not happen; kept so the log line always has one).
+    Unknown,
+}
+
+impl SessionEnd {
+    /// The fixed label for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::ClientClose => "client_close",
+            SessionEnd::BackendEof => "backend_eof",
+            SessionEnd::BackendError => "backend_error",
+            SessionEnd::BackendInvalidUtf8 => "backend_invalid_utf8",
+            SessionEnd::ProtocolError => "protocol_error",
+            SessionEnd::InvalidUtf8 => "invalid_utf8",
+            SessionEnd::MessageTooBig => "message_too_big",
+            SessionEnd::IdleTimeout => "idle_timeout",
+            SessionEnd::Shutdown => "shutdown",
+            SessionEnd::ClientGone => "client_gone",
+            SessionEnd::ClientError => "client_error",
+            SessionEnd::ClientNotReading => "client_not_reading",
+            SessionEnd::CloseTimeout => "close_timeout",
+            SessionEnd::Closed => "closed",
+            SessionEnd::Error => "error",
+            SessionEnd::BackendUpgradeFailed => "backend_upgrade_failed",
+            SessionEnd::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,16 @@
+//! wsgate's integration tests, one binary (one link of tokio, hyper and rustls), a module per
+//! feature. Every test binds 127.0.0.1 on ports the OS picks, and every wait is bounded.
+
+mod browser;
+mod cli;
+mod codec_props;
+mod common;
+mod deploy;
+mod handshake;
+mod limits;
+mod operations;
+mod protocol;
+mod proxy;
+mod python_peer;
+mod relay;
+mod tls;
