@@ -202,15 +202,20 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// Parses "250ms", "10s", "5m", "1h" (whole numbers).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Splits "16MiB" into 16 and "MiB": a whole number, then its unit (trimmed).
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?} (use e.g. \"10s\", \"5m\", \"250ms\")"))?;
-    let secs = match unit.trim() {
+    Some((num.parse().ok()?, unit.trim()))
+}
+
+/// Parses "250ms", "10s", "5m", "1h" (whole numbers).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (n, unit) = number_and_unit(text).ok_or_else(|| {
+        format!("invalid duration {text:?} (use e.g. \"10s\", \"5m\", \"250ms\")")
+    })?;
+    let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "s" => n,
         "m" => n * 60,
@@ -226,13 +231,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses "512", "512B", "64KiB", "16MiB", "1GiB", "10KB", "1MB" (whole numbers).
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {text:?} (use e.g. 65536, \"64KiB\", \"16MiB\")"))?;
-    let mult: u64 = match unit.trim() {
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("invalid size {text:?} (use e.g. 65536, \"64KiB\", \"16MiB\")"))?;
+    let mult: u64 = match unit {
         "" | "B" => 1,
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,

@@ -221,3 +221,6 @@ pub(crate) async fn run(
         end: shared.end.get().copied().unwrap_or(SessionEnd::Unknown),
     }
 }
+
+#[cfg(test)]
+mod tests;
