@@ -1,4 +1,4 @@
-//! Prometheus metrics (prometheus-client, OpenMetrics text) and the admin endpoints.
+//! Prometheus metrics (prometheus-client, OpenMetrics text); `server::admin` serves them.
 //!
 //! Label values come from the config (route paths) or from fixed sets (rejection reasons,
 //! directions, close-code classes); never from client input, so the series count is bounded.
