@@ -1,6 +1,9 @@
 //! wsgate's integration tests, one binary (one link of tokio, hyper and rustls), a module per
 //! feature. Every test binds 127.0.0.1 on ports the OS picks, and every wait is bounded.
 
+// The helpers in `common` are `pub` for the test modules; nothing here is an API.
+#![allow(unreachable_pub)]
+
 mod browser;
 mod cli;
 mod codec_props;
