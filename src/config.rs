@@ -58,6 +58,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// On SIGTERM, how long sessions may go on before close 1001 (default 30 s).
     pub drain_timeout: Duration,
+    /// Bytes all sessions together may hold as whole messages (the echo route's buffers;
+    /// default 256 MiB); a message that would go over gets close 1013. Fixed at start.
+    pub message_buffer_budget: u64,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             close_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
+            message_buffer_budget: 256 << 20,
         }
     }
 }
@@ -153,6 +157,7 @@ struct RawLimits {
     close_timeout: Option<Dur>,
     max_connections: Option<usize>,
     drain_timeout: Option<Dur>,
+    message_buffer_budget: Option<Size>,
 }
 
 #[derive(Deserialize)]
@@ -361,6 +366,9 @@ impl Config {
             close_timeout: r.close_timeout.map_or(d.close_timeout, |x| x.0),
             max_connections: r.max_connections.unwrap_or(d.max_connections),
             drain_timeout: r.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+            message_buffer_budget: r
+                .message_buffer_budget
+                .map_or(d.message_buffer_budget, |x| x.0),
         };
         for (key, value) in [
             ("handshake_timeout", limits.handshake_timeout),
@@ -375,6 +383,12 @@ impl Config {
                     format!("limits.{key} must be more than zero"),
                 ));
             }
+        }
+        if limits.message_buffer_budget < limits.max_message_size {
+            return Err(invalid(
+                None,
+                "limits.message_buffer_budget must be at least max_message_size".into(),
+            ));
         }
         if limits.max_connections == 0 {
             return Err(invalid(

@@ -74,6 +74,8 @@ pub(crate) struct Metrics {
     pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub handshake_timeouts: Counter,
     pub tls_failures: Counter,
+    /// Bytes held as whole messages by all sessions (the echo's buffers), set when scraped.
+    pub message_buffer_bytes: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
     pub last_reload_success: Gauge,
 }
@@ -100,6 +102,7 @@ impl Metrics {
             session_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             handshake_timeouts: Counter::default(),
             tls_failures: Counter::default(),
+            message_buffer_bytes: Gauge::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
         };
@@ -157,6 +160,11 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out on wss:// listeners",
             m.tls_failures.clone(),
+        );
+        registry.register(
+            "message_buffer_bytes",
+            "Bytes held as whole messages by all sessions (bounded by limits.message_buffer_budget)",
+            m.message_buffer_bytes.clone(),
         );
         registry.register(
             "config_reloads",

@@ -26,8 +26,12 @@ pub enum SessionEnd {
     ClientGone,
     /// Writing to the client failed.
     ClientError,
-    /// The client did not read our frames, so a pong could not be sent in time.
+    /// The client did not read our frames for idle_timeout.
     ClientNotReading,
+    /// The backend did not read for idle_timeout while client data waited: close 1011.
+    BackendStuck,
+    /// The echo's whole-message buffering would exceed the process-wide budget: close 1013.
+    TryAgainLater,
     /// The peer did not finish the close handshake within close_timeout.
     CloseTimeout,
     /// Proxy route: both sides closed (the close handshake passed through).
@@ -56,6 +60,8 @@ impl SessionEnd {
             SessionEnd::ClientGone => "client_gone",
             SessionEnd::ClientError => "client_error",
             SessionEnd::ClientNotReading => "client_not_reading",
+            SessionEnd::BackendStuck => "backend_stuck",
+            SessionEnd::TryAgainLater => "try_again_later",
             SessionEnd::CloseTimeout => "close_timeout",
             SessionEnd::Closed => "closed",
             SessionEnd::Error => "error",

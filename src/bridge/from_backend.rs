@@ -70,6 +70,7 @@ pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
         }
         if send_len > 0 {
             let mut writer = s.writer.lock().await;
+            let _pending = s.client_write.start();
             if writer.send(opcode, true, &buf[..send_len]).await.is_err() {
                 s.start_closing(SessionEnd::ClientError);
                 return;

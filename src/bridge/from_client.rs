@@ -1,35 +1,43 @@
 //! Client → backend: frames decoded, data payloads streamed to the backend (or echoed), pings
-//! answered, the idle and ping timers, and the close handshake finished.
+//! answered, and the close handshake finished. The timers live in the watchdog; this pump
+//! only notes when it heard from the client and which write it is waiting on.
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::{sleep_until, timeout, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::timeout;
 
+use super::budget::MessageBudget;
 use super::{SessionLimits, Shared, INITIAL_READ_BUF, MAX_READ_BUF};
 use crate::protocol::decoder::{Decoder, Event, MessageKind, Violation};
 use crate::protocol::frame::{close_code, OpCode};
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite};
 
-/// Client → backend: reads frames, streams data payloads to the backend (or echoes them),
-/// answers pings, runs the idle and ping timers, and finishes the close handshake.
+/// Why a write to the backend did not complete.
+enum BackendWriteFailed {
+    /// The backend's connection failed.
+    Backend,
+    /// The client went away while the write was waiting.
+    ClientGone,
+}
+
+/// Client → backend until the client's close (or the session's end). Cancel-safe in the
+/// sense that matters: dropping it drops both connections.
 pub(super) async fn pump(
     s: &Shared,
     mut client: BoxRead,
     mut buf: BytesMut,
     mut backend: Option<BoxWrite>,
     limits: &SessionLimits,
-    shutdown: &CancellationToken,
+    budget: &Arc<MessageBudget>,
 ) {
     let echo = backend.is_none();
     let mut decoder = Decoder::new(limits.max_message_size);
-    let mut closing_rx = s.closing.subscribe();
-    let mut last_heard = Instant::now();
-    let mut next_ping = last_heard + limits.ping_interval;
     let mut read_size = INITIAL_READ_BUF;
-    let mut shutdown_seen = false;
     let mut echo_message = Vec::new();
+    let mut echo_held = budget.reservation();
     loop {
         // Act on every complete event already buffered.
         loop {
@@ -49,7 +57,17 @@ pub(super) async fn pump(
                     s.count_from_client(payload.len(), fin);
                     if echo {
                         // The echo answers whole messages (at most max_message_size): a
-                        // client may write a whole message before it reads anything.
+                        // client may write a whole message before it reads anything. What it
+                        // holds counts against the process-wide budget.
+                        if !echo_held.grow(payload.len() as u64) {
+                            s.close(
+                                SessionEnd::TryAgainLater,
+                                Some(close_code::TRY_AGAIN_LATER),
+                                "server busy: message buffers full",
+                            )
+                            .await;
+                            return finish(s, client, backend).await;
+                        }
                         echo_message.extend_from_slice(&payload);
                         if fin {
                             let opcode = match kind {
@@ -58,30 +76,42 @@ pub(super) async fn pump(
                             };
                             let mut writer = s.writer.lock().await;
                             let counted = writer.close_sent().is_none();
+                            let pending = s.client_write.start();
                             if writer.send(opcode, true, &echo_message).await.is_err() {
                                 s.start_closing(SessionEnd::ClientError);
                                 return;
                             }
+                            drop(pending);
                             if counted {
                                 s.count_to_client(echo_message.len());
                             }
                             echo_message.clear();
                             echo_message.shrink_to(INITIAL_READ_BUF);
+                            echo_held.release();
                         }
                     } else if let Some(w) = backend.as_mut() {
-                        if w.write_all(&payload).await.is_err() {
-                            backend = None;
-                            s.close(
-                                SessionEnd::BackendError,
-                                Some(close_code::BAD_GATEWAY),
-                                "backend connection failed",
-                            )
-                            .await;
+                        match write_backend(s, w, &payload, &mut client, &mut buf).await {
+                            Ok(()) => {}
+                            Err(BackendWriteFailed::Backend) => {
+                                backend = None;
+                                s.close(
+                                    SessionEnd::BackendError,
+                                    Some(close_code::BAD_GATEWAY),
+                                    "backend connection failed",
+                                )
+                                .await;
+                            }
+                            Err(BackendWriteFailed::ClientGone) => {
+                                // Gone without a close handshake: nobody is left to deliver
+                                // the rest to; the backend gets EOF.
+                                return client_gone(s, backend).await;
+                            }
                         }
                     }
                 }
                 Event::Ping(payload) => match timeout(s.close_timeout, s.writer.lock()).await {
                     Ok(mut writer) => {
+                        let _pending = s.client_write.start();
                         if writer.pong(&payload).await.is_err() {
                             s.start_closing(SessionEnd::ClientError);
                             return;
@@ -94,7 +124,7 @@ pub(super) async fn pump(
                 Event::Close(close) => {
                     let code = close.as_ref().map(|(code, _)| *code);
                     let reason = close.as_ref().map_or("", |(_, r)| r.as_str());
-                    let _ = s.close_received.set(code.unwrap_or(1005));
+                    let _ = s.close_received.set(code.unwrap_or(close_code::NO_STATUS));
                     // Echo the code and reason (§5.5.1); a no-op if our close went first.
                     s.close(SessionEnd::ClientClose, code, reason).await;
                     return finish(s, client, backend).await;
@@ -103,60 +133,57 @@ pub(super) async fn pump(
         }
 
         // Read more.
-        if buf.capacity() - buf.len() < read_size.max(decoder.wants()) {
-            buf.reserve(read_size.max(decoder.wants()));
+        let want = read_size.max(decoder.wants());
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
         }
-        let closing = closing_rx.borrow_and_update().is_some();
-        let idle_at = last_heard + limits.idle_timeout;
-        let timer = if closing {
-            // The session's close deadline bounds us now.
-            Instant::now() + limits.close_timeout * 2
-        } else {
-            idle_at.min(next_ping)
-        };
+        match client.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return client_gone(s, backend).await,
+            Ok(n) => {
+                s.heard();
+                if n >= read_size && read_size < MAX_READ_BUF {
+                    read_size *= 2;
+                }
+            }
+        }
+    }
+}
+
+/// Writes one payload piece to the backend. While the backend is slow to take it, the client
+/// is still read into `buf` (up to [`MAX_READ_BUF`]), so a client that goes away is noticed and
+/// the watchdog sees it is alive; past that the client waits (backpressure).
+async fn write_backend(
+    s: &Shared,
+    backend: &mut BoxWrite,
+    payload: &[u8],
+    client: &mut BoxRead,
+    buf: &mut BytesMut,
+) -> Result<(), BackendWriteFailed> {
+    let _pending = s.backend_write.start();
+    let write = backend.write_all(payload);
+    tokio::pin!(write);
+    loop {
+        let room = MAX_READ_BUF.saturating_sub(buf.len());
+        if room > 0 && buf.capacity() - buf.len() < room.min(INITIAL_READ_BUF) {
+            buf.reserve(room.min(INITIAL_READ_BUF));
+        }
         tokio::select! {
             biased;
-            () = shutdown.cancelled(), if !shutdown_seen => {
-                shutdown_seen = true;
-                s.close(SessionEnd::Shutdown, Some(close_code::GOING_AWAY), "server shutting down").await;
-            }
-            _ = closing_rx.changed() => {}
-            () = sleep_until(timer) => {
-                if closing {
-                    continue;
-                }
-                let now = Instant::now();
-                if now >= idle_at {
-                    s.close(SessionEnd::IdleTimeout, Some(close_code::GOING_AWAY), "idle timeout").await;
-                } else if now >= next_ping {
-                    // Skip the ping if a frame is being written: the link is busy anyway.
-                    if let Ok(mut writer) = s.writer.try_lock() {
-                        if writer.send(OpCode::Ping, true, b"").await.is_err() {
-                            s.start_closing(SessionEnd::ClientError);
-                            return;
-                        }
-                    }
-                    next_ping = now + limits.ping_interval;
-                }
-            }
-            read = client.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => {
-                    // Gone without a close handshake (1006 in the log).
-                    s.start_closing(SessionEnd::ClientGone);
-                    if let Some(mut w) = backend {
-                        let _ = w.shutdown().await;
-                    }
-                    return;
-                }
-                Ok(n) => {
-                    last_heard = Instant::now();
-                    next_ping = last_heard + limits.ping_interval;
-                    if n >= read_size && read_size < MAX_READ_BUF {
-                        read_size *= 2;
-                    }
-                }
-            }
+            written = &mut write => return written.map_err(|_| BackendWriteFailed::Backend),
+            read = client.read_buf(buf), if room > 0 => match read {
+                Ok(0) | Err(_) => return Err(BackendWriteFailed::ClientGone),
+                Ok(_) => s.heard(),
+            },
         }
+    }
+}
+
+/// The client's connection ended without a close handshake (1006 in the log): the session is
+/// closing, and the backend gets EOF; its remaining output is read and dropped.
+async fn client_gone(s: &Shared, backend: Option<BoxWrite>) {
+    s.start_closing(SessionEnd::ClientGone);
+    if let Some(mut w) = backend {
+        let _ = w.shutdown().await;
     }
 }
 

@@ -8,13 +8,17 @@
 //! Both pumps run concurrently in the session's task and share the client's [`FrameWriter`]
 //! behind a mutex, so a pong or a close never lands inside another frame. Each pump awaits its
 //! own writes, which is the backpressure: a slow reader stops the other side's reads, and each
-//! direction buffers at most [`MAX_READ_BUF`] bytes in user space.
+//! direction buffers at most [`MAX_READ_BUF`] bytes in user space (plus, on the echo route,
+//! whole messages counted against the process-wide [`MessageBudget`]).
+//!
+//! A third task, the [`watchdog`], runs the idle, ping and stuck-side timers and the drain
+//! signal, so a pump blocked on a side that stopped reading is always noticed.
 //!
 //! Endings: once a close is sent or received the session is *closing* and has `close_timeout`
 //! left; whatever has not finished by then is dropped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -28,8 +32,12 @@ use crate::route::MessageMode;
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite};
 
+mod budget;
 mod from_backend;
 mod from_client;
+mod watchdog;
+
+pub(crate) use budget::MessageBudget;
 
 /// First read buffer of each direction; idle sessions stay this small.
 const INITIAL_READ_BUF: usize = 4 * 1024;
@@ -76,9 +84,58 @@ impl Summary {
     }
 }
 
-/// State both pumps share.
+/// Since when a write to one side has been pending; the watchdog reads it.
+struct PendingSince {
+    origin: Instant,
+    /// Milliseconds since `origin` plus one; 0 while no write is pending.
+    millis: AtomicU64,
+}
+
+impl PendingSince {
+    fn new(origin: Instant) -> Self {
+        PendingSince {
+            origin,
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks a write as pending until the guard is dropped.
+    fn start(&self) -> PendingGuard<'_> {
+        let ms = self.origin.elapsed().as_millis() as u64 + 1;
+        self.millis.store(ms, Ordering::Relaxed);
+        PendingGuard(self)
+    }
+
+    fn since(&self) -> Option<Instant> {
+        match self.millis.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.origin + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    fn pending_for(&self, now: Instant) -> Option<Duration> {
+        self.since().map(|t| now.saturating_duration_since(t))
+    }
+}
+
+struct PendingGuard<'a>(&'a PendingSince);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.millis.store(0, Ordering::Relaxed);
+    }
+}
+
+/// State the pumps and the watchdog share.
 struct Shared {
     writer: Mutex<FrameWriter>,
+    started: Instant,
+    /// When the client last sent anything, in milliseconds since `started`.
+    heard_ms: AtomicU64,
+    /// A write to the client (a frame) is pending since…
+    client_write: PendingSince,
+    /// A write to the backend is pending since…
+    backend_write: PendingSince,
     /// Set when a close is sent or received: the moment the session must be over by.
     closing: watch::Sender<Option<Instant>>,
     close_timeout: Duration,
@@ -93,6 +150,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// Notes that the client sent something (any bytes: frames, pongs).
+    fn heard(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heard_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_heard(&self) -> Instant {
+        self.started + Duration::from_millis(self.heard_ms.load(Ordering::Relaxed))
+    }
+
     fn count_from_client(&self, bytes: usize, message_done: bool) {
         self.bytes_from_client
             .fetch_add(bytes as u64, Ordering::Relaxed);
@@ -133,7 +200,9 @@ impl Shared {
     /// Cancel-safe in the sense that matters: the countdown is started before waiting.
     async fn close(&self, end: SessionEnd, code: Option<u16>, reason: &str) {
         self.start_closing(end);
-        let _ = self.writer.lock().await.close(code, reason).await;
+        let mut writer = self.writer.lock().await;
+        let _pending = self.client_write.start();
+        let _ = writer.close(code, reason).await;
     }
 
     /// Resolves when the close countdown runs out.
@@ -156,9 +225,10 @@ impl Shared {
 /// Runs one session to its end and says how it went.
 ///
 /// `initial` holds client bytes that arrived behind the handshake; `backend` is `None` for
-/// the built-in echo. `shutdown`, when
+/// the built-in echo, which holds whole messages against `budget`. `shutdown`, when
 /// cancelled, closes the session with 1001. Cancel-safe only in that dropping it drops the
 /// connections.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     client_read: BoxRead,
     initial: BytesMut,
@@ -167,9 +237,15 @@ pub(crate) async fn run(
     limits: &SessionLimits,
     shutdown: &CancellationToken,
     counters: SessionCounters,
+    budget: &Arc<MessageBudget>,
 ) -> Summary {
+    let started = Instant::now();
     let shared = Shared {
         writer: Mutex::new(FrameWriter::new(client_write)),
+        started,
+        heard_ms: AtomicU64::new(0),
+        client_write: PendingSince::new(started),
+        backend_write: PendingSince::new(started),
         closing: watch::Sender::new(None),
         close_timeout: limits.close_timeout,
         end: OnceLock::new(),
@@ -186,19 +262,13 @@ pub(crate) async fn run(
     };
     let pumps = async {
         tokio::join!(
-            from_client::pump(
-                &shared,
-                client_read,
-                initial,
-                backend_write,
-                limits,
-                shutdown
-            ),
+            from_client::pump(&shared, client_read, initial, backend_write, limits, budget),
             async {
                 if let Some(read) = backend_read {
                     from_backend::pump(&shared, read, limits.message).await;
                 }
-            }
+            },
+            watchdog::run(&shared, limits, shutdown)
         )
     };
     tokio::select! {

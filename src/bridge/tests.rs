@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{run, SessionLimits, Summary};
+use super::{run, MessageBudget, SessionLimits, Summary};
 use crate::metrics::SessionCounters;
 use crate::protocol::frame::{close_payload, encode_frame, FrameHeader, OpCode};
 use crate::route::MessageMode;
@@ -39,8 +39,13 @@ struct Harness {
 }
 
 fn start(limits: SessionLimits) -> Harness {
-    let (client, gate_client) = tokio::io::duplex(64 * 1024);
-    let (backend, gate_backend) = tokio::io::duplex(64 * 1024);
+    start_sized(limits, 64 * 1024, 64 * 1024)
+}
+
+/// A session whose client and backend connections hold at most these many bytes in flight.
+fn start_sized(limits: SessionLimits, client_window: usize, backend_window: usize) -> Harness {
+    let (client, gate_client) = tokio::io::duplex(client_window);
+    let (backend, gate_backend) = tokio::io::duplex(backend_window);
     let (backend_read, backend_write) = tokio::io::split(gate_backend);
     start_with(
         limits,
@@ -72,6 +77,7 @@ fn start_with(
             &limits,
             &stop,
             SessionCounters::default(),
+            &MessageBudget::new(1 << 30),
         )
         .await
     });
@@ -90,6 +96,13 @@ async fn send(client: &mut DuplexStream, opcode: OpCode, payload: &[u8]) {
 
 /// Reads one server frame: its opcode and payload. Server frames must be unmasked.
 async fn read_frame(client: &mut DuplexStream, buf: &mut Vec<u8>) -> Option<(OpCode, Vec<u8>)> {
+    read_frame_from(client, buf).await
+}
+
+async fn read_frame_from(
+    client: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Option<(OpCode, Vec<u8>)> {
     loop {
         if let Some((header, len)) = FrameHeader::parse(buf).expect("valid server frame") {
             assert!(header.mask.is_none(), "server frames are unmasked");
@@ -291,4 +304,155 @@ async fn text_mode_carries_utf8_split_across_backend_reads() {
         }
     }
     assert_eq!(text, euro);
+}
+
+fn quick_timeouts() -> SessionLimits {
+    SessionLimits {
+        idle_timeout: Duration::from_secs(5),
+        close_timeout: Duration::from_secs(2),
+        ..limits()
+    }
+}
+
+fn assert_within(what: &str, at: Duration, from: Duration) {
+    assert!(
+        at >= from && at < from + Duration::from_millis(100),
+        "{what} at {at:?}, expected {from:?} (+100 ms at most)"
+    );
+}
+
+/// Regression (issue: a backend that accepts and never reads held its sessions forever): the
+/// client pushes until backpressure; the session gets close 1011 at idle_timeout after the
+/// backend stopped reading, and is gone by idle_timeout + close_timeout.
+#[tokio::test(start_paused = true)]
+async fn backend_that_never_reads_is_1011_at_idle_timeout() {
+    let l = quick_timeouts();
+    let started = Instant::now();
+    let h = start_sized(l.clone(), 16 * 1024, 1024);
+    let (mut client_read, mut client_write) = tokio::io::split(h.client);
+    let pusher = tokio::spawn(async move {
+        let frame = encode_frame(true, OpCode::Binary, Some(KEY), &[1u8; 16 * 1024]);
+        // Bounded: 64 frames (1 MiB) is far more than the windows and buffers hold.
+        for _ in 0..64 {
+            if client_write.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = Vec::new();
+    let (op, payload) = read_frame_from(&mut client_read, &mut buf)
+        .await
+        .expect("close");
+    assert_eq!(op, OpCode::Close);
+    assert_eq!(close_code_of(&payload), 1011);
+    assert_within("close 1011", started.elapsed(), l.idle_timeout);
+    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.end, SessionEnd::BackendStuck);
+    assert_within(
+        "session end",
+        started.elapsed(),
+        l.idle_timeout + l.close_timeout,
+    );
+    pusher.abort();
+    drop(h.backend);
+}
+
+/// A client that goes away while its data waits for a slow backend is noticed at once: the
+/// backend gets EOF behind what was written, and the session ends when the backend closes.
+#[tokio::test(start_paused = true)]
+async fn client_gone_while_backend_blocked_is_noticed_at_once() {
+    let l = quick_timeouts();
+    let mut h = start_sized(l, 64 * 1024, 1024);
+    for _ in 0..5 {
+        send(&mut h.client, OpCode::Binary, &[2u8; 4096]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gone_at = Instant::now();
+    drop(h.client);
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), h.backend.read_to_end(&mut got))
+        .await
+        .expect("backend sees EOF")
+        .unwrap();
+    assert!(
+        gone_at.elapsed() < Duration::from_millis(100),
+        "backend got EOF {:?} after the client left",
+        gone_at.elapsed()
+    );
+    assert!(got.iter().all(|b| *b == 2));
+    drop(h.backend);
+    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.end, SessionEnd::ClientGone);
+    assert!(gone_at.elapsed() < Duration::from_millis(100));
+}
+
+/// A client that never reads what the backend sends: closing at idle_timeout, gone by
+/// idle_timeout + close_timeout (no close frame can get through its full window).
+#[tokio::test(start_paused = true)]
+async fn client_that_never_reads_is_cut_at_idle_timeout() {
+    let l = quick_timeouts();
+    let started = Instant::now();
+    let mut h = start_sized(l.clone(), 1024, 64 * 1024);
+    let backend = tokio::spawn(async move {
+        // Bounded: 1 MiB, far more than the client's window.
+        for _ in 0..64 {
+            if h.backend.write_all(&[3u8; 16 * 1024]).await.is_err() {
+                break;
+            }
+        }
+        h.backend
+    });
+    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.end, SessionEnd::ClientNotReading);
+    assert_within(
+        "session end",
+        started.elapsed(),
+        l.idle_timeout + l.close_timeout,
+    );
+    drop(h.client);
+    backend.abort();
+}
+
+/// Drain with both sides stuck still ends the session within close_timeout of the signal.
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_both_sides_stuck_ends_within_close_timeout() {
+    let l = SessionLimits {
+        idle_timeout: Duration::from_secs(600),
+        ..quick_timeouts()
+    };
+    let h = start_sized(l.clone(), 1024, 1024);
+    let (_client_read, mut client_write) = tokio::io::split(h.client);
+    let mut backend = h.backend;
+    let pushers = tokio::spawn(async move {
+        let frame = encode_frame(true, OpCode::Binary, Some(KEY), &[4u8; 8192]);
+        for _ in 0..64 {
+            let _ = tokio::join!(
+                client_write.write_all(&frame),
+                backend.write_all(&[5u8; 8192])
+            );
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let signalled = Instant::now();
+    h.shutdown.cancel();
+    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.end, SessionEnd::Shutdown);
+    assert!(
+        signalled.elapsed() <= l.close_timeout + Duration::from_millis(100),
+        "ended {:?} after the signal",
+        signalled.elapsed()
+    );
+    pushers.abort();
 }

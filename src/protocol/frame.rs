@@ -250,6 +250,7 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const BAD_GATEWAY: u16 = 1014;
     /// Never on the wire: stands for "the close frame had no code" in logs and metrics.
     pub const NO_STATUS: u16 = 1005;

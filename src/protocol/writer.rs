@@ -15,6 +15,9 @@ use crate::stream::BoxWrite;
 pub(crate) struct FrameWriter {
     io: BoxWrite,
     close_sent: Option<u16>,
+    /// Set while a frame is being written; still set if that write was cancelled half-way,
+    /// after which nothing more may be written (it would land inside the cut frame).
+    in_frame: bool,
 }
 
 impl FrameWriter {
@@ -22,6 +25,7 @@ impl FrameWriter {
         FrameWriter {
             io,
             close_sent: None,
+            in_frame: false,
         }
     }
 
@@ -30,8 +34,8 @@ impl FrameWriter {
         self.close_sent
     }
 
-    /// Sends one frame. Not cancel-safe: a frame cut short leaves the stream unusable, so
-    /// callers only cancel it when they are about to drop the connection.
+    /// Sends one frame. Not cancel-safe: a frame cut short leaves the stream unusable, and
+    /// every later send fails instead of writing into it.
     pub(crate) async fn send(
         &mut self,
         opcode: OpCode,
@@ -50,6 +54,9 @@ impl FrameWriter {
         fin: bool,
         payload: &[u8],
     ) -> std::io::Result<()> {
+        if self.in_frame {
+            return Err(std::io::Error::other("an earlier frame was cut short"));
+        }
         let mut header = [0u8; MAX_HEADER_LEN];
         let n = FrameHeader {
             fin,
@@ -59,7 +66,10 @@ impl FrameWriter {
         }
         .encode(&mut header);
         let mut frame = (&header[..n]).chain(payload);
-        self.io.write_all_buf(&mut frame).await
+        self.in_frame = true;
+        self.io.write_all_buf(&mut frame).await?;
+        self.in_frame = false;
+        Ok(())
     }
 
     /// Sends a pong answering a ping (same payload), unless a close was already sent.

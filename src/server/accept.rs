@@ -5,13 +5,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::{conn, State};
+use crate::metrics::RejectionLabels;
 
 /// Accepts until `stop` is cancelled. Each connection takes a [`ConnectionSlot`] and the TLS
 /// settings of the moment it was accepted.
@@ -30,8 +32,12 @@ pub(super) async fn run(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
+                let Some(slot) = ConnectionSlot::take(&state) else {
+                    let is_tls = tls.read().unwrap().is_some();
+                    refuse_over_capacity(&state, stream, is_tls);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let slot = ConnectionSlot::take(&state);
                 let id = state.next_id.fetch_add(1, Ordering::Relaxed);
                 let conn_state = state.clone();
                 let tls = tls.read().unwrap().clone();
@@ -62,22 +68,76 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// One accepted connection's place under max_connections, released on drop. `over` is set
-/// when the cap was already reached: the connection only gets its 503.
+/// The whole answer to a connection over max_connections, written without reading the
+/// request (no parsing, no TLS, no task for hyper).
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 38\r\n\
+\r\n\
+too many connections; try again later\n";
+
+/// How long a refused plain connection is read (and dropped) after the 503, so that closing
+/// it does not reset the client before it has read the answer.
+const OVER_CAPACITY_LINGER: Duration = Duration::from_secs(1);
+
+/// Over max_connections, at accept time and at no cost: a plain listener answers 503 at once
+/// (whatever the client sends is read and dropped for at most a second, then the socket
+/// closes); a TLS listener closes the connection without a TLS handshake. The connection
+/// holds no place under the cap. Counted as `over_capacity` rejections.
+fn refuse_over_capacity(state: &State, stream: TcpStream, tls: bool) {
+    state
+        .metrics
+        .rejections
+        .get_or_create(&RejectionLabels {
+            route: "none".into(),
+            reason: "over_capacity".into(),
+        })
+        .inc();
+    debug!(tls, "over max_connections: refused at accept");
+    if tls {
+        return;
+    }
+    // A fresh socket's send buffer takes these few bytes whole; if not, the client gets a
+    // close instead, which is still a refusal.
+    if stream.try_write(OVER_CAPACITY).is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 512];
+        let _ = tokio::time::timeout(OVER_CAPACITY_LINGER, async {
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
+/// One accepted connection's place under max_connections, released on drop.
 pub(super) struct ConnectionSlot {
     state: Arc<State>,
-    pub(super) over: bool,
 }
 
 impl ConnectionSlot {
-    fn take(state: &Arc<State>) -> ConnectionSlot {
+    /// A place under the cap, or `None` when the cap is reached.
+    fn take(state: &Arc<State>) -> Option<ConnectionSlot> {
         let max = state.config().limits.max_connections;
-        let before = state.open_connections.fetch_add(1, Ordering::AcqRel);
+        state
+            .open_connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()?;
         state.metrics.connections.inc();
-        ConnectionSlot {
+        Some(ConnectionSlot {
             state: state.clone(),
-            over: before >= max,
-        }
+        })
     }
 }
 

@@ -44,7 +44,7 @@ fn respond(state: &State, path: &str) -> Response<Body> {
         }
         "/readyz" => text_response(StatusCode::OK, "ready\n".into()),
         "/metrics" => {
-            let mut r = text_response(StatusCode::OK, state.metrics.encode());
+            let mut r = text_response(StatusCode::OK, state.metrics_text());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(

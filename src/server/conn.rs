@@ -35,7 +35,6 @@ pub(super) struct Conn {
     pub(super) tls: bool,
     /// Moves into the session on upgrade; otherwise dropped with the connection.
     pub(super) slot: Mutex<Option<ConnectionSlot>>,
-    pub(super) over_capacity: bool,
 }
 
 /// Serves one accepted connection to its end. Cancel-safe: dropping it drops the connection.
@@ -51,7 +50,6 @@ pub(super) async fn serve(
     // The whole TLS handshake and request head must arrive within handshake_timeout.
     let deadline = Instant::now() + config.limits.handshake_timeout;
     let conn = Arc::new(Conn {
-        over_capacity: slot.over,
         slot: Mutex::new(Some(slot)),
         state,
         config,

@@ -26,15 +26,6 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     conn.head_seen
         .store(true, std::sync::atomic::Ordering::Release);
     let state = &conn.state;
-    if conn.over_capacity {
-        let mut r = Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "over_capacity",
-            "too many connections; try again later",
-        );
-        r.headers.push((header::RETRY_AFTER, "1"));
-        return refuse(&conn, None, r);
-    }
     let Some(route) = conn.config.routes.find(req.uri().path()) else {
         return refuse(
             &conn,

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::bridge::MessageBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -68,11 +69,21 @@ struct State {
     draining: AtomicBool,
     next_id: AtomicU64,
     metrics: Metrics,
+    /// Whole-message buffering of all sessions (limits.message_buffer_budget, fixed at start).
+    message_budget: Arc<MessageBudget>,
 }
 
 impl State {
     fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
+    }
+
+    /// The metrics page, with the gauges that are read at scrape time brought up to date.
+    fn metrics_text(&self) -> String {
+        self.metrics
+            .message_buffer_bytes
+            .set(self.message_budget.used() as i64);
+        self.metrics.encode()
     }
 }
 
@@ -88,7 +99,9 @@ impl Server {
         for l in &config.listen {
             bound.push((l.addr, reload::acceptor(l), bind(l.addr).await?));
         }
+        let message_budget = MessageBudget::new(config.limits.message_buffer_budget);
         let state = Arc::new(State {
+            message_budget,
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             listeners: Mutex::new(HashMap::new()),
@@ -199,6 +212,6 @@ impl Handle {
 
     /// The metrics page, as /metrics serves it.
     pub fn metrics_text(&self) -> String {
-        self.state.metrics.encode()
+        self.state.metrics_text()
     }
 }

@@ -117,6 +117,9 @@ impl Handle {
         if old.admin != config.admin {
             warn!("[admin] addr changes take effect at restart");
         }
+        if old.limits.message_buffer_budget != config.limits.message_buffer_budget {
+            warn!("limits.message_buffer_budget changes take effect at restart");
+        }
         let existing: Vec<SocketAddr> = state.listeners.lock().unwrap().keys().copied().collect();
         let mut fresh = Vec::new();
         for l in &config.listen {

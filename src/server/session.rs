@@ -59,6 +59,7 @@ impl Session {
                     &self.limits,
                     &self.state.sessions_stop,
                     counters,
+                    &self.state.message_budget,
                 )
                 .await
             }

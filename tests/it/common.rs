@@ -570,3 +570,44 @@ where
     assert_eq!(got, n);
     hasher.finalize().to_vec()
 }
+
+/// Awaits `fut` for at most `limit`; fails the test naming what it was waiting for.
+pub async fn within<F: std::future::Future>(what: &str, limit: Duration, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Checks `cond` every 20 ms until it holds; fails the test naming the condition if it does
+/// not hold within `limit`. Returns how long it took.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        if cond().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One metric's value from the admin endpoint (0 when the series does not exist yet).
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (_, text) = http_get(admin, "/metrics").await;
+    parse_metrics(&text).get(series).copied().unwrap_or(0.0)
+}
+
+/// Resets a TCP connection (SO_LINGER 0, then close): the peer sees RST, not FIN.
+pub fn reset(stream: TcpStream) {
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

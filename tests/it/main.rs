@@ -10,6 +10,7 @@ mod codec_props;
 mod common;
 mod deploy;
 mod handshake;
+mod hardening;
 mod limits;
 mod operations;
 mod protocol;

@@ -365,3 +365,43 @@ fn bad_certificate_files_stop_wsgate_at_start() {
         }
     }
 }
+
+/// Over max_connections a TLS listener does no TLS work: the connection is closed at accept
+/// (the client's handshake fails at once) and counted as an over_capacity rejection, not as a
+/// TLS failure.
+#[tokio::test]
+async fn over_capacity_on_a_tls_listener_is_closed_without_a_handshake() {
+    let certs = Certs::new();
+    let gate = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 1\nhandshake_timeout = \"30s\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener("")
+    ))
+    .await;
+    let admin = gate.admin.unwrap();
+    let connector = certs.connector(false);
+    // A silent connection holds the only place.
+    let _holder = TcpStream::connect(gate.addr).await.unwrap();
+    eventually("the holder to be accepted", WAIT, || async {
+        metric(admin, "wsgate_client_connections").await == 1.0
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let refused = within(
+        "the over-capacity TLS handshake to fail",
+        WAIT,
+        wss(gate.addr, "localhost", &connector, "/"),
+    )
+    .await;
+    assert!(refused.is_err(), "no TLS session over the cap");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at accept, not after handshake_timeout: {:?}",
+        started.elapsed()
+    );
+    let m = parse_metrics(&http_get(admin, "/metrics").await.1);
+    assert_eq!(
+        m.get("wsgate_handshake_rejections_total{route=\"none\",reason=\"over_capacity\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(m.get("wsgate_tls_handshake_failures_total"), Some(&0.0));
+}
