@@ -58,6 +58,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// On SIGTERM, how long sessions may go on before close 1001 (default 30 s).
     pub drain_timeout: Duration,
+    /// After a response on a kept-alive connection (plain HTTP on proxy routes), how long
+    /// the next request may take to start (default 60 s).
+    pub keepalive_timeout: Duration,
     /// Bytes all sessions together may hold as whole messages (the echo route's buffers;
     /// default 256 MiB); a message that would go over gets close 1013. Fixed at start.
     pub message_buffer_budget: u64,
@@ -75,6 +78,7 @@ impl Default for Limits {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             message_buffer_budget: 256 << 20,
+            keepalive_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -158,6 +162,7 @@ struct RawLimits {
     max_connections: Option<usize>,
     drain_timeout: Option<Dur>,
     message_buffer_budget: Option<Size>,
+    keepalive_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -369,6 +374,7 @@ impl Config {
             message_buffer_budget: r
                 .message_buffer_budget
                 .map_or(d.message_buffer_budget, |x| x.0),
+            keepalive_timeout: r.keepalive_timeout.map_or(d.keepalive_timeout, |x| x.0),
         };
         for (key, value) in [
             ("handshake_timeout", limits.handshake_timeout),
@@ -376,6 +382,7 @@ impl Config {
             ("idle_timeout", limits.idle_timeout),
             ("ping_interval", limits.ping_interval),
             ("close_timeout", limits.close_timeout),
+            ("keepalive_timeout", limits.keepalive_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(

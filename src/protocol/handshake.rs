@@ -68,6 +68,16 @@ pub fn header_tokens<'a>(
         .filter(|t| !t.is_empty())
 }
 
+/// Whether a request says a body follows its head (`Transfer-Encoding`, or a
+/// `Content-Length` other than 0).
+pub fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
 /// Whether a header lists `token` (ASCII case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
@@ -125,6 +135,10 @@ pub fn check(
             "connection",
             "Connection header lacks the upgrade token",
         ));
+    }
+    if declares_body(headers) {
+        // Bytes after the head are WebSocket frames; a body would make them ambiguous.
+        return Err(bad("body", "WebSocket handshake must not have a body"));
     }
     match single(headers, &header::SEC_WEBSOCKET_VERSION) {
         Ok(Some(v)) if v.as_bytes().trim_ascii() == b"13" => {}

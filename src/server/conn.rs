@@ -4,18 +4,17 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use super::accept::ConnectionSlot;
+use super::keepalive::{Expired, KeepAlive, Watched};
 use super::{dispatch, State};
 use crate::config::Config;
 
@@ -29,8 +28,8 @@ pub(super) struct Conn {
     pub(super) config: Arc<Config>,
     pub(super) id: u64,
     pub(super) peer: SocketAddr,
-    /// Set once a request head has arrived: the handshake deadline stops there.
-    pub(super) head_seen: AtomicBool,
+    /// Between requests: the handshake deadline stops at the first head, keep-alive after.
+    pub(super) keepalive: Arc<KeepAlive>,
     /// The client came in over TLS (X-Forwarded-Proto on proxy routes).
     pub(super) tls: bool,
     /// Moves into the session on upgrade; otherwise dropped with the connection.
@@ -55,13 +54,19 @@ pub(super) async fn serve(
         config,
         id,
         peer,
-        head_seen: AtomicBool::new(false),
+        keepalive: Arc::new(KeepAlive::new()),
         tls: tls.is_some(),
     });
     match tls {
-        None => serve_http(conn, TokioIo::new(stream), deadline).await,
+        None => {
+            let io = Watched::new(stream, &conn.keepalive);
+            serve_http(conn, io, deadline).await
+        }
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => serve_http(conn, TokioIo::new(stream), deadline).await,
+            Ok(Ok(stream)) => {
+                let io = Watched::new(stream, &conn.keepalive);
+                serve_http(conn, io, deadline).await
+            }
             Ok(Err(e)) => {
                 conn.state.metrics.tls_failures.inc();
                 info!(%peer, error = %e, "TLS handshake failed; closed");
@@ -75,8 +80,9 @@ pub(super) async fn serve(
     }
 }
 
-/// Serves the one HTTP/1.1 request of a connection (plain or TLS), bounded by `deadline`
-/// until the request head has arrived.
+/// Serves the HTTP/1.1 requests of a connection (plain or TLS): the first head must arrive by
+/// `deadline`; after a response, the next request is waited for `keepalive_timeout` and its
+/// head for `handshake_timeout` from its first byte.
 async fn serve_http<I>(conn: Arc<Conn>, io: I, deadline: Instant)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -91,22 +97,25 @@ where
         .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)
         .with_upgrades();
-    tokio::pin!(http);
+    let limits = &conn.config.limits;
     tokio::select! {
-        result = http.as_mut() => {
+        result = http => {
             if let Err(e) = result {
                 debug!(%peer, error = %e, "http connection error");
             }
-            return;
         }
-        () = sleep_until(deadline) => {}
-    }
-    if !conn.head_seen.load(Ordering::Acquire) {
-        conn.state.metrics.handshake_timeouts.inc();
-        info!(%peer, "handshake timeout: request not complete in time; closed");
-        return;
-    }
-    if let Err(e) = http.await {
-        debug!(%peer, error = %e, "http connection error");
+        expired = conn.keepalive.expired(deadline, limits.keepalive_timeout, limits.handshake_timeout) => {
+            match expired {
+                Expired::FirstHead => {
+                    conn.state.metrics.handshake_timeouts.inc();
+                    info!(%peer, "handshake timeout: request not complete in time; closed");
+                }
+                Expired::Idle => debug!(%peer, "keep-alive timeout: closed"),
+                Expired::SlowHead => {
+                    conn.state.metrics.handshake_timeouts.inc();
+                    info!(%peer, "handshake timeout: next request not complete in time; closed");
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::conn::Conn;
+use super::keepalive::mark_end;
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
 use super::session::{Session, SessionBackend};
 use crate::backend::{self, BackendConn};
@@ -23,8 +24,7 @@ use crate::proxy::headers::BackendAccept;
 use crate::route::Route;
 
 pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
-    conn.head_seen
-        .store(true, std::sync::atomic::Ordering::Release);
+    let last_request = conn.keepalive.request_started();
     let state = &conn.state;
     let Some(route) = conn.config.routes.find(req.uri().path()) else {
         return refuse(
@@ -40,7 +40,14 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     if route.backend.is_proxy() && !is_upgrade {
-        return proxy_http(&conn, req, &route, forwarded_for).await;
+        let mut response = proxy_http(&conn, req, &route, forwarded_for).await;
+        if last_request {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let (parts, body) = response.into_parts();
+        return Response::from_parts(parts, mark_end(body, conn.keepalive.clone()));
     }
     let accepted = match handshake::check(req.method(), req.version(), req.headers(), &route) {
         Ok(a) => a,

@@ -5,6 +5,7 @@
 //! accept.rs    accept loop, backoff, ConnectionSlot (max_connections)
 //! conn.rs      TLS and the handshake deadline, hyper's HTTP/1.1 connection
 //! dispatch.rs  one request: route, checks, backend connect, the 101 or a refusal
+//! keepalive.rs between requests: keepalive_timeout, the next head's deadline
 //! respond.rs   response bodies, refusals, passed-through answers
 //! session.rs   an upgraded session's lifecycle, its metrics and log line
 //! reload.rs    reload and apply (listeners added, kept, removed)
@@ -36,6 +37,7 @@ mod accept;
 mod admin;
 mod conn;
 mod dispatch;
+mod keepalive;
 mod reload;
 mod respond;
 mod session;

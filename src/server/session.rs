@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::info;
 
+use super::keepalive::Watched;
 use super::State;
 use crate::bridge::{self, SessionLimits, Summary};
 use crate::metrics::{Metrics, SessionCounters};
@@ -111,12 +112,12 @@ impl Session {
     }
 }
 
-/// Takes the client connection back from hyper: the plain TCP stream when it is one (no
-/// extra layer on the data path), with the bytes hyper had already read behind the request.
+/// Takes the client connection back from hyper: the plain TCP (or TLS) stream, without the
+/// keep-alive read wrapper (no extra layer on the data path), with the bytes hyper had already read behind the request.
 fn split_upgraded(upgraded: Upgraded) -> (BoxRead, BytesMut, BoxWrite) {
-    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<Watched<TcpStream>>>() {
         Ok(parts) => {
-            let (read, write) = parts.io.into_inner().into_split();
+            let (read, write) = parts.io.into_inner().inner.into_split();
             return (
                 Box::pin(read),
                 BytesMut::from(&parts.read_buf[..]),
@@ -125,10 +126,10 @@ fn split_upgraded(upgraded: Upgraded) -> (BoxRead, BytesMut, BoxWrite) {
         }
         Err(upgraded) => upgraded,
     };
-    match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+    match upgraded.downcast::<TokioIo<Watched<TlsStream<TcpStream>>>>() {
         Ok(parts) => {
             // A TLS session has one state for both directions: split behind a lock.
-            let (read, write) = tokio::io::split(parts.io.into_inner());
+            let (read, write) = tokio::io::split(parts.io.into_inner().inner);
             (
                 Box::pin(read),
                 BytesMut::from(&parts.read_buf[..]),

@@ -213,3 +213,255 @@ async fn a_flood_over_the_cap_leaves_admitted_sessions_working() {
     })
     .await;
 }
+
+/// A plain HTTP app for proxy-route keep-alive tests: answers every request on a connection
+/// with a small 200, as long as the connection stays open.
+async fn keepalive_app() -> std::net::SocketAddr {
+    backend(|s| async move {
+        let mut s = tokio::io::BufReader::new(s);
+        loop {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            let r = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+            if s.get_mut().write_all(r).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+const GET: &[u8] = b"GET /page HTTP/1.1\r\nHost: front.example\r\n\r\n";
+
+/// Reads one HTTP response with a Content-Length body; returns its head and body.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let mut all = Vec::new();
+    let mut b = [0u8; 1];
+    while !all.ends_with(b"\r\n\r\n") {
+        let n = within("a response head", WAIT, s.read(&mut b))
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "connection closed before a response: {all:?}");
+        all.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&all).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    within("a response body", WAIT, s.read_exact(&mut body))
+        .await
+        .unwrap();
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// How long until the server closes `s` (EOF or reset), reading and dropping anything sent.
+async fn closed_after(s: &mut TcpStream, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    let mut sink = [0u8; 256];
+    within("the server to close the connection", limit, async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// After a response, an idle kept-alive connection is closed at keepalive_timeout.
+#[tokio::test]
+async fn idle_keepalive_connection_is_closed_at_keepalive_timeout() {
+    let app = keepalive_app().await;
+    let gate = Gate::route(
+        "/",
+        &format!("ws://{app}"),
+        "keepalive_timeout = \"1s\"",
+        "",
+    )
+    .await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(GET).await.unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, "ok\n");
+    }
+    let idle = closed_after(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_millis(1500),
+        "closed {idle:?} after the last response; keepalive_timeout is 1 s"
+    );
+}
+
+/// A slow second request head is cut at handshake_timeout from its first byte, although the
+/// keep-alive wait is longer.
+#[tokio::test]
+async fn slow_second_request_head_is_cut_at_handshake_timeout() {
+    let app = keepalive_app().await;
+    let gate = Gate::route(
+        "/",
+        &format!("ws://{app}"),
+        "keepalive_timeout = \"20s\"\nhandshake_timeout = \"1s\"",
+        "",
+    )
+    .await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Idle a while (shorter than keepalive_timeout), then start a head and stall.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(b"GET /page HTTP/1.1\r\nHo").await.unwrap();
+    let cut = closed_after(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_millis(1500),
+        "cut {cut:?} after the head started; handshake_timeout is 1 s"
+    );
+}
+
+/// A connection serves at most 1,000 requests; the last response says Connection: close and
+/// the connection ends after it.
+#[tokio::test]
+async fn keepalive_connection_serves_at_most_1000_requests() {
+    let app = keepalive_app().await;
+    let gate = Gate::route("/", &format!("ws://{app}"), "", "").await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    for n in 1..=1000 {
+        s.write_all(GET).await.unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert_eq!(body, "ok\n");
+        let closes = head.to_ascii_lowercase().contains("connection: close");
+        assert_eq!(closes, n == 1000, "request {n}: {head}");
+    }
+    closed_after(&mut s, WAIT).await;
+}
+
+/// Refused upgrades that carry a body, in every framing: one answer, then the connection is
+/// closed; the request hidden in the body is never answered.
+#[tokio::test]
+async fn refused_requests_with_bodies_are_answered_once_and_closed() {
+    let gate = Gate::route("/", "echo", "", "subprotocols = [\"binary\"]").await;
+    let hidden = upgrade_request("/", "Sec-WebSocket-Protocol: binary\r\n");
+    let chunked = format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len());
+    let cases = [
+        (
+            "content-length",
+            format!("Content-Length: {}\r\n", hidden.len()),
+            hidden.clone(),
+        ),
+        (
+            "chunked",
+            "Transfer-Encoding: chunked\r\n".to_string(),
+            chunked.clone(),
+        ),
+        (
+            "both",
+            "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n".to_string(),
+            chunked.clone(),
+        ),
+        (
+            "conflicting lengths",
+            format!("Content-Length: 4\r\nContent-Length: {}\r\n", hidden.len()),
+            hidden.clone(),
+        ),
+    ];
+    for (name, headers, body) in cases {
+        // An upgrade with a body (and no acceptable subprotocol), then the hidden one.
+        let mut req = upgrade_request("/", &headers).into_bytes();
+        req.extend_from_slice(body.as_bytes());
+        req.extend_from_slice(hidden.as_bytes());
+        let r = raw_request(gate.addr, &req).await;
+        assert!(r.closed, "{name}: closed after the refusal");
+        assert!(r.status == 400, "{name}: refused with 400, got {r:?}");
+        let all = format!("{}{}", r.head, r.body);
+        assert_eq!(
+            all.matches("HTTP/1.1 ").count(),
+            1,
+            "{name}: one answer only: {r:?}"
+        );
+        assert!(!all.contains("101"), "{name}: {r:?}");
+    }
+}
+
+/// On a proxy route: a request with both Transfer-Encoding and Content-Length is taken by
+/// its Transfer-Encoding alone (RFC 9112 §6.1), forwarded without the Content-Length, and the
+/// connection is closed after the answer, so the request pipelined behind it is never
+/// answered; a request pipelined behind a refused upgrade is never answered or forwarded.
+#[tokio::test]
+async fn proxy_route_closes_after_ambiguous_framing_and_refusals() {
+    let forwarded = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = forwarded.clone();
+    let app = backend(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            let mut got = vec![0u8; 4096];
+            let n = s.read(&mut got).await.unwrap_or(0);
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&got[..n]).into_owned());
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                .await;
+        }
+    })
+    .await;
+    let gate = Gate::route(
+        "/",
+        &format!("ws://{app}"),
+        "",
+        "origins = [\"https://good.example\"]",
+    )
+    .await;
+    let mut req = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec();
+    req.extend_from_slice(GET);
+    let r = raw_request(gate.addr, &req).await;
+    assert!(r.closed, "closed after the answer: {r:?}");
+    assert_eq!(
+        format!("{}{}", r.head, r.body).matches("HTTP/1.1 ").count(),
+        1,
+        "{r:?}"
+    );
+    {
+        let seen = forwarded.lock().unwrap();
+        assert_eq!(
+            seen.len(),
+            1,
+            "only the first request reached the app: {seen:?}"
+        );
+        assert!(
+            !seen[0].to_ascii_lowercase().contains("content-length: 5"),
+            "{seen:?}"
+        );
+        assert!(!seen[0].contains("GET /page"), "{seen:?}");
+    }
+    forwarded.lock().unwrap().clear();
+
+    let mut req = upgrade_request("/", "Origin: https://evil.example\r\n").into_bytes();
+    req.extend_from_slice(GET);
+    let r = raw_request(gate.addr, &req).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.closed);
+    assert_eq!(
+        format!("{}{}", r.head, r.body).matches("HTTP/1.1 ").count(),
+        1,
+        "{r:?}"
+    );
+    assert!(
+        forwarded.lock().unwrap().is_empty(),
+        "nothing reached the app"
+    );
+}
