@@ -9,6 +9,7 @@ mod cli;
 mod codec_props;
 mod common;
 mod deploy;
+mod fuzz_corpus;
 mod handshake;
 mod hardening;
 mod limits;

@@ -1,0 +1,115 @@
+//! The fuzz targets' bodies, one function each. The cargo-fuzz targets call them, and
+//! `tests/it/fuzz_corpus.rs` replays every committed corpus file through them on stable, so the
+//! corpus keeps being checked in CI.
+//!
+//! Each function panics when the code under test misbehaves; any other outcome is fine.
+
+use std::path::Path;
+
+use bytes::BytesMut;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Version};
+use wsgate::protocol::decoder::{Decoder, Event};
+use wsgate::protocol::handshake;
+use wsgate::route::{Backend, MessageMode, Route};
+use wsgate::Config;
+
+fn decode_in_pieces(data: &[u8], piece: usize) -> (Vec<Event>, Option<u16>) {
+    let mut decoder = Decoder::new(1 << 16);
+    let mut buf = BytesMut::new();
+    let mut events = Vec::new();
+    for chunk in data.chunks(piece.max(1)) {
+        buf.extend_from_slice(chunk);
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(e)) => events.push(e),
+                Ok(None) => break,
+                Err(v) => return (events, Some(v.code)),
+            }
+        }
+    }
+    (events, None)
+}
+
+/// Joins data pieces so that outputs from different read sizes compare equal.
+fn normalise(events: Vec<Event>) -> Vec<(u8, Vec<u8>)> {
+    let mut out: Vec<(u8, Vec<u8>)> = Vec::new();
+    for e in events {
+        match e {
+            Event::Data { payload, first, .. } => match out.last_mut() {
+                Some((0, d)) if !first => d.extend_from_slice(&payload),
+                _ => out.push((0, payload.to_vec())),
+            },
+            Event::Ping(p) => out.push((1, p.to_vec())),
+            Event::Pong(p) => out.push((2, p.to_vec())),
+            Event::Close(c) => out.push((3, format!("{c:?}").into_bytes())),
+        }
+    }
+    out
+}
+
+/// Arbitrary client bytes, fed to the decoder whole and in pieces (the first byte picks the
+/// piece size): it must never panic, and both must agree on the events and on the violation.
+pub fn frame_decoder(data: &[u8]) {
+    let Some((&piece, data)) = data.split_first() else {
+        return;
+    };
+    let (whole, whole_err) = decode_in_pieces(data, data.len());
+    let (pieces, pieces_err) = decode_in_pieces(data, usize::from(piece % 17) + 1);
+    assert_eq!(whole_err, pieces_err);
+    if whole_err.is_none() {
+        assert_eq!(normalise(whole), normalise(pieces));
+    }
+}
+
+/// Arbitrary request heads (method, version, header lines) through the RFC 6455 checks: never
+/// a panic, and an accepted handshake always carries a well-formed accept key and one of the
+/// route's subprotocols.
+pub fn handshake_request(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split("\r\n");
+    let first = lines.next().unwrap_or("");
+    let mut parts = first.split(' ');
+    let method = Method::from_bytes(parts.next().unwrap_or("").as_bytes()).unwrap_or(Method::GET);
+    let version = match parts.nth(1) {
+        Some("HTTP/1.0") => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.trim().as_bytes()),
+                HeaderValue::from_bytes(value.trim().as_bytes()),
+            ) {
+                headers.append(n, v);
+            }
+        }
+    }
+    let route = Route::new(
+        "/",
+        Backend::Echo,
+        vec!["binary".into(), "chat".into()],
+        vec!["https://ok.example".into()],
+        MessageMode::Binary,
+    );
+    match handshake::check(&method, version, &headers, &route) {
+        Ok(accepted) => {
+            assert_eq!(accepted.accept.len(), 28);
+            assert!(accepted.protocol.as_deref().is_some_and(|p| p == "binary" || p == "chat"));
+        }
+        Err(rejection) => assert!(!rejection.reason.is_empty()),
+    }
+}
+
+/// Arbitrary text as a config file: never a panic; a refusal always says what is wrong.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    match Config::parse(&text, "fuzz.toml", Path::new("/nonexistent-wsgate-fuzz")) {
+        Ok(config) => {
+            assert!(!config.listen.is_empty());
+            assert!(!config.routes.routes().is_empty());
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
