@@ -136,7 +136,10 @@ fn start_gate(backend: SocketAddr, dir: &std::path::Path) -> (Child, SocketAddr)
     // Reads its log for the address, then keeps draining it so it never blocks on the pipe.
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if line.contains("listening") {
                 if let Some(rest) = line.split("addr=").nth(1) {
                     let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
@@ -199,7 +202,10 @@ async fn idle(addr: SocketAddr, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
         match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
             Err(_) | Ok(Some(Ok(_))) => {}
             Ok(other) => {
-                return fail(&counts, format!("idle session ended: {:?}", other.map(|m| m.err())))
+                return fail(
+                    &counts,
+                    format!("idle session ended: {:?}", other.map(|m| m.err())),
+                )
             }
         }
     }
@@ -217,8 +223,7 @@ async fn stream(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>, counts: Arc<
     const CHUNK: usize = 32 << 10;
     let mut seed = seed | 1;
     while !stop.load(Ordering::Relaxed) {
-        let Ok((ws, _)) = tokio_tungstenite::connect_async(format!("ws://{addr}/tcp")).await
-        else {
+        let Ok((ws, _)) = tokio_tungstenite::connect_async(format!("ws://{addr}/tcp")).await else {
             fail(&counts, "stream: connect failed".into());
             continue;
         };
@@ -257,10 +262,18 @@ async fn stream(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>, counts: Arc<
         let ((sent, mut tx), (got, n)) = tokio::join!(sender, receiver);
         let _ = tx.close().await;
         if n != ROUND || sent != got {
-            fail(&counts, format!("stream: {n} of {ROUND} bytes back, digests equal: {}", sent == got));
+            fail(
+                &counts,
+                format!(
+                    "stream: {n} of {ROUND} bytes back, digests equal: {}",
+                    sent == got
+                ),
+            );
         } else {
             counts.checks.fetch_add(1, Ordering::Relaxed);
-            counts.streamed_bytes.fetch_add(ROUND as u64, Ordering::Relaxed);
+            counts
+                .streamed_bytes
+                .fetch_add(ROUND as u64, Ordering::Relaxed);
         }
     }
 }
@@ -285,10 +298,20 @@ async fn main() {
         tasks.push(tokio::spawn(idle(addr, stop.clone(), counts.clone())));
     }
     for i in 0..o.churners {
-        tasks.push(tokio::spawn(churn(addr, 0x9E37 + i as u64, stop.clone(), counts.clone())));
+        tasks.push(tokio::spawn(churn(
+            addr,
+            0x9E37 + i as u64,
+            stop.clone(),
+            counts.clone(),
+        )));
     }
     for i in 0..o.streams {
-        tasks.push(tokio::spawn(stream(addr, 0xC0FFEE + i as u64, stop.clone(), counts.clone())));
+        tasks.push(tokio::spawn(stream(
+            addr,
+            0xC0FFEE + i as u64,
+            stop.clone(),
+            counts.clone(),
+        )));
     }
 
     let started = Instant::now();
@@ -311,7 +334,10 @@ async fn main() {
             let r = *reference.get_or_insert(rss);
             peak = peak.max(rss);
             if rss * 10 > r * 11 {
-                fail(&counts, format!("RSS {rss} KiB is over 110 % of {r} KiB (at settle)"));
+                fail(
+                    &counts,
+                    format!("RSS {rss} KiB is over 110 % of {r} KiB (at settle)"),
+                );
             }
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -331,7 +357,10 @@ async fn main() {
         fds = open_fds(pid);
     }
     if fds != base_fds {
-        fail(&counts, format!("fds {fds} at the end, {base_fds} at start"));
+        fail(
+            &counts,
+            format!("fds {fds} at the end, {base_fds} at start"),
+        );
     }
     let failures = counts.failures.load(Ordering::Relaxed);
     println!(

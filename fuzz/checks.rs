@@ -96,7 +96,10 @@ pub fn handshake_request(data: &[u8]) {
     match handshake::check(&method, version, &headers, &route) {
         Ok(accepted) => {
             assert_eq!(accepted.accept.len(), 28);
-            assert!(accepted.protocol.as_deref().is_some_and(|p| p == "binary" || p == "chat"));
+            assert!(accepted
+                .protocol
+                .as_deref()
+                .is_some_and(|p| p == "binary" || p == "chat"));
         }
         Err(rejection) => assert!(!rejection.reason.is_empty()),
     }

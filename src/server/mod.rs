@@ -71,6 +71,8 @@ struct State {
     draining: AtomicBool,
     next_id: AtomicU64,
     metrics: Metrics,
+    /// Held for a whole reload, so two reloads (SIGHUP and --watch) never interleave.
+    reloading: tokio::sync::Mutex<()>,
     /// Whole-message buffering of all sessions (limits.message_buffer_budget, fixed at start).
     message_budget: Arc<MessageBudget>,
 }
@@ -104,6 +106,7 @@ impl Server {
         let message_budget = MessageBudget::new(config.limits.message_buffer_budget);
         let state = Arc::new(State {
             message_budget,
+            reloading: tokio::sync::Mutex::new(()),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             listeners: Mutex::new(HashMap::new()),

@@ -82,8 +82,10 @@ impl State {
 }
 
 impl Handle {
-    /// Reads the config file again and applies it; on any error the old config stays.
+    /// Reads the config file again and applies it; on any error the old config stays. Reloads
+    /// run one after the other, never interleaved.
     pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.state.reloading.lock().await;
         let Some(path) = self.state.config_path.lock().unwrap().clone() else {
             return Err(ReloadError::NoConfigFile);
         };
@@ -108,7 +110,8 @@ impl Handle {
 
     /// Applies a validated config: binds new listeners first (any failure changes nothing),
     /// swaps the config for new connections, then closes listeners no longer configured.
-    pub async fn apply(&self, config: Config) -> Result<(), ReloadError> {
+    /// The caller holds `reloading`.
+    async fn apply(&self, config: Config) -> Result<(), ReloadError> {
         let state = &self.state;
         if state.draining.load(Ordering::Acquire) {
             return Err(ReloadError::Draining);

@@ -465,3 +465,63 @@ async fn proxy_route_closes_after_ambiguous_framing_and_refusals() {
         "nothing reached the app"
     );
 }
+
+/// Regression (issue: the echo held every half-sent message whole, so 1,000 clients with
+/// 15 MiB each could make wsgate hold 15 GiB): 40 clients each send 4 MiB of a message and
+/// stall. Whole-message buffering is bounded by message_buffer_budget (32 MiB here): the
+/// clients over it get close 1013, and the process's RSS stays under the budget plus the
+/// per-session buffers.
+#[tokio::test]
+async fn many_half_sent_messages_on_the_echo_route_stay_within_the_budget() {
+    const CLIENTS: usize = 40;
+    const PART: usize = 1 << 20;
+    let gate = GateProcess::start(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_message_size = \"8MiB\"\nmessage_buffer_budget = \"32MiB\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+    );
+    let before = gate.rss_kib();
+    let addr = gate.addr;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut ws = raw_ws(addr, "/").await;
+                let key = [i as u8, 1, 2, 3];
+                let first = client_frame(false, OpCode::Binary, &vec![i as u8; PART], key);
+                let more = client_frame(false, OpCode::Continuation, &vec![i as u8; PART], key);
+                let mut writes = ws.get_mut().write_all(&first).await.is_ok();
+                for _ in 0..3 {
+                    writes = writes && ws.get_mut().write_all(&more).await.is_ok();
+                }
+                // Stalled mid-message: either the gate holds it, or it said 1013.
+                let code = tokio::time::timeout(Duration::from_secs(2), read_until_close(&mut ws))
+                    .await
+                    .ok()
+                    .flatten();
+                (ws, code)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut try_again_later = 0;
+    for c in clients {
+        let (ws, code) = within("a client to send its half message", WAIT, c)
+            .await
+            .unwrap();
+        match code {
+            Some(1013) => try_again_later += 1,
+            None => held.push(ws),
+            Some(other) => panic!("unexpected close {other}"),
+        }
+    }
+    let grown_mib = gate.rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        try_again_later >= CLIENTS - 8,
+        "at most 8 × 4 MiB fit in 32 MiB; {try_again_later} got 1013, {} held",
+        held.len()
+    );
+    assert!(
+        !held.is_empty(),
+        "messages within the budget are held, not refused"
+    );
+    // 32 MiB of messages, plus up to 128 KiB of read buffers per session and slack.
+    assert!(grown_mib < 32 + 20, "RSS grew by {grown_mib} MiB");
+}

@@ -385,3 +385,168 @@ async fn json_logs_parse_and_carry_the_connection_id() {
         .expect("an earlier line of the session");
     assert_eq!(earlier["span"]["id"].as_u64(), Some(id));
 }
+
+/// Two reloads at the same moment (SIGHUP and --watch both firing) are applied one after the
+/// other: the second starts only when the first has finished, even while the first waits
+/// for a removed listener to close.
+#[tokio::test]
+async fn simultaneous_reloads_are_applied_one_after_the_other() {
+    let dir = TempDir::new();
+    let path = dir.path().join("wsgate.toml");
+    let (a, b) = (unused_addr(), unused_addr());
+    let config = |addr| {
+        format!("[[listen]]\naddr = \"{addr}\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n")
+    };
+    std::fs::write(&path, config(a)).unwrap();
+    let server = wsgate::Server::bind(wsgate::Config::load(&path).unwrap())
+        .await
+        .unwrap()
+        .with_config_path(path.clone());
+    let handle = server.handle();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    // Move the listener from a to b: the first reload waits for a's accept loop to end.
+    std::fs::write(&path, config(b)).unwrap();
+    let finished = std::sync::Mutex::new(Vec::new());
+    let (first, second) = tokio::join!(
+        async {
+            let r = handle.reload().await;
+            finished.lock().unwrap().push("first");
+            r
+        },
+        async {
+            let r = handle.reload().await;
+            finished.lock().unwrap().push("second");
+            r
+        }
+    );
+    first.expect("first reload");
+    second.expect("second reload");
+    assert_eq!(
+        *finished.lock().unwrap(),
+        ["first", "second"],
+        "never interleaved"
+    );
+    assert_eq!(handle.local_addrs(), vec![b]);
+    assert!(tokio::net::TcpStream::connect(a).await.is_err(), "a closed");
+    let m = parse_metrics(&handle.metrics_text());
+    assert_eq!(
+        get(&m, r#"wsgate_config_reloads_total{result="success"}"#),
+        2.0
+    );
+    let _ = stop.send(());
+    within("the server to stop", WAIT, running).await.unwrap();
+}
+
+/// Reload under load: 200 sessions stream SHA-256-checked data through a bridge route and a
+/// new handshake arrives every millisecond while the config is reloaded twice (a limit
+/// changed, a route added). No session loses a byte; every handshake gets its 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_drops_nothing() {
+    const SESSIONS: usize = 200;
+    const BYTES: usize = 256 * 1024;
+    let backend = echo_backend().await;
+    let dir = TempDir::new();
+    let path = dir.path().join("wsgate.toml");
+    let config = |extra: &str| {
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 1000\n{extra}\n[[route]]\npath = \"/\"\nbackend = \"tcp://{backend}\"\n")
+    };
+    std::fs::write(&path, config("")).unwrap();
+    let server = wsgate::Server::bind(wsgate::Config::load(&path).unwrap())
+        .await
+        .unwrap()
+        .with_config_path(path.clone());
+    let addr = server.local_addrs()[0];
+    let handle = server.handle();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let streams: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            tokio::spawn(async move {
+                let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                    .await
+                    .expect("session connects");
+                let (mut tx, mut rx) = ws.split();
+                let data = pattern(BYTES, i as u64);
+                let want = Sha256::digest(&data);
+                let writer = tokio::spawn(async move {
+                    for chunk in data.chunks(16 * 1024) {
+                        tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                    tx
+                });
+                let got = sha256_of_binary(&mut rx, BYTES).await;
+                drop(writer.await.unwrap());
+                got == want.to_vec()
+            })
+        })
+        .collect();
+    let handshaking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let churn = {
+        let handshaking = handshaking.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut other) = (0, Vec::new());
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            // Bounded: at most 20,000 handshakes (20 s at one a millisecond).
+            for _ in 0..20_000 {
+                if !handshaking.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                tick.tick().await;
+                let (r, _s) = upgrade_head(addr, upgrade_request("/", "").as_bytes()).await;
+                if r.status == 101 {
+                    ok += 1;
+                } else {
+                    other.push(r.status);
+                }
+            }
+            (ok, other)
+        })
+    };
+    // Reload while the sessions are mid-stream.
+    eventually("the sessions to be streaming", WAIT, || async {
+        let m = parse_metrics(&handle.metrics_text());
+        get(
+            &m,
+            r#"wsgate_payload_bytes_total{route="/",direction="from_client"}"#,
+        ) > 4e6
+    })
+    .await;
+    std::fs::write(&path, config("idle_timeout = \"4m\"")).unwrap();
+    handle.reload().await.expect("first reload");
+    std::fs::write(
+        &path,
+        config("idle_timeout = \"3m\"") + "[[route]]\npath = \"/new\"\nbackend = \"echo\"\n",
+    )
+    .unwrap();
+    handle.reload().await.expect("second reload");
+    let mut intact = 0;
+    for s in streams {
+        if within("a streaming session to finish", Duration::from_secs(60), s)
+            .await
+            .unwrap()
+        {
+            intact += 1;
+        }
+    }
+    handshaking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (ok, other) = within("the handshake churn to stop", WAIT, churn)
+        .await
+        .unwrap();
+    assert_eq!(intact, SESSIONS, "every session's data arrived intact");
+    assert!(other.is_empty(), "handshakes answered with {other:?}");
+    assert!(ok > 100, "{ok} handshakes during the run");
+    let m = parse_metrics(&handle.metrics_text());
+    assert_eq!(
+        get(&m, r#"wsgate_config_reloads_total{result="success"}"#),
+        2.0
+    );
+    let _ = stop.send(());
+    let _ = within("the server to stop", Duration::from_secs(60), running).await;
+}
