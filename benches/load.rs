@@ -8,6 +8,9 @@
 //! Measures: single-connection throughput (64 KiB messages echoed), round trips per second
 //! (32-byte messages; 1 and 64 connections), new connections per second (handshake, one
 //! message, close), and memory per idle session (RSS growth of the server process / N).
+//! Then an over-capacity flood (LOAD_FLOOD=N connections, default 5000, 0 to skip) against
+//! max_connections = 100: admitted clients' handshake latency and wsgate's CPU, quiet and
+//! during the flood (LOAD_ONLY=flood runs only this).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -52,6 +55,18 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let phase = Duration::from_secs(secs);
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("flood") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let flood = std::env::var("LOAD_FLOOD")
+            .ok()
+            .and_then(|s| s.parse().ok());
+        rt.block_on(over_capacity_flood(flood.unwrap_or(5000), phase));
+        return;
+    }
 
     let echo = Server::spawn_role("echo", None);
     let relay = Server::spawn_role("relay", Some(echo.addr));
@@ -175,6 +190,13 @@ fn main() {
     println!("\n| measure | plain TCP relay | wsgate | wsgate / relay |\n|---|---:|---:|---:|");
     for r in rows {
         println!("{r}");
+    }
+    let flood: usize = std::env::var("LOAD_FLOOD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5000);
+    if flood > 0 {
+        rt.block_on(over_capacity_flood(flood, phase));
     }
 }
 
@@ -576,4 +598,124 @@ async fn idle_memory(server: &Server, target: &Target, n: usize) -> f64 {
         drop(c);
     }
     (after - before) / n as f64
+}
+
+// ---- over-capacity flood ----
+
+/// CPU time (user + system) the process has used so far, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Whether a handshake + one message + close succeeds, and how long it took.
+async fn probe(addr: SocketAddr) -> Option<Duration> {
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.set_nodelay(true).ok()?;
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.ok()?;
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.ok()?;
+    (&head == b"HTTP/1.1 101").then(|| started.elapsed())
+}
+
+/// Admitted clients' handshake latency and the gateway's CPU, without and then during a flood
+/// of `flood` connections against `max_connections = 100` (90 places held by idle sessions).
+/// Prints its own table.
+async fn over_capacity_flood(flood: usize, phase: Duration) {
+    let dir = std::env::temp_dir().join(format!("wsgate-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("flood.toml");
+    std::fs::write(
+        &conf,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 100\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+    )
+    .unwrap();
+    let gate = Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+    let pid = gate.child.id();
+    let mut idle = Vec::new();
+    for _ in 0..90 {
+        idle.push(Client::connect(&Target::ws(gate.addr)).await);
+    }
+    // Sequential probes for `phase` (or until `stop`): latencies of the admitted ones.
+    let probes = |stop: Arc<AtomicBool>| async move {
+        let (mut ok, mut refused) = (Vec::new(), 0usize);
+        let until = Instant::now() + phase;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            match probe(gate.addr).await {
+                Some(t) => ok.push(t),
+                None => refused += 1,
+            }
+        }
+        (ok, refused)
+    };
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+
+    let cpu0 = cpu_secs(pid);
+    let t0 = Instant::now();
+    let (mut quiet, quiet_refused) = probes(Arc::new(AtomicBool::new(false))).await;
+    let quiet_cpu = (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused_503 = Arc::new(AtomicU64::new(0));
+    let flooder = {
+        let (stop, refused_503) = (stop.clone(), refused_503.clone());
+        let addr = gate.addr;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            // 500 at a time, `flood` in all.
+            for _ in 0..flood.div_ceil(500) {
+                let batch: Vec<_> = (0..500)
+                    .map(|_| {
+                        let refused_503 = refused_503.clone();
+                        tokio::spawn(async move {
+                            let Ok(mut s) = TcpStream::connect(addr).await else { return };
+                            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: flood\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await;
+                            let mut head = [0u8; 12];
+                            if s.read_exact(&mut head).await.is_ok() && &head == b"HTTP/1.1 503" {
+                                refused_503.fetch_add(1, Ordering::Relaxed);
+                            }
+                        })
+                    })
+                    .collect();
+                for t in batch {
+                    let _ = t.await;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            started.elapsed()
+        })
+    };
+    let cpu1 = cpu_secs(pid);
+    let t1 = Instant::now();
+    let (mut flooded, flooded_refused) = probes(stop.clone()).await;
+    let flood_took = flooder.await.unwrap();
+    let flood_cpu = (cpu_secs(pid) - cpu1) / t1.elapsed().as_secs_f64();
+    drop(idle);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("\nOver-capacity flood: max_connections = 100, 90 held by idle sessions; {flood} connections sent in batches of 500 (done in {:.2} s, {} answered 503); probes = handshake + 101, one after another", flood_took.as_secs_f64(), refused_503.load(Ordering::Relaxed));
+    println!("| measure | quiet | during the flood |\n|---|---:|---:|");
+    println!("| admitted probes | {} | {} |", quiet.len(), flooded.len());
+    println!("| probes refused (503: all places taken at that moment) | {quiet_refused} | {flooded_refused} |");
+    println!(
+        "| admitted handshake latency p50 | {:.2} ms | {:.2} ms |",
+        pct(&mut quiet, 0.5),
+        pct(&mut flooded, 0.5)
+    );
+    println!(
+        "| admitted handshake latency p99 | {:.2} ms | {:.2} ms |",
+        pct(&mut quiet, 0.99),
+        pct(&mut flooded, 0.99)
+    );
+    println!("| wsgate CPU (cores) | {quiet_cpu:.2} | {flood_cpu:.2} |");
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 use wsgate::{Config, Handle, Server};
 
@@ -114,39 +115,46 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Signal handlers are installed before the listeners are announced, so a signal sent
+        // as soon as wsgate says "listening" is never met by the default action (exit).
+        let stop = shutdown_signal();
         if let Some(path) = &cli.config {
             server = server.with_config_path(path.clone());
             let handle = server.handle();
-            tokio::spawn(reload_on_sighup(handle.clone()));
+            match signal(SignalKind::hangup()) {
+                Ok(hup) => {
+                    tokio::spawn(reload_on_sighup(hup, handle.clone()));
+                }
+                Err(_) => warn!("cannot listen for SIGHUP; reload by signal is off"),
+            }
             if cli.watch {
                 tokio::spawn(reload_on_change(handle, path.clone()));
             }
         }
-        server.run(shutdown_signal()).await;
+        server.run(stop).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+        info!("shutdown signal received");
     }
-    info!("shutdown signal received");
 }
 
-async fn reload_on_sighup(handle: Handle) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP; reload by signal is off");
-        return;
-    };
+async fn reload_on_sighup(mut hup: Signal, handle: Handle) {
     while hup.recv().await.is_some() {
         info!("SIGHUP: reloading config");
         let _ = handle.reload().await;

@@ -4,6 +4,7 @@
 //! the browser profile (no certificate-error flag).
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -12,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let out = output_within(cmd, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "{cmd:?}: {}",
@@ -100,11 +101,12 @@ backend = "ws://{app}"
     let pid = gate.child.id().to_string();
     let profile_dir = profile.display().to_string();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(format!("{ROOT}/tests/browser/cdp_driver.py"))
-            .args([chromium, &url, &pid, &profile_dir])
-            .output()
-            .unwrap()
+        output_within(
+            Command::new(python())
+                .arg(format!("{ROOT}/tests/browser/cdp_driver.py"))
+                .args([chromium, &url, &pid, &profile_dir]),
+            Duration::from_secs(120),
+        )
     })
     .await
     .unwrap();

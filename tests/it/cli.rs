@@ -1,16 +1,17 @@
 //! The `wsgate` command: --check-config, --help, quick mode, and refusing bad configs.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn wsgate(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(args)
-        .output()
-        .unwrap()
+    output_within(
+        Command::new(env!("CARGO_BIN_EXE_wsgate")).args(args),
+        Duration::from_secs(60),
+    )
 }
 
 #[test]

@@ -527,16 +527,17 @@ pub async fn upgrade_head(addr: SocketAddr, request: &[u8]) -> (RawResponse, Tcp
 /// Makes a certificate signed by a test CA in `dir` with certs/gen-dev-certs.sh (openssl);
 /// the CA is made on first use. `key_type` is ec, rsa or ed25519.
 pub fn gen_certs(dir: &Path, key_type: &str, prefix: &str, names: &str) {
-    let out = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/certs/gen-dev-certs.sh"
-    ))
-    .arg(dir)
-    .args(names.split(' '))
-    .env("KEY_TYPE", key_type)
-    .env("PREFIX", prefix)
-    .output()
-    .expect("run certs/gen-dev-certs.sh (needs openssl)");
+    let out = output_within(
+        Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/certs/gen-dev-certs.sh"
+        ))
+        .arg(dir)
+        .args(names.split(' '))
+        .env("KEY_TYPE", key_type)
+        .env("PREFIX", prefix),
+        Duration::from_secs(60),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -610,4 +611,52 @@ pub fn reset(stream: TcpStream) {
     #[allow(deprecated)]
     let _ = stream.set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+/// A child process that is killed when dropped (so a failing test never leaves one behind).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` to its end like `Command::output`, but for at most `limit`: a child still running
+/// then is killed and the test fails naming the command.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
+    );
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = pipe.read_to_end(&mut all);
+            all
+        })
+    };
+    let stdout = drain(Box::new(child.0.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.0.stderr.take().unwrap()));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{cmd:?} still running after {limit:?}: killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }

@@ -4,14 +4,18 @@
 
 use std::process::Command;
 
+use crate::common::output_within;
+use std::time::Duration;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn check_config(path: &std::path::Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .arg("--check-config")
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--check-config")
+            .arg(path),
+        Duration::from_secs(60),
+    );
     assert!(
         out.status.success(),
         "{}: {}",
@@ -39,11 +43,10 @@ fn systemd_unit_verifies() {
         unit.replace("/usr/local/bin/wsgate", env!("CARGO_BIN_EXE_wsgate")),
     )
     .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .expect("systemd-analyze (Debian package systemd; .ci/run installs it)");
+    let out = output_within(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        Duration::from_secs(60),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stderr.trim().is_empty(),
@@ -103,14 +106,14 @@ print(json.dumps({
   "nonroot": gate["securityContext"]["runAsNonRoot"],
 }))
 "#;
-    let out = Command::new(crate::common::python())
-        .args([
+    let out = output_within(
+        Command::new(crate::common::python()).args([
             "-c",
             script,
             &format!("{ROOT}/deploy/kubernetes-sidecar.yaml"),
-        ])
-        .output()
-        .unwrap();
+        ]),
+        Duration::from_secs(60),
+    );
     assert!(
         out.status.success(),
         "{}",

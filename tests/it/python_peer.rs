@@ -2,6 +2,7 @@
 //! close codes (it accepts 1014) and subprotocols.
 
 use crate::common::*;
+use std::time::Duration;
 
 /// Runs tests/peers/ws_client.py SCENARIO URL and returns its JSON line, parsed loosely.
 fn run_client(scenario: &str, url: &str) -> String {
@@ -10,16 +11,17 @@ fn run_client(scenario: &str, url: &str) -> String {
 
 /// The same with extra arguments after the URL.
 fn run_client_with(scenario: &str, url: &str, extra: &[String]) -> String {
-    let out = std::process::Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/peers/ws_client.py"
-        ))
-        .arg(scenario)
-        .arg(url)
-        .args(extra)
-        .output()
-        .expect("run the Python websockets client");
+    let out = output_within(
+        std::process::Command::new(python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/peers/ws_client.py"
+            ))
+            .arg(scenario)
+            .arg(url)
+            .args(extra),
+        Duration::from_secs(60),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

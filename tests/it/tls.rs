@@ -351,11 +351,12 @@ fn bad_certificate_files_stop_wsgate_at_start() {
         )
         .unwrap();
         for flag in ["--check-config", "--config"] {
-            let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-                .arg(flag)
-                .arg(&path)
-                .output()
-                .unwrap();
+            let out = output_within(
+                Command::new(env!("CARGO_BIN_EXE_wsgate"))
+                    .arg(flag)
+                    .arg(&path),
+                Duration::from_secs(60),
+            );
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{flag} {i}: {err}");
             assert!(
