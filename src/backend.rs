@@ -13,7 +13,7 @@ use crate::stream::{BoxRead, BoxWrite, Io};
 
 /// A connected backend.
 pub(crate) enum BackendConn {
-    /// The built-in echo: no socket, the relay answers each message itself.
+    /// The built-in echo: no socket, the bridge answers each message itself.
     Echo,
     /// A byte stream for the bridge, split so each direction runs on its own.
     Stream { read: BoxRead, write: BoxWrite },

@@ -221,7 +221,7 @@ pub(crate) fn close_code_label(code: Option<u16>) -> String {
     }
 }
 
-/// The per-session handles the relay counts into as it goes.
+/// The per-session handles the bridge and the splice count into as it goes.
 #[derive(Clone, Default)]
 pub(crate) struct SessionCounters {
     pub bytes_from_client: Counter,

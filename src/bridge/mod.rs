@@ -30,7 +30,7 @@ use crate::metrics::SessionCounters;
 use crate::protocol::writer::FrameWriter;
 use crate::route::MessageMode;
 use crate::session_end::SessionEnd;
-use crate::stream::{BoxRead, BoxWrite};
+use crate::stream::{BoxRead, BoxWrite, PendingSince};
 
 mod budget;
 mod from_backend;
@@ -81,48 +81,6 @@ impl Summary {
             close_received: None,
             end,
         }
-    }
-}
-
-/// Since when a write to one side has been pending; the watchdog reads it.
-struct PendingSince {
-    origin: Instant,
-    /// Milliseconds since `origin` plus one; 0 while no write is pending.
-    millis: AtomicU64,
-}
-
-impl PendingSince {
-    fn new(origin: Instant) -> Self {
-        PendingSince {
-            origin,
-            millis: AtomicU64::new(0),
-        }
-    }
-
-    /// Marks a write as pending until the guard is dropped.
-    fn start(&self) -> PendingGuard<'_> {
-        let ms = self.origin.elapsed().as_millis() as u64 + 1;
-        self.millis.store(ms, Ordering::Relaxed);
-        PendingGuard(self)
-    }
-
-    fn since(&self) -> Option<Instant> {
-        match self.millis.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.origin + Duration::from_millis(ms - 1)),
-        }
-    }
-
-    fn pending_for(&self, now: Instant) -> Option<Duration> {
-        self.since().map(|t| now.saturating_duration_since(t))
-    }
-}
-
-struct PendingGuard<'a>(&'a PendingSince);
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.millis.store(0, Ordering::Relaxed);
     }
 }
 

@@ -19,7 +19,7 @@ pub enum MessageKind {
     Binary,
 }
 
-/// What the client sent, as the relay needs it.
+/// What the client sent, as the bridge needs it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// A piece of a data message, already unmasked (and UTF-8-checked for text so far).

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use super::accept::ConnectionSlot;
-use super::keepalive::{Expired, KeepAlive, Watched};
+use super::keepalive::{watched, Expired, KeepAlive};
 use super::{dispatch, State};
 use crate::config::Config;
 
@@ -59,12 +59,12 @@ pub(super) async fn serve(
     });
     match tls {
         None => {
-            let io = Watched::new(stream, &conn.keepalive);
+            let io = watched(stream, &conn.keepalive);
             serve_http(conn, io, deadline).await
         }
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => {
-                let io = Watched::new(stream, &conn.keepalive);
+                let io = watched(stream, &conn.keepalive);
                 serve_http(conn, io, deadline).await
             }
             Ok(Err(e)) => {

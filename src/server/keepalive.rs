@@ -9,6 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,11 +17,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::respond::Body;
+use crate::stream::{Observed, Observer};
 
 /// Requests served on one connection; the last one's response carries `Connection: close`.
 pub(super) const MAX_REQUESTS: u32 = 1000;
@@ -128,7 +129,7 @@ impl KeepAlive {
 /// dropped by hyper).
 struct MarksEnd {
     body: Body,
-    keepalive: std::sync::Arc<KeepAlive>,
+    keepalive: Arc<KeepAlive>,
 }
 
 impl HttpBody for MarksEnd {
@@ -158,68 +159,24 @@ impl Drop for MarksEnd {
 }
 
 /// Wraps a response body so that its end starts the keep-alive wait.
-pub(super) fn mark_end(body: Body, keepalive: std::sync::Arc<KeepAlive>) -> Body {
+pub(super) fn mark_end(body: Body, keepalive: Arc<KeepAlive>) -> Body {
     MarksEnd { body, keepalive }.boxed()
 }
 
-/// The client connection as hyper reads it: notes the first byte of each next request.
+/// The client connection as hyper reads it: the first byte of each next request is noted.
 /// Taken off again after an upgrade, so the data path does not pay for it.
-pub(super) struct Watched<S> {
-    pub(super) inner: S,
-    pub(super) keepalive: std::sync::Arc<KeepAlive>,
-}
+pub(super) type Watched<S> = Observed<S, Arc<KeepAlive>>;
 
-impl<S> Watched<S> {
-    /// `inner` wrapped for hyper.
-    pub(super) fn new(inner: S, keepalive: &std::sync::Arc<KeepAlive>) -> TokioIo<Watched<S>> {
-        TokioIo::new(Watched {
-            inner,
-            keepalive: keepalive.clone(),
-        })
+impl Observer for Arc<KeepAlive> {
+    fn read(&mut self, _n: usize) {
+        self.bytes_read();
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.keepalive.bytes_read();
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// `inner` wrapped for hyper.
+pub(super) fn watched<S>(inner: S, keepalive: &Arc<KeepAlive>) -> TokioIo<Watched<S>> {
+    TokioIo::new(Observed {
+        inner,
+        observer: keepalive.clone(),
+    })
 }

@@ -525,3 +525,49 @@ async fn many_half_sent_messages_on_the_echo_route_stay_within_the_budget() {
     // 32 MiB of messages, plus up to 128 KiB of read buffers per session and slack.
     assert!(grown_mib < 32 + 20, "RSS grew by {grown_mib} MiB");
 }
+
+/// Proxy route (splice): a client that keeps sending but never reads what the app sends is
+/// cut once the write to it has been stalled for idle_timeout.
+#[tokio::test]
+async fn proxy_session_whose_client_never_reads_is_cut_at_idle_timeout() {
+    let app = backend(|s| async move {
+        let Ok(ws) = tokio_tungstenite::accept_async(s).await else {
+            return;
+        };
+        let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut rx).await {}
+        });
+        // Bounded: 1,000 messages of 64 KiB, far more than the windows hold.
+        for _ in 0..1000 {
+            let msg = tokio_tungstenite::tungstenite::Message::binary(vec![1u8; 64 * 1024]);
+            if futures_util::SinkExt::send(&mut tx, msg).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let gate = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nidle_timeout = \"2s\"\n[[route]]\npath = \"/\"\nbackend = \"ws://{app}\"\n"
+    ))
+    .await;
+    let admin = gate.admin.unwrap();
+    let mut ws = raw_ws(gate.addr, "/").await.into_inner();
+    let started = std::time::Instant::now();
+    let open = || async { metric(admin, "wsgate_sessions_open{route=\"/\"}").await };
+    assert_eq!(open().await, 1.0);
+    // Keep talking (so the client is not idle), never read; at most 50 × 100 ms.
+    for _ in 0..50 {
+        let frame = client_frame(true, OpCode::Text, b"still here", [5, 6, 7, 8]);
+        if ws.write_all(&frame).await.is_err() || open().await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = started.elapsed();
+    assert_eq!(open().await, 0.0, "the session was cut");
+    assert!(
+        cut >= Duration::from_secs(2) && cut < Duration::from_millis(3500),
+        "cut after {cut:?}; idle_timeout is 2 s"
+    );
+}
