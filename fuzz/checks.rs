@@ -116,3 +116,17 @@ pub fn config(data: &[u8]) {
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
+
+/// Arbitrary bytes as the start of a connection on a `proxy_protocol` listener: never a
+/// panic; a header found is found the same way in any longer buffer, and every shorter prefix
+/// of it asks for more bytes (the reader relies on both to read exactly the header).
+pub fn proxy_header(data: &[u8]) {
+    use wsgate::proxy_protocol::parse;
+    if let Ok(Some((header, len))) = parse(data) {
+        assert!(len > 0 && len <= data.len());
+        assert_eq!(parse(&data[..len]), Ok(Some((header, len))));
+        for cut in [0, 1, len / 2, len - 1] {
+            assert_eq!(parse(&data[..cut.min(len - 1)]), Ok(None), "prefix of {cut}");
+        }
+    }
+}

@@ -31,6 +31,9 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// Set for `wss://` listeners: the files and the config built from them at load time.
     pub tls: Option<ListenerTls>,
+    /// Connections start with a PROXY protocol header (v1 or v2) naming the client
+    /// (default false).
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +133,8 @@ struct RawAdmin {
 struct RawListener {
     addr: toml::Spanned<String>,
     tls: Option<toml::Spanned<RawTls>>,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -338,7 +343,11 @@ impl Config {
                     Some(ListenerTls { files, server })
                 }
             };
-            listen.push(Listener { addr, tls });
+            listen.push(Listener {
+                addr,
+                tls,
+                proxy_protocol: l.proxy_protocol,
+            });
         }
 
         let admin = match &raw.admin {
@@ -489,7 +498,11 @@ impl Config {
         };
         let backend = Backend::parse(&spec, Path::new("."))?;
         Ok(Config {
-            listen: vec![Listener { addr, tls: None }],
+            listen: vec![Listener {
+                addr,
+                tls: None,
+                proxy_protocol: false,
+            }],
             admin: None,
             limits: Limits::default(),
             routes: RouteTable::new(vec![Route::new(

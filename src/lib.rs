@@ -4,7 +4,8 @@
 //! The modules in the order a request meets them:
 //! ```text
 //! client ─TCP─▶ server::accept      accept, max_connections, backoff
-//!        ─────▶ server::conn        TLS (tls), handshake_timeout, hyper HTTP/1.1
+//!        ─────▶ server::conn        PROXY header (proxy_protocol), TLS (tls),
+//!                                   handshake_timeout, hyper HTTP/1.1
 //!        ─────▶ server::dispatch    route (path → Route), protocol::handshake (§4 checks)
 //!        ─────▶ backend             connect before the 101 (proxy::forward: the app's 101)
 //!        ─────▶ server::session     the session's lifecycle, metrics, log line
@@ -20,6 +21,7 @@
 // Public: what the binary, the tests, the benches and the fuzz targets use.
 pub mod config;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod route;
 pub mod stream;
 

@@ -41,6 +41,12 @@ pub(crate) struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    /// A fixed label (`missing`, `malformed`, `too_long`, `truncated`, `timeout`).
+    pub(crate) reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabel {
     pub result: String,
 }
@@ -74,6 +80,8 @@ pub(crate) struct Metrics {
     pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub handshake_timeouts: Counter,
     pub tls_failures: Counter,
+    /// Connections on `proxy_protocol` listeners closed for a bad or missing PROXY header.
+    pub proxy_header_failures: Family<ReasonLabel, Counter>,
     /// Bytes held as whole messages by all sessions (the echo's buffers), set when scraped.
     pub message_buffer_bytes: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
@@ -102,6 +110,7 @@ impl Metrics {
             session_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             handshake_timeouts: Counter::default(),
             tls_failures: Counter::default(),
+            proxy_header_failures: Family::default(),
             message_buffer_bytes: Gauge::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
@@ -160,6 +169,11 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out on wss:// listeners",
             m.tls_failures.clone(),
+        );
+        registry.register(
+            "proxy_protocol_failures",
+            "Connections closed on proxy_protocol listeners for a missing, bad or slow PROXY header",
+            m.proxy_header_failures.clone(),
         );
         registry.register(
             "message_buffer_bytes",

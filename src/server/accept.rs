@@ -8,20 +8,20 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::sleep;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::reload::ListenerSettings;
 use super::{conn, State};
 use crate::metrics::RejectionLabels;
 
-/// Accepts until `stop` is cancelled. Each connection takes a [`ConnectionSlot`] and the TLS
-/// settings of the moment it was accepted.
+/// Accepts until `stop` is cancelled. Each connection takes a [`ConnectionSlot`] and the
+/// listener's settings of the moment it was accepted.
 pub(super) async fn run(
     listener: TcpListener,
     state: Arc<State>,
     stop: CancellationToken,
-    tls: Arc<RwLock<Option<TlsAcceptor>>>,
+    settings: Arc<RwLock<ListenerSettings>>,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -33,16 +33,16 @@ pub(super) async fn run(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let Some(slot) = ConnectionSlot::take(&state) else {
-                    let is_tls = tls.read().unwrap().is_some();
+                    let is_tls = settings.read().unwrap().tls.is_some();
                     refuse_over_capacity(&state, stream, is_tls);
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let id = state.next_id.fetch_add(1, Ordering::Relaxed);
                 let conn_state = state.clone();
-                let tls = tls.read().unwrap().clone();
+                let settings = settings.read().unwrap().clone();
                 state.tracker.spawn(
-                    conn::serve(conn_state, stream, peer, slot, id, tls)
+                    conn::serve(conn_state, stream, peer, slot, id, settings)
                         .instrument(info_span!("conn", id)),
                 );
             }

@@ -8,15 +8,18 @@ use std::sync::{Arc, Mutex};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use super::accept::ConnectionSlot;
 use super::keepalive::{watched, Expired, KeepAlive};
+use super::reload::ListenerSettings;
 use super::{dispatch, State};
 use crate::config::Config;
+use crate::metrics::ReasonLabel;
+use crate::proxy_protocol::{self, ProxyHeader, ProxyHeaderError};
 
 /// Largest request head (request line and headers) accepted; bigger gets 431.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -43,11 +46,33 @@ pub(super) async fn serve(
     peer: SocketAddr,
     slot: ConnectionSlot,
     id: u64,
-    tls: Option<TlsAcceptor>,
+    settings: ListenerSettings,
 ) {
     let config = state.config();
-    // The whole TLS handshake and request head must arrive within handshake_timeout.
+    // The PROXY header, the TLS handshake and the request head must all arrive within
+    // handshake_timeout.
     let deadline = Instant::now() + config.limits.handshake_timeout;
+    let mut stream = stream;
+    let mut peer = peer;
+    if settings.proxy_protocol {
+        let read = tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await;
+        match read.unwrap_or(Err(ProxyReadError::Timeout)) {
+            Ok(ProxyHeader::Proxied { source, .. }) => peer = source,
+            Ok(ProxyHeader::Local) => {}
+            Err(e) => {
+                state
+                    .metrics
+                    .proxy_header_failures
+                    .get_or_create(&ReasonLabel {
+                        reason: e.label().into(),
+                    })
+                    .inc();
+                info!(%peer, error = %e, "PROXY protocol header refused; closed");
+                return;
+            }
+        }
+    }
+    let tls = settings.tls;
     let conn = Arc::new(Conn {
         slot: Mutex::new(Some(slot)),
         state,
@@ -117,5 +142,66 @@ where
                 }
             }
         }
+    }
+}
+
+/// Why a PROXY header could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ProxyReadError {
+    #[error(transparent)]
+    Header(#[from] ProxyHeaderError),
+    #[error("connection ended inside the PROXY header")]
+    Truncated,
+    #[error("PROXY header not complete within handshake_timeout")]
+    Timeout,
+}
+
+impl ProxyReadError {
+    fn label(&self) -> &'static str {
+        match self {
+            ProxyReadError::Header(e) => e.label(),
+            ProxyReadError::Truncated => "truncated",
+            ProxyReadError::Timeout => "timeout",
+        }
+    }
+}
+
+/// Reads the PROXY header off the connection, and not one byte more (what follows belongs to
+/// TLS or HTTP). Usually the header arrives whole: one peek finds it and one read takes it.
+/// Otherwise it is read in exact pieces. Cancel-safe only in that the connection is dropped.
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyReadError> {
+    let truncated = |_| ProxyReadError::Truncated;
+    let mut peeked = [0u8; 512];
+    let n = stream.peek(&mut peeked).await.map_err(truncated)?;
+    if n == 0 {
+        return Err(ProxyReadError::Truncated);
+    }
+    if let Some((header, len)) = proxy_protocol::parse(&peeked[..n])? {
+        stream
+            .read_exact(&mut peeked[..len])
+            .await
+            .map_err(truncated)?;
+        return Ok(header);
+    }
+    // In pieces: a v2 header is at least 16 bytes and says its length; a v1 line is read a
+    // byte at a time up to its CRLF.
+    let mut got = Vec::with_capacity(128);
+    loop {
+        if let Some((header, _)) = proxy_protocol::parse(&got)? {
+            return Ok(header);
+        }
+        let v2 =
+            !got.is_empty() && got.starts_with(&proxy_protocol::V2_SIGNATURE[..got.len().min(12)]);
+        let want = match got.len() {
+            n if v2 && n >= 16 => 16 + usize::from(u16::from_be_bytes([got[14], got[15]])),
+            _ if v2 => 16,
+            n => n + 1,
+        };
+        let start = got.len();
+        got.resize(want, 0);
+        stream
+            .read_exact(&mut got[start..])
+            .await
+            .map_err(truncated)?;
     }
 }

@@ -42,8 +42,8 @@ mod reload;
 mod respond;
 mod session;
 
-use reload::ListenerSlot;
 pub use reload::ReloadError;
+use reload::{ListenerSettings, ListenerSlot};
 
 /// A bound server, ready to run.
 pub struct Server {
@@ -101,7 +101,7 @@ impl Server {
         };
         let mut bound = Vec::new();
         for l in &config.listen {
-            bound.push((l.addr, reload::acceptor(l), bind(l.addr).await?));
+            bound.push((l.addr, ListenerSettings::of(l), bind(l.addr).await?));
         }
         let message_budget = MessageBudget::new(config.limits.message_buffer_budget);
         let state = Arc::new(State {
@@ -118,8 +118,8 @@ impl Server {
             metrics: Metrics::new(),
         });
         let server = Server { state, admin };
-        for (configured, tls, listener) in bound {
-            server.state.start_listener(configured, tls, listener);
+        for (configured, settings, listener) in bound {
+            server.state.start_listener(configured, settings, listener);
         }
         Ok(server)
     }

@@ -34,8 +34,27 @@ pub(super) struct ListenerSlot {
     pub(super) bound: SocketAddr,
     stop: CancellationToken,
     task: JoinHandle<()>,
-    /// The listener's TLS config, swapped on reload (new certificates, new connections).
-    tls: Arc<RwLock<Option<TlsAcceptor>>>,
+    /// What new connections get, swapped on reload (new certificates, PROXY protocol on/off).
+    settings: Arc<RwLock<ListenerSettings>>,
+}
+
+/// A listener's settings for the connections it accepts.
+#[derive(Clone)]
+pub(super) struct ListenerSettings {
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) proxy_protocol: bool,
+}
+
+impl ListenerSettings {
+    pub(super) fn of(listener: &Listener) -> ListenerSettings {
+        ListenerSettings {
+            tls: listener
+                .tls
+                .as_ref()
+                .map(|t| TlsAcceptor::from(t.server.clone())),
+            proxy_protocol: listener.proxy_protocol,
+        }
+    }
 }
 
 impl ListenerSlot {
@@ -46,28 +65,21 @@ impl ListenerSlot {
     }
 }
 
-pub(super) fn acceptor(listener: &Listener) -> Option<TlsAcceptor> {
-    listener
-        .tls
-        .as_ref()
-        .map(|t| TlsAcceptor::from(t.server.clone()))
-}
-
 impl State {
     pub(super) fn start_listener(
         self: &Arc<Self>,
         configured: SocketAddr,
-        tls: Option<TlsAcceptor>,
+        settings: ListenerSettings,
         listener: TcpListener,
     ) {
         let bound = listener.local_addr().unwrap_or(configured);
         let stop = CancellationToken::new();
-        let tls = Arc::new(RwLock::new(tls));
+        let settings = Arc::new(RwLock::new(settings));
         let task = tokio::spawn(accept::run(
             listener,
             self.clone(),
             stop.clone(),
-            tls.clone(),
+            settings.clone(),
         ));
         self.listeners.lock().unwrap().insert(
             configured,
@@ -75,7 +87,7 @@ impl State {
                 bound,
                 stop,
                 task,
-                tls,
+                settings,
             },
         );
     }
@@ -127,28 +139,28 @@ impl Handle {
         let mut fresh = Vec::new();
         for l in &config.listen {
             if !existing.contains(&l.addr) {
-                fresh.push((l.addr, acceptor(l), bind(l.addr).await?));
+                fresh.push((l.addr, ListenerSettings::of(l), bind(l.addr).await?));
             }
         }
         let removed: Vec<SocketAddr> = existing
             .into_iter()
             .filter(|a| !config.listen.iter().any(|l| l.addr == *a))
             .collect();
-        // Kept listeners take the new TLS settings (renewed certificates) for new connections.
+        // Kept listeners take the new settings (renewed certificates) for new connections.
         {
             let slots = state.listeners.lock().unwrap();
             for l in &config.listen {
                 if let Some(slot) = slots.get(&l.addr) {
-                    *slot.tls.write().unwrap() = acceptor(l);
+                    *slot.settings.write().unwrap() = ListenerSettings::of(l);
                 }
             }
         }
         *state.config.write().unwrap() = Arc::new(config);
-        for (configured, tls, listener) in fresh {
+        for (configured, settings, listener) in fresh {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, "listening");
             }
-            state.start_listener(configured, tls, listener);
+            state.start_listener(configured, settings, listener);
         }
         for addr in removed {
             let slot = state.listeners.lock().unwrap().remove(&addr);

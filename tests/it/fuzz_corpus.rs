@@ -37,3 +37,8 @@ fn handshake_request_corpus() {
 fn config_corpus() {
     replay("config", checks::config);
 }
+
+#[test]
+fn proxy_header_corpus() {
+    replay("proxy_header", checks::proxy_header);
+}

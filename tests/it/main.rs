@@ -16,6 +16,7 @@ mod limits;
 mod operations;
 mod protocol;
 mod proxy;
+mod proxy_protocol;
 mod python_peer;
 mod relay;
 mod tls;

@@ -1,0 +1,174 @@
+//! PROXY protocol in (`[[listen]] proxy_protocol = true`): v1 and v2 headers name the client
+//! for everything after them (here: the X-Forwarded-For a proxied app sees); a missing,
+//! malformed, truncated or slow header closes the connection and is counted.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use wsgate::proxy_protocol::{encode_v1, encode_v2, V2_SIGNATURE};
+
+use crate::common::*;
+
+/// A ws app that records the X-Forwarded-For of each upgrade it accepts.
+async fn app() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let addr = backend(move |s| {
+        let record = record.clone();
+        async move {
+            let callback = |req: &Request, resp: Response| {
+                let xff = req
+                    .headers()
+                    .get("x-forwarded-for")
+                    .map(|v| v.to_str().unwrap_or("").to_owned())
+                    .unwrap_or_default();
+                record.lock().unwrap().push(xff);
+                Ok(resp)
+            };
+            let _ = tokio_tungstenite::accept_hdr_async(s, callback).await;
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+async fn gate(app: std::net::SocketAddr, limits: &str) -> Gate {
+    Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\n{limits}\n[[route]]\npath = \"/\"\nbackend = \"ws://{app}\"\n"
+    ))
+    .await
+}
+
+/// Sends `prefix` then a WebSocket upgrade; returns the status line's code.
+async fn upgrade_behind(gate: &Gate, prefix: &[u8]) -> u16 {
+    let mut req = prefix.to_vec();
+    req.extend_from_slice(upgrade_request("/", "").as_bytes());
+    upgrade_head(gate.addr, &req).await.0.status
+}
+
+fn failures(m: &std::collections::HashMap<String, f64>, reason: &str) -> f64 {
+    m.get(&format!(
+        "wsgate_proxy_protocol_failures_total{{reason=\"{reason}\"}}"
+    ))
+    .copied()
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn v1_and_v2_headers_name_the_client() {
+    let (app, seen) = app().await;
+    let gate = gate(app, "").await;
+    let dst = gate.addr;
+    let v1 = encode_v1("192.0.2.7:5555".parse().unwrap(), dst);
+    assert_eq!(upgrade_behind(&gate, &v1).await, 101);
+    let v2 = encode_v2(
+        "[2001:db8::7]:5555".parse().unwrap(),
+        "[2001:db8::1]:443".parse().unwrap(),
+    );
+    assert_eq!(upgrade_behind(&gate, &v2).await, 101);
+    // v2 with a TLV after the addresses (skipped).
+    let mut tlv = encode_v2("198.51.100.9:1".parse().unwrap(), dst);
+    tlv[15] += 5;
+    tlv.extend_from_slice(&[0x04, 0x00, 0x02, 0xAB, 0xCD]);
+    assert_eq!(upgrade_behind(&gate, &tlv).await, 101);
+    // LOCAL (a balancer's health check) and UNKNOWN: the real peer is the client.
+    let mut local = V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    assert_eq!(upgrade_behind(&gate, &local).await, 101);
+    assert_eq!(upgrade_behind(&gate, b"PROXY UNKNOWN\r\n").await, 101);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "192.0.2.7",
+            "2001:db8::7",
+            "198.51.100.9",
+            "127.0.0.1",
+            "127.0.0.1"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_header_in_pieces_is_read_exactly() {
+    let (app, seen) = app().await;
+    let gate = gate(app, "").await;
+    for header in [
+        encode_v1("192.0.2.8:1000".parse().unwrap(), gate.addr),
+        encode_v2("192.0.2.9:1000".parse().unwrap(), gate.addr),
+    ] {
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for piece in header.chunks(7) {
+            s.write_all(piece).await.unwrap();
+            // Let each piece arrive on its own.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.write_all(upgrade_request("/", "").as_bytes())
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        within("the 101", WAIT, s.read_exact(&mut head))
+            .await
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+    }
+    assert_eq!(*seen.lock().unwrap(), ["192.0.2.8", "192.0.2.9"]);
+}
+
+#[tokio::test]
+async fn missing_malformed_and_truncated_headers_close_the_connection() {
+    let (app, seen) = app().await;
+    let gate = gate(app, "").await;
+    let cases: [(&str, &[u8]); 4] = [
+        ("missing", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("malformed", b"PROXY TCP4 1.2.3.999 10.0.0.1 1 2\r\n"),
+        (
+            "malformed",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04\x01\x02\x03\x04",
+        ),
+        ("truncated", b"PROXY TCP4 192.0.2"),
+    ];
+    for (reason, bytes) in cases {
+        // The bytes, then the client's FIN: the gate must close without answering.
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        within("the gate to close", WAIT, s.read_to_end(&mut answer))
+            .await
+            .ok();
+        assert!(answer.is_empty(), "{reason}: no answer at all: {answer:?}");
+    }
+    let m = parse_metrics(&http_get(gate.admin.unwrap(), "/metrics").await.1);
+    assert_eq!(failures(&m, "missing"), 1.0);
+    assert_eq!(failures(&m, "malformed"), 2.0);
+    assert_eq!(failures(&m, "truncated"), 1.0);
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the app");
+}
+
+#[tokio::test]
+async fn a_slow_header_is_cut_at_handshake_timeout() {
+    let (app, _) = app().await;
+    let gate = gate(app, "handshake_timeout = \"1s\"").await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.7 ").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    within(
+        "the slow header to be cut",
+        Duration::from_secs(5),
+        s.read_to_end(&mut sink),
+    )
+    .await
+    .unwrap();
+    let cut = started.elapsed();
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_millis(1500),
+        "cut after {cut:?}"
+    );
+    let m = parse_metrics(&http_get(gate.admin.unwrap(), "/metrics").await.1);
+    assert_eq!(failures(&m, "timeout"), 1.0);
+}
