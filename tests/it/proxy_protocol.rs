@@ -19,6 +19,7 @@ async fn app() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
     let addr = backend(move |s| {
         let record = record.clone();
         async move {
+            #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
             let callback = |req: &Request, resp: Response| {
                 let xff = req
                     .headers()
