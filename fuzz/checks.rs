@@ -126,7 +126,11 @@ pub fn proxy_header(data: &[u8]) {
         assert!(len > 0 && len <= data.len());
         assert_eq!(parse(&data[..len]), Ok(Some((header, len))));
         for cut in [0, 1, len / 2, len - 1] {
-            assert_eq!(parse(&data[..cut.min(len - 1)]), Ok(None), "prefix of {cut}");
+            assert_eq!(
+                parse(&data[..cut.min(len - 1)]),
+                Ok(None),
+                "prefix of {cut}"
+            );
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::forwarded::TrustedProxies;
 use crate::route::{Backend, BackendSpecError, ClientTls, MessageMode, Route, RouteTable};
 use crate::tls::{SniCert, TlsFiles};
 
@@ -64,6 +65,8 @@ pub struct Limits {
     /// After a response on a kept-alive connection (plain HTTP on proxy routes), how long
     /// the next request may take to start (default 60 s).
     pub keepalive_timeout: Duration,
+    /// Peers whose X-Forwarded-For / Forwarded is believed (default: none).
+    pub trusted_proxies: TrustedProxies,
     /// Bytes all sessions together may hold as whole messages (the echo route's buffers;
     /// default 256 MiB); a message that would go over gets close 1013. Fixed at start.
     pub message_buffer_budget: u64,
@@ -82,6 +85,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             message_buffer_budget: 256 << 20,
             keepalive_timeout: Duration::from_secs(60),
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -168,6 +172,8 @@ struct RawLimits {
     drain_timeout: Option<Dur>,
     message_buffer_budget: Option<Size>,
     keepalive_timeout: Option<Dur>,
+    #[serde(default)]
+    trusted_proxies: Vec<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -371,6 +377,21 @@ impl Config {
 
         let d = Limits::default();
         let r = raw.limits;
+        let mut trusted = Vec::new();
+        for net in &r.trusted_proxies {
+            let text = net.get_ref().trim();
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            trusted.push(parsed.map_err(|_| {
+                invalid(
+                    Some(net.span()),
+                    format!(
+                        "limits.trusted_proxies: {text:?} is not a network like \"10.0.0.0/8\" or an address"
+                    ),
+                )
+            })?);
+        }
         let limits = Limits {
             max_message_size: r.max_message_size.map_or(d.max_message_size, |s| s.0),
             handshake_timeout: r.handshake_timeout.map_or(d.handshake_timeout, |x| x.0),
@@ -384,6 +405,7 @@ impl Config {
                 .message_buffer_budget
                 .map_or(d.message_buffer_budget, |x| x.0),
             keepalive_timeout: r.keepalive_timeout.map_or(d.keepalive_timeout, |x| x.0),
+            trusted_proxies: TrustedProxies(trusted),
         };
         for (key, value) in [
             ("handshake_timeout", limits.handshake_timeout),
@@ -578,6 +600,27 @@ mod tests {
         let text = format!("{MINIMAL}[[route]]\npath = \"/\"\nbackend = \"echo\"\n");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("line 7") && err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_take_networks_and_addresses_and_name_bad_ones() {
+        let text = format!("{MINIMAL}[limits]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n");
+        let c = parse(&text).unwrap();
+        assert!(c
+            .limits
+            .trusted_proxies
+            .contains("10.2.3.4".parse().unwrap()));
+        assert!(c.limits.trusted_proxies.contains("::1".parse().unwrap()));
+        assert!(!c
+            .limits
+            .trusted_proxies
+            .contains("192.0.2.1".parse().unwrap()));
+        let text = format!("{MINIMAL}[limits]\ntrusted_proxies = [\"10.0.0.0/33\"]\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("line 7") && err.contains("trusted_proxies"),
+            "{err}"
+        );
     }
 
     #[test]

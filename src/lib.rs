@@ -20,6 +20,7 @@
 
 // Public: what the binary, the tests, the benches and the fuzz targets use.
 pub mod config;
+pub mod forwarded;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod route;

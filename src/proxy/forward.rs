@@ -25,7 +25,10 @@ use crate::stream::Io;
 /// Who the request is forwarded for (X-Forwarded-For and -Proto).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ForwardedFor {
+    /// The direct peer (or the PROXY header's client).
     pub peer: SocketAddr,
+    /// The peer is a trusted proxy: its X-Forwarded-For chain is extended, not replaced.
+    pub trusted: bool,
     /// The client came in over TLS.
     pub tls: bool,
 }
@@ -93,6 +96,7 @@ pub(crate) async fn upgrade(
         Empty::<Bytes>::new(),
         route,
         client.peer,
+        client.trusted,
         client.tls,
         true,
     );
@@ -131,6 +135,14 @@ pub(crate) async fn http(
 ) -> Result<Response<Incoming>, ForwardError> {
     let mut sender = app_client(io, tracker).await?;
     let (parts, body) = req.into_parts();
-    let request = backend_request(&parts, body, route, client.peer, client.tls, false);
+    let request = backend_request(
+        &parts,
+        body,
+        route,
+        client.peer,
+        client.trusted,
+        client.tls,
+        false,
+    );
     sender.send_request(request).await.map_err(http_failed)
 }

@@ -8,6 +8,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, StatusCode, Uri};
 
+use crate::forwarded::forwarded_for;
 use crate::protocol::handshake::{accept_key, header_tokens};
 use crate::route::{Backend, Route};
 
@@ -64,12 +65,14 @@ fn backend_path(route: &Route, uri: &Uri) -> String {
     }
 }
 
-/// Builds the request sent to the app from the client's request head.
+/// Builds the request sent to the app from the client's request head. `peer_trusted`: the
+/// direct peer is a trusted proxy, so its X-Forwarded-For chain is kept and extended.
 pub(crate) fn backend_request<B>(
     parts: &Parts,
     body: B,
     route: &Route,
     peer: SocketAddr,
+    peer_trusted: bool,
     client_tls: bool,
     upgrade: bool,
 ) -> Request<B> {
@@ -82,11 +85,12 @@ pub(crate) fn backend_request<B>(
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    let chain = forwarded_for(peer.ip(), &parts.headers, peer_trusted);
+    if !peer_trusted {
+        // Its own claims about earlier hops are not passed on.
+        headers.remove("forwarded");
+    }
+    if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert(
@@ -224,6 +228,7 @@ mod tests {
             "192.0.2.7:5555".parse().unwrap(),
             true,
             true,
+            true,
         );
         let h = out.headers();
         assert_eq!(h["host"], "127.0.0.1:3000");
@@ -287,5 +292,42 @@ mod tests {
             &strict
         )
         .is_err());
+    }
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::*;
+    use crate::route::MessageMode;
+
+    /// From a peer that is not a trusted proxy, X-Forwarded-For and Forwarded are replaced.
+    #[test]
+    fn untrusted_peer_chain_is_replaced() {
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "h")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let r = Route::new(
+            "/",
+            Backend::parse("ws://127.0.0.1:3000", std::path::Path::new("/")).unwrap(),
+            vec![],
+            vec![],
+            MessageMode::Binary,
+        );
+        let out = backend_request(
+            &parts,
+            (),
+            &r,
+            "192.0.2.7:1".parse().unwrap(),
+            false,
+            false,
+            false,
+        );
+        assert_eq!(out.headers()["x-forwarded-for"], "192.0.2.7");
+        assert!(out.headers().get("forwarded").is_none());
     }
 }

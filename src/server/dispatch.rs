@@ -2,6 +2,7 @@
 //! (and, on proxy routes, the app's 101 checked) **before** the client's 101, then the session
 //! handed to its own task. Every refusal goes through [`refuse`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use super::respond::{forward_failed, full, passthrough, refuse, Body};
 use super::session::{Session, SessionBackend};
 use crate::backend::{self, BackendConn};
 use crate::bridge::SessionLimits;
+use crate::forwarded::client_ip;
 use crate::metrics::Metrics;
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
 use crate::proxy::forward::{self, ForwardedFor};
@@ -34,9 +36,16 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         );
     };
     let route = route.clone();
+    let trusted = &conn.config.limits.trusted_proxies;
     let forwarded_for = ForwardedFor {
         peer: conn.peer,
+        trusted: trusted.contains(conn.peer.ip()),
         tls: conn.tls,
+    };
+    // The client as the trusted proxies in front say (else the peer itself).
+    let client = match client_ip(conn.peer.ip(), req.headers(), trusted) {
+        ip if ip == conn.peer.ip() => conn.peer,
+        ip => SocketAddr::new(ip, 0),
     };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     if route.backend.is_proxy() && !is_upgrade {
@@ -96,7 +105,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
     let session = Session {
         state: state.clone(),
-        peer: conn.peer,
+        peer: client,
         limits: SessionLimits {
             max_message_size: limits.max_message_size,
             idle_timeout: limits.idle_timeout,

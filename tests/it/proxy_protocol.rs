@@ -173,3 +173,42 @@ async fn a_slow_header_is_cut_at_handshake_timeout() {
     let m = parse_metrics(&http_get(gate.admin.unwrap(), "/metrics").await.1);
     assert_eq!(failures(&m, "timeout"), 1.0);
 }
+
+/// An X-Forwarded-For from a peer that is not in trusted_proxies is replaced, never appended
+/// to: the app sees only the real peer.
+#[tokio::test]
+async fn spoofed_x_forwarded_for_from_an_untrusted_peer_is_replaced() {
+    let (app, seen) = app().await;
+    let gate = Gate::route(
+        "/",
+        &format!("ws://{app}"),
+        "trusted_proxies = [\"10.0.0.0/8\"]",
+        "",
+    )
+    .await;
+    let req = upgrade_request(
+        "/",
+        "X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n",
+    );
+    assert_eq!(upgrade_head(gate.addr, req.as_bytes()).await.0.status, 101);
+    assert_eq!(*seen.lock().unwrap(), ["127.0.0.1"]);
+}
+
+/// From a trusted proxy, the chain is believed: the client is the rightmost untrusted address
+/// (in the session's log line too), and the app sees the chain with the proxy appended.
+#[tokio::test]
+async fn a_trusted_proxy_chain_names_the_client() {
+    let (app, seen) = app().await;
+    let gate = GateProcess::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n[[route]]\npath = \"/\"\nbackend = \"ws://{app}\"\n"
+    ));
+    let req = upgrade_request("/", "X-Forwarded-For: 6.6.6.6, 203.0.113.5, 10.1.1.1\r\n");
+    let (r, _s) = upgrade_head(gate.addr, req.as_bytes()).await;
+    assert_eq!(r.status, 101);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["6.6.6.6, 203.0.113.5, 10.1.1.1, 127.0.0.1"]
+    );
+    let line = gate.wait_for_log("upgraded");
+    assert!(line.contains("peer=203.0.113.5"), "{line}");
+}
