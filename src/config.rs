@@ -65,6 +65,17 @@ pub struct Limits {
     /// After a response on a kept-alive connection (plain HTTP on proxy routes), how long
     /// the next request may take to start (default 60 s).
     pub keepalive_timeout: Duration,
+    /// Connections from one client address at once (IPv6: per `per_ip_ipv6_prefix`; default
+    /// off); over → 503.
+    pub max_connections_per_ip: Option<usize>,
+    /// Handshakes (requests) one client address may start per second, on average (default
+    /// off); over → 429.
+    pub handshakes_per_ip_per_second: Option<u32>,
+    /// How many handshakes one client address may start at once before the rate applies
+    /// (default: the rate).
+    pub handshakes_per_ip_burst: Option<u32>,
+    /// IPv6 clients are limited per network of this prefix length (default 64).
+    pub per_ip_ipv6_prefix: u8,
     /// Peers whose X-Forwarded-For / Forwarded is believed (default: none).
     pub trusted_proxies: TrustedProxies,
     /// Bytes all sessions together may hold as whole messages (the echo route's buffers;
@@ -86,6 +97,10 @@ impl Default for Limits {
             message_buffer_budget: 256 << 20,
             keepalive_timeout: Duration::from_secs(60),
             trusted_proxies: TrustedProxies::default(),
+            max_connections_per_ip: None,
+            handshakes_per_ip_per_second: None,
+            handshakes_per_ip_burst: None,
+            per_ip_ipv6_prefix: 64,
         }
     }
 }
@@ -174,6 +189,10 @@ struct RawLimits {
     keepalive_timeout: Option<Dur>,
     #[serde(default)]
     trusted_proxies: Vec<toml::Spanned<String>>,
+    max_connections_per_ip: Option<usize>,
+    handshakes_per_ip_per_second: Option<u32>,
+    handshakes_per_ip_burst: Option<u32>,
+    per_ip_ipv6_prefix: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +208,7 @@ struct RawRoute {
     message: MessageMode,
     /// CA bundle for tls:// and wss:// backends (system roots when absent).
     ca: Option<toml::Spanned<String>>,
+    max_connections: Option<toml::Spanned<usize>>,
 }
 
 /// A duration written with a unit: "250ms", "10s", "5m", "1h".
@@ -406,7 +426,38 @@ impl Config {
                 .map_or(d.message_buffer_budget, |x| x.0),
             keepalive_timeout: r.keepalive_timeout.map_or(d.keepalive_timeout, |x| x.0),
             trusted_proxies: TrustedProxies(trusted),
+            max_connections_per_ip: r.max_connections_per_ip,
+            handshakes_per_ip_per_second: r.handshakes_per_ip_per_second,
+            handshakes_per_ip_burst: r.handshakes_per_ip_burst,
+            per_ip_ipv6_prefix: r.per_ip_ipv6_prefix.unwrap_or(d.per_ip_ipv6_prefix),
         };
+        for (key, value) in [
+            (
+                "max_connections_per_ip",
+                limits.max_connections_per_ip.map(|v| v as u64),
+            ),
+            (
+                "handshakes_per_ip_per_second",
+                limits.handshakes_per_ip_per_second.map(u64::from),
+            ),
+            (
+                "handshakes_per_ip_burst",
+                limits.handshakes_per_ip_burst.map(u64::from),
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(
+                    None,
+                    format!("limits.{key} must be at least 1 (leave it out to turn it off)"),
+                ));
+            }
+        }
+        if limits.per_ip_ipv6_prefix > 128 {
+            return Err(invalid(
+                None,
+                "limits.per_ip_ipv6_prefix must be 0 to 128".into(),
+            ));
+        }
         for (key, value) in [
             ("handshake_timeout", limits.handshake_timeout),
             ("connect_timeout", limits.connect_timeout),
@@ -473,6 +524,15 @@ impl Config {
                 origins.push(v.to_ascii_lowercase());
             }
             let mut route = Route::new(path, backend, subprotocols, origins, r.message);
+            if let Some(max) = &r.max_connections {
+                if *max.get_ref() == 0 {
+                    return Err(invalid(
+                        Some(max.span()),
+                        "route.max_connections must be at least 1".into(),
+                    ));
+                }
+                route.max_connections = Some(*max.get_ref());
+            }
             match (&r.ca, route.backend.uses_tls()) {
                 (Some(ca), false) => {
                     return Err(invalid(

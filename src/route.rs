@@ -173,6 +173,8 @@ pub struct Route {
     pub message: MessageMode,
     /// Set for tls:// and wss:// backends.
     pub tls_client: Option<ClientTls>,
+    /// Sessions and requests in progress on this route at once (none: no limit of its own).
+    pub max_connections: Option<usize>,
 }
 
 impl Route {
@@ -195,6 +197,7 @@ impl Route {
             origins,
             message,
             tls_client: None,
+            max_connections: None,
         }
     }
 

@@ -26,7 +26,7 @@ pub fn accept_key(key: &[u8]) -> String {
 pub struct Rejection {
     pub status: StatusCode,
     pub reason: String,
-    pub headers: Vec<(HeaderName, &'static str)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     pub label: &'static str,
 }
 
@@ -40,7 +40,7 @@ impl Rejection {
         }
     }
 
-    fn with_header(mut self, name: HeaderName, value: &'static str) -> Self {
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));
         self
     }
@@ -114,8 +114,10 @@ pub fn check(
         Err(()) => return Err(bad("host", "more than one Host header")),
     }
     let version_426 = |reason: &str| {
-        Rejection::new(S::UPGRADE_REQUIRED, "version", reason)
-            .with_header(header::SEC_WEBSOCKET_VERSION, "13")
+        Rejection::new(S::UPGRADE_REQUIRED, "version", reason).with_header(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        )
     };
     if headers.contains_key("sec-websocket-key1") || headers.contains_key("sec-websocket-key2") {
         return Err(version_426(
@@ -128,7 +130,7 @@ pub fn check(
             "not_upgrade",
             "this is a WebSocket endpoint: send Upgrade: websocket",
         )
-        .with_header(header::UPGRADE, "websocket"));
+        .with_header(header::UPGRADE, HeaderValue::from_static("websocket")));
     }
     if !has_token(headers, &header::CONNECTION, "upgrade") {
         return Err(bad(

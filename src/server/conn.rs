@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::accept::ConnectionSlot;
+use super::client_limits::Held;
 use super::keepalive::{watched, Expired, KeepAlive};
 use super::reload::ListenerSettings;
 use super::{dispatch, State};
@@ -37,6 +38,9 @@ pub(super) struct Conn {
     pub(super) tls: bool,
     /// Moves into the session on upgrade; otherwise dropped with the connection.
     pub(super) slot: Mutex<Option<ConnectionSlot>>,
+    /// The connection's place under the per-client and per-route limits, taken at its first
+    /// request; moves into the session on upgrade.
+    pub(super) held: Mutex<Option<Held>>,
 }
 
 /// Serves one accepted connection to its end. Cancel-safe: dropping it drops the connection.
@@ -75,6 +79,7 @@ pub(super) async fn serve(
     let tls = settings.tls;
     let conn = Arc::new(Conn {
         slot: Mutex::new(Some(slot)),
+        held: Mutex::new(None),
         state,
         config,
         id,

@@ -12,6 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::client_limits::OverLimit;
 use super::conn::Conn;
 use super::keepalive::mark_end;
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
@@ -37,15 +38,18 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let route = route.clone();
     let trusted = &conn.config.limits.trusted_proxies;
-    let forwarded_for = ForwardedFor {
-        peer: conn.peer,
-        trusted: trusted.contains(conn.peer.ip()),
-        tls: conn.tls,
-    };
     // The client as the trusted proxies in front say (else the peer itself).
     let client = match client_ip(conn.peer.ip(), req.headers(), trusted) {
         ip if ip == conn.peer.ip() => conn.peer,
         ip => SocketAddr::new(ip, 0),
+    };
+    if let Err(over) = within_client_limits(&conn, client, &route) {
+        return refuse(&conn, Some(&route.path), over_limit(over));
+    }
+    let forwarded_for = ForwardedFor {
+        peer: conn.peer,
+        trusted: trusted.contains(conn.peer.ip()),
+        tls: conn.tls,
     };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     if route.backend.is_proxy() && !is_upgrade {
@@ -103,6 +107,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
+    let held = conn.held.lock().ok().and_then(|mut h| h.take());
     let session = Session {
         state: state.clone(),
         peer: client,
@@ -117,7 +122,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     state.tracker.spawn(
         async move {
-            let _slot = slot;
+            let _places = (slot, held);
             match on_upgrade.await {
                 Ok(upgraded) => session.run(upgraded, backend).await,
                 Err(e) => debug!(error = %e, "upgrade failed"),
@@ -186,4 +191,46 @@ async fn proxy_http(
         Ok(response) => passthrough(response),
         Err(e) => forward_failed(conn, &route.path, e),
     }
+}
+
+/// Checks the request against the per-client rate, and (at a connection's first request)
+/// takes its place under the per-client and per-route connection limits.
+fn within_client_limits(conn: &Conn, client: SocketAddr, route: &Route) -> Result<(), OverLimit> {
+    let limits = &conn.config.limits;
+    let counts = &conn.state.client_limits;
+    counts.handshake(client.ip(), limits)?;
+    let mut held = conn.held.lock().unwrap();
+    if held.is_none() {
+        *held = Some(counts.hold(
+            Some(client.ip()),
+            &route.path,
+            route.max_connections,
+            limits,
+        )?);
+    }
+    Ok(())
+}
+
+/// The refusal for a request over a limit: 503 for connections, 429 for the rate, each with
+/// Retry-After.
+fn over_limit(over: OverLimit) -> Rejection {
+    let (status, reason, retry) = match over {
+        OverLimit::ClientConnections => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections from this client; try again later",
+            1,
+        ),
+        OverLimit::RouteConnections => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections on this route; try again later",
+            1,
+        ),
+        OverLimit::ClientRate(wait) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many handshakes from this client; slow down",
+            wait.as_secs_f64().ceil().max(1.0) as u64,
+        ),
+    };
+    Rejection::new(status, over.label(), reason)
+        .with_header(header::RETRY_AFTER, HeaderValue::from(retry))
 }

@@ -4,6 +4,7 @@
 //! mod.rs       Server (bind, run, drain), Handle, State
 //! accept.rs    accept loop, backoff, ConnectionSlot (max_connections)
 //! conn.rs      TLS and the handshake deadline, hyper's HTTP/1.1 connection
+//! client_limits.rs  per-client and per-route limits
 //! dispatch.rs  one request: route, checks, backend connect, the 101 or a refusal
 //! keepalive.rs between requests: keepalive_timeout, the next head's deadline
 //! respond.rs   response bodies, refusals, passed-through answers
@@ -32,9 +33,11 @@ use tracing::info;
 use crate::bridge::MessageBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use client_limits::ClientLimits;
 
 mod accept;
 mod admin;
+mod client_limits;
 mod conn;
 mod dispatch;
 mod keepalive;
@@ -71,6 +74,8 @@ struct State {
     draining: AtomicBool,
     next_id: AtomicU64,
     metrics: Metrics,
+    /// Per-client and per-route connection counts and handshake rates.
+    client_limits: Arc<ClientLimits>,
     /// Held for a whole reload, so two reloads (SIGHUP and --watch) never interleave.
     reloading: tokio::sync::Mutex<()>,
     /// Whole-message buffering of all sessions (limits.message_buffer_budget, fixed at start).
@@ -107,6 +112,7 @@ impl Server {
         let state = Arc::new(State {
             message_budget,
             reloading: tokio::sync::Mutex::new(()),
+            client_limits: Arc::default(),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             listeners: Mutex::new(HashMap::new()),

@@ -58,7 +58,7 @@ pub(super) fn refuse(conn: &Conn, route: Option<&str>, rejection: Rejection) -> 
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     for (name, value) in rejection.headers {
-        headers.insert(name, HeaderValue::from_static(value));
+        headers.insert(name, value);
     }
     response
 }

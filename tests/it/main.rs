@@ -6,6 +6,7 @@
 
 mod browser;
 mod cli;
+mod client_limits;
 mod codec_props;
 mod common;
 mod deploy;
