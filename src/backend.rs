@@ -1,14 +1,17 @@
 //! Connecting to a route's backend, before the client is upgraded.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::StatusCode;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
-use crate::route::{Backend, Route};
+use crate::proxy_protocol;
+use crate::route::{Backend, ProxyVersion, Route};
 use crate::stream::{BoxRead, BoxWrite, Io};
 
 /// A connected backend.
@@ -68,8 +71,11 @@ async fn tls(
     route: &Route,
     authority: &str,
     host: &str,
+    addrs: ClientAddrs,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
-    let stream = tcp(authority).await?;
+    let mut stream = tcp(authority).await?;
+    // The PROXY header goes below TLS, before the ClientHello.
+    send_proxy_header(&mut stream, route, addrs).await?;
     let config = route
         .tls_client
         .as_ref()
@@ -84,31 +90,63 @@ async fn tls(
         .map_err(ConnectError::Tls)
 }
 
-/// Connects to the route's backend within `timeout`. Cancel-safe: dropping it abandons the
-/// attempt.
-pub(crate) async fn connect(route: &Route, timeout: Duration) -> Result<BackendConn, ConnectError> {
+/// Who a session is for, as a PROXY protocol header tells the backend.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddrs {
+    pub(crate) client: SocketAddr,
+    /// The address the client connected to (the listener, or the PROXY header's destination).
+    pub(crate) listener: SocketAddr,
+}
+
+/// Writes the route's PROXY header, if it has one, as the first bytes on `stream`.
+async fn send_proxy_header<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    route: &Route,
+    addrs: ClientAddrs,
+) -> Result<(), ConnectError> {
+    let header = match route.send_proxy_protocol {
+        None => return Ok(()),
+        Some(ProxyVersion::V1) => proxy_protocol::encode_v1(addrs.client, addrs.listener),
+        Some(ProxyVersion::V2) => proxy_protocol::encode_v2(addrs.client, addrs.listener),
+    };
+    stream
+        .write_all(&header)
+        .await
+        .map_err(ConnectError::Unreachable)
+}
+
+/// Connects to the route's backend within `timeout` (and sends it the route's PROXY header
+/// for `addrs`). Cancel-safe: dropping it abandons the attempt.
+pub(crate) async fn connect(
+    route: &Route,
+    timeout: Duration,
+    addrs: ClientAddrs,
+) -> Result<BackendConn, ConnectError> {
     let attempt = async {
         Ok(match &route.backend {
             Backend::Echo => BackendConn::Echo,
             Backend::Tcp(authority) => {
-                let (read, write) = tcp(authority).await?.into_split();
+                let mut stream = tcp(authority).await?;
+                send_proxy_header(&mut stream, route, addrs).await?;
+                let (read, write) = stream.into_split();
                 BackendConn::Stream {
                     read: Box::pin(read),
                     write: Box::pin(write),
                 }
             }
             Backend::Unix(path) => {
-                let (read, write) = UnixStream::connect(path)
+                let mut stream = UnixStream::connect(path)
                     .await
-                    .map_err(ConnectError::Unreachable)?
-                    .into_split();
+                    .map_err(ConnectError::Unreachable)?;
+                send_proxy_header(&mut stream, route, addrs).await?;
+                let (read, write) = stream.into_split();
                 BackendConn::Stream {
                     read: Box::pin(read),
                     write: Box::pin(write),
                 }
             }
             Backend::Tls { authority, host } => {
-                let (read, write) = tokio::io::split(tls(route, authority, host).await?);
+                let (read, write) = tokio::io::split(tls(route, authority, host, addrs).await?);
                 BackendConn::Stream {
                     read: Box::pin(read),
                     write: Box::pin(write),
@@ -124,7 +162,7 @@ pub(crate) async fn connect(route: &Route, timeout: Duration) -> Result<BackendC
                 authority,
                 host,
                 ..
-            } => BackendConn::Proxy(Box::new(tls(route, authority, host).await?)),
+            } => BackendConn::Proxy(Box::new(tls(route, authority, host, addrs).await?)),
         })
     };
     match tokio::time::timeout(timeout, attempt).await {

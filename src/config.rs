@@ -13,7 +13,9 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::forwarded::TrustedProxies;
-use crate::route::{Backend, BackendSpecError, ClientTls, MessageMode, Route, RouteTable};
+use crate::route::{
+    Backend, BackendSpecError, ClientTls, MessageMode, ProxyVersion, Route, RouteTable,
+};
 use crate::tls::{SniCert, TlsFiles};
 
 /// A validated configuration.
@@ -209,6 +211,7 @@ struct RawRoute {
     /// CA bundle for tls:// and wss:// backends (system roots when absent).
     ca: Option<toml::Spanned<String>>,
     max_connections: Option<toml::Spanned<usize>>,
+    send_proxy_protocol: Option<toml::Spanned<ProxyVersion>>,
 }
 
 /// A duration written with a unit: "250ms", "10s", "5m", "1h".
@@ -533,6 +536,15 @@ impl Config {
                 }
                 route.max_connections = Some(*max.get_ref());
             }
+            if let Some(version) = &r.send_proxy_protocol {
+                if matches!(route.backend, Backend::Echo) || route.backend.is_proxy() {
+                    return Err(invalid(
+                        Some(version.span()),
+                        "route.send_proxy_protocol is for tcp://, unix: and tls:// backends".into(),
+                    ));
+                }
+                route.send_proxy_protocol = Some(*version.get_ref());
+            }
             match (&r.ca, route.backend.uses_tls()) {
                 (Some(ca), false) => {
                     return Err(invalid(
@@ -681,6 +693,24 @@ mod tests {
             err.contains("line 7") && err.contains("trusted_proxies"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn send_proxy_protocol_is_for_byte_stream_backends() {
+        let ok = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://127.0.0.1:1\"\nsend_proxy_protocol = \"v2\"\n";
+        assert_eq!(
+            parse(ok).unwrap().routes.routes()[0].send_proxy_protocol,
+            Some(ProxyVersion::V2)
+        );
+        let echo = format!("{MINIMAL}send_proxy_protocol = \"v1\"\n");
+        let err = parse(&echo).unwrap_err().to_string();
+        assert!(
+            err.contains("line 6") && err.contains("send_proxy_protocol"),
+            "{err}"
+        );
+        let bad = ok.replace("\"v2\"", "\"v3\"");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("line 6") && err.contains("v3"), "{err}");
     }
 
     #[test]

@@ -175,6 +175,18 @@ pub struct Route {
     pub tls_client: Option<ClientTls>,
     /// Sessions and requests in progress on this route at once (none: no limit of its own).
     pub max_connections: Option<usize>,
+    /// Bridge routes: a PROXY protocol header naming the client is written to the backend
+    /// before anything else.
+    pub send_proxy_protocol: Option<ProxyVersion>,
+}
+
+/// Which PROXY protocol header a bridge route sends its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ProxyVersion {
+    #[serde(rename = "v1")]
+    V1,
+    #[serde(rename = "v2")]
+    V2,
 }
 
 impl Route {
@@ -198,6 +210,7 @@ impl Route {
             message,
             tls_client: None,
             max_connections: None,
+            send_proxy_protocol: None,
         }
     }
 

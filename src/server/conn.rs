@@ -36,6 +36,8 @@ pub(super) struct Conn {
     pub(super) keepalive: Arc<KeepAlive>,
     /// The client came in over TLS (X-Forwarded-Proto on proxy routes).
     pub(super) tls: bool,
+    /// The address the client connected to: the listener's, or the PROXY header's destination.
+    pub(super) local: SocketAddr,
     /// Moves into the session on upgrade; otherwise dropped with the connection.
     pub(super) slot: Mutex<Option<ConnectionSlot>>,
     /// The connection's place under the per-client and per-route limits, taken at its first
@@ -58,10 +60,17 @@ pub(super) async fn serve(
     let deadline = Instant::now() + config.limits.handshake_timeout;
     let mut stream = stream;
     let mut peer = peer;
+    let mut local = stream.local_addr().unwrap_or(peer);
     if settings.proxy_protocol {
         let read = tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await;
         match read.unwrap_or(Err(ProxyReadError::Timeout)) {
-            Ok(ProxyHeader::Proxied { source, .. }) => peer = source,
+            Ok(ProxyHeader::Proxied {
+                source,
+                destination,
+            }) => {
+                peer = source;
+                local = destination;
+            }
             Ok(ProxyHeader::Local) => {}
             Err(e) => {
                 state
@@ -86,6 +95,7 @@ pub(super) async fn serve(
         peer,
         keepalive: Arc::new(KeepAlive::new()),
         tls: tls.is_some(),
+        local,
     });
     match tls {
         None => {

@@ -17,7 +17,7 @@ use super::conn::Conn;
 use super::keepalive::mark_end;
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
 use super::session::{Session, SessionBackend};
-use crate::backend::{self, BackendConn};
+use crate::backend::{self, BackendConn, ClientAddrs};
 use crate::bridge::SessionLimits;
 use crate::forwarded::client_ip;
 use crate::metrics::Metrics;
@@ -53,7 +53,11 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     if route.backend.is_proxy() && !is_upgrade {
-        let mut response = proxy_http(&conn, req, &route, forwarded_for).await;
+        let addrs = ClientAddrs {
+            client,
+            listener: conn.local,
+        };
+        let mut response = proxy_http(&conn, req, &route, forwarded_for, addrs).await;
         if last_request {
             response
                 .headers_mut()
@@ -68,7 +72,11 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let limits = &conn.config.limits;
     let connect_started = Instant::now();
-    let backend = match backend::connect(&route, limits.connect_timeout).await {
+    let addrs = ClientAddrs {
+        client,
+        listener: conn.local,
+    };
+    let backend = match backend::connect(&route, limits.connect_timeout, addrs).await {
         Ok(b) => b,
         Err(e) => {
             warn!(route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
@@ -174,9 +182,10 @@ async fn proxy_http(
     req: Request<Incoming>,
     route: &Route,
     client: ForwardedFor,
+    addrs: ClientAddrs,
 ) -> Response<Body> {
     let limits = &conn.config.limits;
-    let io = match backend::connect(route, limits.connect_timeout).await {
+    let io = match backend::connect(route, limits.connect_timeout, addrs).await {
         Ok(BackendConn::Proxy(io)) => io,
         Ok(_) => unreachable!("proxy routes connect to proxy backends"),
         Err(e) => {

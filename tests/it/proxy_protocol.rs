@@ -212,3 +212,146 @@ async fn a_trusted_proxy_chain_names_the_client() {
     let line = gate.wait_for_log("upgraded");
     assert!(line.contains("peer=203.0.113.5"), "{line}");
 }
+
+/// A backend that reads `header_len` bytes first, reports them, then echoes the rest.
+async fn header_then_echo_backend(
+    header_len: usize,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut header = vec![0u8; header_len];
+            if s.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let _ = tx.send(header);
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+/// send_proxy_protocol: the backend gets the header (real client, listener address) before
+/// any payload, byte for byte, in v1 and v2; the payload follows intact.
+#[tokio::test]
+async fn bridge_routes_send_the_client_to_the_backend_first() {
+    for version in ["v1", "v2"] {
+        let client: std::net::SocketAddr = "192.0.2.77:4242".parse().unwrap();
+        let probe = |dst| match version {
+            "v1" => encode_v1(client, dst),
+            _ => encode_v2(client, dst),
+        };
+        // The listener takes PROXY in, so the client (and listener) address is one we choose.
+        let listener: std::net::SocketAddr = "198.51.100.1:443".parse().unwrap();
+        let (backend, mut headers) = header_then_echo_backend(probe(listener).len()).await;
+        let gate = Gate::start(&format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[[route]]\npath = \"/\"\nbackend = \"tcp://{backend}\"\nsend_proxy_protocol = \"{version}\"\n"
+        ))
+        .await;
+        let mut req = encode_v1(client, listener);
+        req.extend_from_slice(upgrade_request("/", "").as_bytes());
+        let (r, mut s) = upgrade_head(gate.addr, &req).await;
+        assert_eq!(r.status, 101);
+        let got = within("the backend's header", WAIT, headers.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, probe(listener), "{version}: byte for byte");
+        s.write_all(&client_frame(
+            true,
+            wsgate::protocol::frame::OpCode::Binary,
+            b"after the header",
+            [1, 2, 3, 4],
+        ))
+        .await
+        .unwrap();
+        let f = read_frame(&mut s).await.expect("echo");
+        assert_eq!(f.payload, b"after the header");
+    }
+}
+
+/// End to end with a real consumer: HAProxy (Debian's package) accepts wsgate's PROXY v2
+/// header (`accept-proxy`) and passes the client it names on to its own server in a v1
+/// header (`send-proxy`), which a test backend reads.
+#[tokio::test]
+async fn haproxy_accepts_the_header_wsgate_sends() {
+    let haproxy = std::env::var("WSGATE_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+    // HAProxy's own server: reads HAProxy's v1 line, then echoes.
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let haproxy_server = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while !line.ends_with(b"\r\n") && line.len() < 108 {
+                if s.read(&mut b).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                line.push(b[0]);
+            }
+            let _ = tx.send(line);
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    })
+    .await;
+    let front = unused_addr();
+    let dir = TempDir::new();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind {front} accept-proxy\n  default_backend be\nbackend be\n  server s1 {haproxy_server} send-proxy\n"
+        ),
+    )
+    .unwrap();
+    let _haproxy = KillOnDrop(
+        std::process::Command::new(&haproxy)
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy (Debian package haproxy; scripts/test installs it)"),
+    );
+    eventually("HAProxy to listen", WAIT, || async {
+        TcpStream::connect(front).await.is_ok()
+    })
+    .await;
+    // HAProxy's readiness probe above opened a connection without a header: it counts as
+    // garbage there, not here. Now wsgate, with a client we choose through PROXY in.
+    let gate = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[[route]]\npath = \"/\"\nbackend = \"tcp://{front}\"\nsend_proxy_protocol = \"v2\"\n"
+    ))
+    .await;
+    let client: std::net::SocketAddr = "203.0.113.44:5151".parse().unwrap();
+    let mut req = encode_v1(client, "198.51.100.1:443".parse().unwrap());
+    req.extend_from_slice(upgrade_request("/", "").as_bytes());
+    let (r, mut s) = upgrade_head(gate.addr, &req).await;
+    assert_eq!(r.status, 101);
+    let line = within("HAProxy's header to its server", WAIT, lines.recv())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&line);
+    assert!(
+        text.starts_with("PROXY TCP4 203.0.113.44 198.51.100.1 5151 443"),
+        "HAProxy passed on: {text:?}"
+    );
+    s.write_all(&client_frame(
+        true,
+        wsgate::protocol::frame::OpCode::Binary,
+        b"through haproxy",
+        [1, 2, 3, 4],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_frame(&mut s).await.expect("echo").payload,
+        b"through haproxy"
+    );
+}
