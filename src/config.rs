@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::forwarded::TrustedProxies;
 use crate::route::{
-    Backend, BackendSpecError, ClientTls, MessageMode, ProxyVersion, Route, RouteTable,
+    Backend, BackendSpecError, Balance, ClientTls, MessageMode, ProxyVersion, Route, RouteTable,
 };
 use crate::tls::{SniCert, TlsFiles};
 
@@ -201,7 +201,11 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     path: toml::Spanned<String>,
-    backend: toml::Spanned<String>,
+    backend: toml::Spanned<RawBackends>,
+    #[serde(default)]
+    balance: Balance,
+    eject_after: Option<toml::Spanned<u32>>,
+    eject_for: Option<Dur>,
     #[serde(default)]
     subprotocols: Vec<toml::Spanned<String>>,
     #[serde(default)]
@@ -212,6 +216,14 @@ struct RawRoute {
     ca: Option<toml::Spanned<String>>,
     max_connections: Option<toml::Spanned<usize>>,
     send_proxy_protocol: Option<toml::Spanned<ProxyVersion>>,
+}
+
+/// `backend = "tcp://…"` or `backend = ["tcp://…", "tcp://…"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawBackends {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// A duration written with a unit: "250ms", "10s", "5m", "1h".
@@ -501,8 +513,34 @@ impl Config {
                     format!("route.path {path:?} must start with / and have no query"),
                 ));
             }
-            let backend = Backend::parse(r.backend.get_ref(), base)
-                .map_err(|m| invalid(Some(r.backend.span()), format!("route.backend: {m}")))?;
+            let specs = match r.backend.get_ref() {
+                RawBackends::One(spec) => vec![spec.clone()],
+                RawBackends::Many(specs) => specs.clone(),
+            };
+            if specs.is_empty() {
+                return Err(invalid(
+                    Some(r.backend.span()),
+                    "route.backend: the list is empty".into(),
+                ));
+            }
+            let mut backends = Vec::new();
+            for spec in &specs {
+                let b = Backend::parse(spec, base)
+                    .map_err(|m| invalid(Some(r.backend.span()), format!("route.backend: {m}")))?;
+                let same_kind = backends.first().map_or(true, |first: &Backend| {
+                    first.is_proxy() == b.is_proxy()
+                        && !matches!(first, Backend::Echo)
+                        && !matches!(b, Backend::Echo)
+                });
+                if !same_kind {
+                    return Err(invalid(
+                        Some(r.backend.span()),
+                        "route.backend: a list holds bridge backends (tcp, unix, tls) or ws apps (ws, wss), not both, and no echo".into(),
+                    ));
+                }
+                backends.push(b);
+            }
+            let backend = backends[0].clone();
             let mut subprotocols = Vec::new();
             for p in &r.subprotocols {
                 if !is_token(p.get_ref()) {
@@ -527,6 +565,20 @@ impl Config {
                 origins.push(v.to_ascii_lowercase());
             }
             let mut route = Route::new(path, backend, subprotocols, origins, r.message);
+            route.backends = backends;
+            route.balance = r.balance;
+            if let Some(n) = &r.eject_after {
+                if *n.get_ref() == 0 {
+                    return Err(invalid(
+                        Some(n.span()),
+                        "route.eject_after must be at least 1".into(),
+                    ));
+                }
+                route.eject_after = *n.get_ref();
+            }
+            if let Some(d) = &r.eject_for {
+                route.eject_for = d.0;
+            }
             if let Some(max) = &r.max_connections {
                 if *max.get_ref() == 0 {
                     return Err(invalid(
@@ -545,7 +597,7 @@ impl Config {
                 }
                 route.send_proxy_protocol = Some(*version.get_ref());
             }
-            match (&r.ca, route.backend.uses_tls()) {
+            match (&r.ca, route.backends.iter().any(Backend::uses_tls)) {
                 (Some(ca), false) => {
                     return Err(invalid(
                         Some(ca.span()),
@@ -711,6 +763,31 @@ mod tests {
         let bad = ok.replace("\"v2\"", "\"v3\"");
         let err = parse(&bad).unwrap_err().to_string();
         assert!(err.contains("line 6") && err.contains("v3"), "{err}");
+    }
+
+    #[test]
+    fn backend_lists_and_balance_are_checked() {
+        let route = |backend: &str, extra: &str| {
+            format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = {backend}\n{extra}")
+        };
+        let c = parse(&route(
+            "[\"tcp://a:1\", \"tcp://b:2\"]",
+            "balance = \"least_connections\"\neject_for = \"2s\"\n",
+        ))
+        .unwrap();
+        let r = &c.routes.routes()[0];
+        assert_eq!(r.backends.len(), 2);
+        assert_eq!(r.balance, Balance::LeastConnections);
+        assert_eq!(r.eject_for, Duration::from_secs(2));
+        for (backend, extra, needle) in [
+            ("[]", "", "empty"),
+            ("[\"tcp://a:1\", \"ws://b:2\"]", "", "not both"),
+            ("[\"echo\", \"tcp://b:2\"]", "", "no echo"),
+            ("[\"tcp://a:1\"]", "balance = \"random\"\n", "random"),
+        ] {
+            let err = parse(&route(backend, extra)).unwrap_err().to_string();
+            assert!(err.contains("line ") && err.contains(needle), "{err}");
+        }
     }
 
     #[test]

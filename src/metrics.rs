@@ -41,6 +41,13 @@ pub(crate) struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct BackendLabels {
+    pub(crate) route: String,
+    /// The backend as written in the config.
+    pub(crate) backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReasonLabel {
     /// A fixed label (`missing`, `malformed`, `too_long`, `truncated`, `timeout`).
     pub(crate) reason: String,
@@ -80,6 +87,10 @@ pub(crate) struct Metrics {
     pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub handshake_timeouts: Counter,
     pub tls_failures: Counter,
+    /// Per backend of a route: failed connects, ejections, open sessions.
+    pub backend_failures: Family<BackendLabels, Counter>,
+    pub backend_ejections: Family<BackendLabels, Counter>,
+    pub backend_sessions_open: Family<BackendLabels, Gauge>,
     /// Connections on `proxy_protocol` listeners closed for a bad or missing PROXY header.
     pub proxy_header_failures: Family<ReasonLabel, Counter>,
     /// Bytes held as whole messages by all sessions (the echo's buffers), set when scraped.
@@ -111,6 +122,9 @@ impl Metrics {
             handshake_timeouts: Counter::default(),
             tls_failures: Counter::default(),
             proxy_header_failures: Family::default(),
+            backend_failures: Family::default(),
+            backend_ejections: Family::default(),
+            backend_sessions_open: Family::default(),
             message_buffer_bytes: Gauge::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
@@ -169,6 +183,21 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out on wss:// listeners",
             m.tls_failures.clone(),
+        );
+        registry.register(
+            "backend_connect_failures",
+            "Failed connects (refused, timeout, TLS, a ws app not answering 101) per backend",
+            m.backend_failures.clone(),
+        );
+        registry.register(
+            "backend_ejections",
+            "Times a backend was skipped for eject_for after eject_after failures in a row",
+            m.backend_ejections.clone(),
+        );
+        registry.register(
+            "backend_sessions_open",
+            "Sessions now open per backend",
+            m.backend_sessions_open.clone(),
         );
         registry.register(
             "proxy_protocol_failures",

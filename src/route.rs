@@ -165,7 +165,16 @@ impl Eq for ClientTls {}
 pub struct Route {
     /// Normalised prefix: starts with "/", no trailing "/" except for the root route.
     pub path: String,
+    /// The backend a connection attempt uses: the first of `backends`, or, while wsgate fails
+    /// over, the one being tried.
     pub backend: Backend,
+    /// Every backend of the route, in config order (one or more, all of one kind).
+    pub backends: Vec<Backend>,
+    /// How a session's backend is chosen among `backends`.
+    pub balance: Balance,
+    /// Connect failures in a row after which a backend is skipped for `eject_for`.
+    pub eject_after: u32,
+    pub eject_for: std::time::Duration,
     /// Allowed subprotocols; when not empty the client must offer one of them.
     pub subprotocols: Vec<String>,
     /// Allowed origins, lowercased; when not empty a present Origin header must be one.
@@ -178,6 +187,19 @@ pub struct Route {
     /// Bridge routes: a PROXY protocol header naming the client is written to the backend
     /// before anything else.
     pub send_proxy_protocol: Option<ProxyVersion>,
+}
+
+/// How a route with several backends picks one for a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// In turn (the default).
+    #[default]
+    RoundRobin,
+    /// The first healthy one in config order; the others are spares.
+    First,
+    /// The one with the fewest open sessions.
+    LeastConnections,
 }
 
 /// Which PROXY protocol header a bridge route sends its backend.
@@ -204,7 +226,11 @@ impl Route {
             } else {
                 trimmed.into()
             },
+            backends: vec![backend.clone()],
             backend,
+            balance: Balance::RoundRobin,
+            eject_after: 3,
+            eject_for: std::time::Duration::from_secs(10),
             subprotocols,
             origins,
             message,

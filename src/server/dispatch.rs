@@ -12,6 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::balance::OnBackend;
 use super::client_limits::OverLimit;
 use super::conn::Conn;
 use super::keepalive::mark_end;
@@ -76,46 +77,25 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         client,
         listener: conn.local,
     };
-    let backend = match backend::connect(&route, limits.connect_timeout, addrs).await {
-        Ok(b) => b,
-        Err(e) => {
-            warn!(route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
-            return refuse(
-                &conn,
-                Some(&route.path),
-                Rejection::new(e.status(), e.label(), e.to_string()),
-            );
-        }
+    let Some(connected) = connect_with_failover(&conn, &req, &route, addrs, forwarded_for).await
+    else {
+        unreachable!("a route has at least one backend")
+    };
+    let (route, backend, proxy_accept, on_backend) = match connected {
+        Ok(c) => c,
+        Err(response) => return response,
     };
     state
         .metrics
         .backend_connect_seconds
         .get_or_create(&Metrics::route(&route.path))
         .observe(connect_started.elapsed().as_secs_f64());
-    let (backend, proxy_accept) = match backend {
-        BackendConn::Proxy(io) => {
-            let forwarded = forward::upgrade(
-                &req,
-                &route,
-                io,
-                forwarded_for,
-                limits.connect_timeout,
-                &state.tracker,
-            )
-            .await;
-            match forwarded {
-                Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
-                Err(e) => return forward_failed(&conn, &route.path, e),
-            }
-        }
-        BackendConn::Echo => (SessionBackend::Bridge(None), None),
-        BackendConn::Stream { read, write } => (SessionBackend::Bridge(Some((read, write))), None),
-    };
     let response = switching_protocols(&accepted, proxy_accept);
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
     let held = conn.held.lock().ok().and_then(|mut h| h.take());
+    let places = (slot, held, on_backend);
     let session = Session {
         state: state.clone(),
         peer: client,
@@ -130,7 +110,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     state.tracker.spawn(
         async move {
-            let _places = (slot, held);
+            let _places = places;
             match on_upgrade.await {
                 Ok(upgraded) => session.run(upgraded, backend).await,
                 Err(e) => debug!(error = %e, "upgrade failed"),
@@ -242,4 +222,73 @@ fn over_limit(over: OverLimit) -> Rejection {
     };
     Rejection::new(status, over.label(), reason)
         .with_header(header::RETRY_AFTER, HeaderValue::from(retry))
+}
+
+/// A connected backend, ready for the 101: the route as attempted (its `backend` is the one
+/// that answered), what the session relays to, what the app's 101 carries over, and the
+/// session's place on that backend.
+type Connected = (Route, SessionBackend, Option<BackendAccept>, OnBackend);
+
+/// Tries the route's backends in the balancer's order until one connects (and, on proxy
+/// routes, answers the upgrade with a good 101). Every failure counts against its backend and
+/// moves on; when all fail the client gets the last failure's answer (502, 504, or a ws
+/// app's own refusal). `None` only for a route without backends.
+async fn connect_with_failover(
+    conn: &Conn,
+    req: &Request<Incoming>,
+    route: &Route,
+    addrs: ClientAddrs,
+    forwarded_for: ForwardedFor,
+) -> Option<Result<Connected, Response<Body>>> {
+    let state = &conn.state;
+    let limits = &conn.config.limits;
+    let mut last = None;
+    for index in state.balancer.order(route) {
+        let mut attempt = route.clone();
+        attempt.backend = route.backends[index].clone();
+        let failed = |e: &dyn std::fmt::Display| {
+            let ejected = state.balancer.failed(route, index, &state.metrics);
+            warn!(route = %route.path, backend = %attempt.backend, error = %e, ejected, "backend connect failed");
+        };
+        let backend = match backend::connect(&attempt, limits.connect_timeout, addrs).await {
+            Ok(b) => b,
+            Err(e) => {
+                failed(&e);
+                last = Some(refuse(
+                    conn,
+                    Some(&route.path),
+                    Rejection::new(e.status(), e.label(), e.to_string()),
+                ));
+                continue;
+            }
+        };
+        let (session, accept) = match backend {
+            BackendConn::Proxy(io) => {
+                let forwarded = forward::upgrade(
+                    req,
+                    &attempt,
+                    io,
+                    forwarded_for,
+                    limits.connect_timeout,
+                    &state.tracker,
+                )
+                .await;
+                match forwarded {
+                    Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
+                    Err(e) => {
+                        failed(&"the app did not answer the upgrade with a good 101");
+                        last = Some(forward_failed(conn, &route.path, e));
+                        continue;
+                    }
+                }
+            }
+            BackendConn::Echo => (SessionBackend::Bridge(None), None),
+            BackendConn::Stream { read, write } => {
+                (SessionBackend::Bridge(Some((read, write))), None)
+            }
+        };
+        let on_backend = state.balancer.started(route, index, &state.metrics);
+        return Some(Ok((attempt, session, accept, on_backend)));
+    }
+    last.map(Err)
 }

@@ -4,6 +4,7 @@
 //! mod.rs       Server (bind, run, drain), Handle, State
 //! accept.rs    accept loop, backoff, ConnectionSlot (max_connections)
 //! conn.rs      TLS and the handshake deadline, hyper's HTTP/1.1 connection
+//! balance.rs   several backends per route: order, failover, ejection
 //! client_limits.rs  per-client and per-route limits
 //! dispatch.rs  one request: route, checks, backend connect, the 101 or a refusal
 //! keepalive.rs between requests: keepalive_timeout, the next head's deadline
@@ -33,10 +34,12 @@ use tracing::info;
 use crate::bridge::MessageBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use balance::Balancer;
 use client_limits::ClientLimits;
 
 mod accept;
 mod admin;
+mod balance;
 mod client_limits;
 mod conn;
 mod dispatch;
@@ -74,6 +77,8 @@ struct State {
     draining: AtomicBool,
     next_id: AtomicU64,
     metrics: Metrics,
+    /// Backend choice and passive health for routes with several backends.
+    balancer: Arc<Balancer>,
     /// Per-client and per-route connection counts and handshake rates.
     client_limits: Arc<ClientLimits>,
     /// Held for a whole reload, so two reloads (SIGHUP and --watch) never interleave.
@@ -113,6 +118,7 @@ impl Server {
             message_budget,
             reloading: tokio::sync::Mutex::new(()),
             client_limits: Arc::default(),
+            balancer: Arc::default(),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             listeners: Mutex::new(HashMap::new()),

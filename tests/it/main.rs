@@ -10,6 +10,7 @@ mod client_limits;
 mod codec_props;
 mod common;
 mod deploy;
+mod failover;
 mod fuzz_corpus;
 mod handshake;
 mod hardening;
