@@ -21,4 +21,5 @@ mod proxy;
 mod proxy_protocol;
 mod python_peer;
 mod relay;
+mod scale_out;
 mod tls;
