@@ -10,7 +10,8 @@
 //! message, close), and memory per idle session (RSS growth of the server process / N).
 //! Then an over-capacity flood (LOAD_FLOOD=N connections, default 5000, 0 to skip) against
 //! max_connections = 100: admitted clients' handshake latency and wsgate's CPU, quiet and
-//! during the flood (LOAD_ONLY=flood runs only this).
+//! during the flood (LOAD_ONLY=flood runs only this). LOAD_ONLY=proxy_protocol compares new
+//! connections/s on a plain listener and on a proxy_protocol one (the PROXY parsing cost).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -55,6 +56,39 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let phase = Duration::from_secs(secs);
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("proxy_protocol") {
+        let echo = Server::spawn_role("echo", None);
+        let plain = Server::spawn_wsgate(&["127.0.0.1:0", &echo.addr.to_string()]);
+        let dir = std::env::temp_dir().join(format!("wsgate-pp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("pp.toml");
+        std::fs::write(
+            &conf,
+            format!("[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[[route]]\npath = \"/\"\nbackend = \"tcp://{}\"\n", echo.addr),
+        )
+        .unwrap();
+        let pp = Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let with = Target {
+            proxy_header: true,
+            ..Target::ws(pp.addr)
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..reps.max(1) {
+            a.push(rt.block_on(new_connections(&Target::ws(plain.addr), phase)));
+            b.push(rt.block_on(new_connections(&with, phase)));
+        }
+        a.sort_by(f64::total_cmp);
+        b.sort_by(f64::total_cmp);
+        let (a, b) = (a[a.len() / 2], b[b.len() / 2]);
+        println!("| bridge new connections/s | plain listener {a:.0} | proxy_protocol listener (v1 header) {b:.0} | {:.2}× |", b / a);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if std::env::var("LOAD_ONLY").as_deref() == Ok("flood") {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -206,6 +240,8 @@ struct Target {
     addr: SocketAddr,
     ws: bool,
     tls: Option<TlsConnector>,
+    /// Send a PROXY v1 header first (a listener with proxy_protocol = true).
+    proxy_header: bool,
 }
 
 impl Target {
@@ -214,6 +250,7 @@ impl Target {
             addr,
             ws: false,
             tls: None,
+            proxy_header: false,
         }
     }
     fn ws(addr: SocketAddr) -> Target {
@@ -221,6 +258,7 @@ impl Target {
             addr,
             ws: true,
             tls: None,
+            proxy_header: false,
         }
     }
 }
@@ -357,8 +395,12 @@ struct Client {
 
 impl Client {
     async fn connect(target: &Target) -> Client {
-        let tcp = TcpStream::connect(target.addr).await.unwrap();
+        let mut tcp = TcpStream::connect(target.addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
+        if target.proxy_header {
+            let header = wsgate::proxy_protocol::encode_v1(tcp.local_addr().unwrap(), target.addr);
+            tcp.write_all(&header).await.unwrap();
+        }
         let mut stream: Box<dyn Io> = match &target.tls {
             None => Box::new(tcp),
             Some(connector) => {
