@@ -19,6 +19,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Gate {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// For reloads (a gate started from a file) and the metrics page.
+    pub handle: wsgate::Handle,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -27,8 +29,19 @@ impl Gate {
     /// Starts wsgate from TOML text; `{listen}` is 127.0.0.1:0.
     pub async fn start(toml: &str) -> Gate {
         let config = Config::parse(toml, "test.toml", Path::new(".")).expect("test config");
+        Gate::run(Server::bind(config).await.expect("bind"))
+    }
+
+    /// Starts wsgate from a config file, which `handle.reload()` reads again.
+    pub async fn from_file(path: &Path) -> Gate {
+        let config = Config::load(path).expect("test config");
         let server = Server::bind(config).await.expect("bind");
+        Gate::run(server.with_config_path(path.to_owned()))
+    }
+
+    fn run(server: Server) -> Gate {
         let addr = server.local_addrs()[0];
+        let handle = server.handle();
         let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(server.run(async {
@@ -37,6 +50,7 @@ impl Gate {
         Gate {
             addr,
             admin,
+            handle,
             stop: Some(tx),
             done: Some(done),
         }
@@ -658,5 +672,38 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output
         status,
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
+    }
+}
+
+/// HAProxy (Debian's package) running `config`, killed when dropped; ready once `front`
+/// accepts connections.
+pub struct Haproxy {
+    _child: KillOnDrop,
+    _dir: TempDir,
+}
+
+impl Haproxy {
+    pub async fn start(config: &str, front: SocketAddr) -> Haproxy {
+        let bin = std::env::var("WSGATE_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+        let dir = TempDir::new();
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg, config).unwrap();
+        let child = KillOnDrop(
+            Command::new(&bin)
+                .args(["-db", "-f"])
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("haproxy (Debian package haproxy; scripts/test installs it)"),
+        );
+        eventually("HAProxy to listen", WAIT, || async {
+            TcpStream::connect(front).await.is_ok()
+        })
+        .await;
+        Haproxy {
+            _child: child,
+            _dir: dir,
+        }
     }
 }

@@ -254,16 +254,9 @@ async fn live_sessions_keep_their_backend_across_a_reload() {
     let path = dir.path().join("wsgate.toml");
     let toml = |list: &[String]| gate_toml(list, "", "");
     std::fs::write(&path, toml(&[format!("tcp://{a}")])).unwrap();
-    let server = wsgate::Server::bind(wsgate::Config::load(&path).unwrap())
-        .await
-        .unwrap()
-        .with_config_path(path.clone());
-    let addr = server.local_addrs()[0];
-    let handle = server.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let mut gate = Gate::from_file(&path).await;
+    let handle = gate.handle.clone();
+    let addr = gate.addr;
     let mut live = raw_ws(addr, "/").await;
     std::fs::write(&path, toml(&[format!("tcp://{b}")])).unwrap();
     handle.reload().await.unwrap();
@@ -286,6 +279,7 @@ async fn live_sessions_keep_their_backend_across_a_reload() {
         (1, 1)
     );
     drop((live, new));
-    let _ = stop.send(());
-    within("the server to stop", WAIT, running).await.unwrap();
+    within("the server to stop", WAIT, gate.stop())
+        .await
+        .unwrap();
 }

@@ -398,15 +398,8 @@ async fn simultaneous_reloads_are_applied_one_after_the_other() {
         format!("[[listen]]\naddr = \"{addr}\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n")
     };
     std::fs::write(&path, config(a)).unwrap();
-    let server = wsgate::Server::bind(wsgate::Config::load(&path).unwrap())
-        .await
-        .unwrap()
-        .with_config_path(path.clone());
-    let handle = server.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let mut gate = Gate::from_file(&path).await;
+    let handle = gate.handle.clone();
     // Move the listener from a to b: the first reload waits for a's accept loop to end.
     std::fs::write(&path, config(b)).unwrap();
     let finished = std::sync::Mutex::new(Vec::new());
@@ -436,8 +429,9 @@ async fn simultaneous_reloads_are_applied_one_after_the_other() {
         get(&m, r#"wsgate_config_reloads_total{result="success"}"#),
         2.0
     );
-    let _ = stop.send(());
-    within("the server to stop", WAIT, running).await.unwrap();
+    within("the server to stop", WAIT, gate.stop())
+        .await
+        .unwrap();
 }
 
 /// Reload under load: 200 sessions stream SHA-256-checked data through a bridge route and a
@@ -454,16 +448,9 @@ async fn reload_under_load_drops_nothing() {
         format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 1000\n{extra}\n[[route]]\npath = \"/\"\nbackend = \"tcp://{backend}\"\n")
     };
     std::fs::write(&path, config("")).unwrap();
-    let server = wsgate::Server::bind(wsgate::Config::load(&path).unwrap())
-        .await
-        .unwrap()
-        .with_config_path(path.clone());
-    let addr = server.local_addrs()[0];
-    let handle = server.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let mut gate = Gate::from_file(&path).await;
+    let handle = gate.handle.clone();
+    let addr = gate.addr;
 
     let streams: Vec<_> = (0..SESSIONS)
         .map(|i| {
@@ -553,6 +540,7 @@ async fn reload_under_load_drops_nothing() {
         get(&m, r#"wsgate_config_reloads_total{result="success"}"#),
         2.0
     );
-    let _ = stop.send(());
-    let _ = within("the server to stop", Duration::from_secs(60), running).await;
+    within("the server to stop", WAIT, gate.stop())
+        .await
+        .unwrap();
 }

@@ -280,7 +280,6 @@ async fn bridge_routes_send_the_client_to_the_backend_first() {
 /// header (`send-proxy`), which a test backend reads.
 #[tokio::test]
 async fn haproxy_accepts_the_header_wsgate_sends() {
-    let haproxy = std::env::var("WSGATE_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
     // HAProxy's own server: reads HAProxy's v1 line, then echoes.
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let haproxy_server = backend(move |mut s| {
@@ -301,27 +300,12 @@ async fn haproxy_accepts_the_header_wsgate_sends() {
     })
     .await;
     let front = unused_addr();
-    let dir = TempDir::new();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
+    let _haproxy = Haproxy::start(
+        &format!(
             "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind {front} accept-proxy\n  default_backend be\nbackend be\n  server s1 {haproxy_server} send-proxy\n"
         ),
+        front,
     )
-    .unwrap();
-    let _haproxy = KillOnDrop(
-        std::process::Command::new(&haproxy)
-            .args(["-db", "-f"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("haproxy (Debian package haproxy; scripts/test installs it)"),
-    );
-    eventually("HAProxy to listen", WAIT, || async {
-        TcpStream::connect(front).await.is_ok()
-    })
     .await;
     // HAProxy's readiness probe above opened a connection without a header: it counts as
     // garbage there, not here. Now wsgate, with a client we choose through PROXY in.

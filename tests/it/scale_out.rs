@@ -127,7 +127,6 @@ fn upgraded_ports(gate: &GateProcess) -> HashSet<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte() {
-    let haproxy = std::env::var("WSGATE_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
     let (r1, seen1) = replica().await;
     let (r2, seen2) = replica().await;
     let gates = [
@@ -135,8 +134,6 @@ async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte()
         GateProcess::start(&gate_config(&[r1, r2])),
     ];
     let front = unused_addr();
-    let dir = TempDir::new();
-    let cfg = dir.path().join("haproxy.cfg");
     let servers: String = gates
         .iter()
         .enumerate()
@@ -148,27 +145,14 @@ async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte()
             )
         })
         .collect();
-    std::fs::write(
-        &cfg,
-        format!(
+    let _haproxy = Haproxy::start(
+        &format!(
             "global\n  maxconn 5000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch\n\
              frontend fe\n  bind {front}\n  default_backend gates\n\
              backend gates\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server send-proxy-v2 inter 100ms fall 1 rise 1\n{servers}"
         ),
+        front,
     )
-    .unwrap();
-    let _haproxy = KillOnDrop(
-        std::process::Command::new(&haproxy)
-            .args(["-db", "-f"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("haproxy (Debian package haproxy; scripts/test installs it)"),
-    );
-    eventually("HAProxy to listen", WAIT, || async {
-        TcpStream::connect(front).await.is_ok()
-    })
     .await;
 
     // 500 sessions through HAProxy, 50 at a time.
