@@ -6,16 +6,18 @@
 //! client ─TCP─▶ server::accept      accept, max_connections, backoff
 //!        ─────▶ server::conn        PROXY header (proxy_protocol), TLS (tls),
 //!                                   handshake_timeout, hyper HTTP/1.1
-//!        ─────▶ server::dispatch    route (path → Route), protocol::handshake (§4 checks)
-//!        ─────▶ backend             connect before the 101 (proxy::forward: the app's 101)
+//!        ─────▶ server::dispatch    route (path → Route), forwarded (who the client is),
+//!                                   server::client_limits, protocol::handshake (§4 checks)
+//!        ─────▶ backend             connect before the 101, server::balance choosing and
+//!                                   failing over (proxy::forward: the app's 101)
 //!        ─────▶ server::session     the session's lifecycle, metrics, log line
 //!                 ├─ bridge         two pumps: protocol::decoder ⇄ backend bytes ⇄ protocol::writer
 //!                 └─ proxy::splice  bytes both ways to a ws app
 //! ```
 //! Beside the path: `config` (TOML → Config; reads the PEM files through `tls`), `metrics`,
 //! `server::reload`, `server::admin`, and the leaf types `stream` (byte-stream halves) and
-//! `session_end` (how a session ended). `protocol`, `route` and `proxy::headers` are pure (no
-//! I/O) and carry their unit tests; `server` is the only module that spawns tasks. Imports run
+//! `session_end` (how a session ended). `protocol`, `proxy_protocol`, `forwarded`, `route` and
+//! `proxy::headers` are pure (no I/O) and carry their unit tests; `server` is the only module that spawns tasks. Imports run
 //! one way: server → bridge/proxy → backend → protocol → route.
 
 // Public: what the binary, the tests, the benches and the fuzz targets use.
