@@ -17,8 +17,9 @@
 //! Beside the path: `config` (TOML → Config; reads the PEM files through `tls`), `metrics`,
 //! `server::reload`, `server::admin`, and the leaf types `stream` (byte-stream halves) and
 //! `session_end` (how a session ended). `protocol`, `proxy_protocol`, `forwarded`, `route` and
-//! `proxy::headers` are pure (no I/O) and carry their unit tests; `server` is the only module that spawns tasks. Imports run
-//! one way: server → bridge/proxy → backend → protocol → route.
+//! `proxy::headers` are pure (no I/O) and carry their unit tests. Tasks are spawned by
+//! `server` and, on the server's tracker, by `proxy::forward` (the app connection). Imports
+//! run one way: server → bridge/proxy → backend → protocol → route.
 
 // Public: what the binary, the tests, the benches and the fuzz targets use.
 pub mod config;
