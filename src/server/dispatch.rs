@@ -37,14 +37,13 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             Rejection::new(StatusCode::NOT_FOUND, "no_route", "no route for this path"),
         );
     };
-    let route = route.clone();
     let trusted = &conn.config.limits.trusted_proxies;
     // The client as the trusted proxies in front say (else the peer itself).
     let client = match client_ip(conn.peer.ip(), req.headers(), trusted) {
         ip if ip == conn.peer.ip() => conn.peer,
         ip => SocketAddr::new(ip, 0),
     };
-    if let Err(over) = within_client_limits(&conn, client, &route) {
+    if let Err(over) = within_client_limits(&conn, client, route) {
         return refuse(&conn, Some(&route.path), over_limit(over));
     }
     let forwarded_for = ForwardedFor {
@@ -52,13 +51,13 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         trusted: trusted.contains(conn.peer.ip()),
         tls: conn.tls,
     };
+    let addrs = ClientAddrs {
+        client,
+        listener: conn.local,
+    };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     if route.backend.is_proxy() && !is_upgrade {
-        let addrs = ClientAddrs {
-            client,
-            listener: conn.local,
-        };
-        let mut response = proxy_http(&conn, req, &route, forwarded_for, addrs).await;
+        let mut response = proxy_http(&conn, req, route, forwarded_for, addrs).await;
         if last_request {
             response
                 .headers_mut()
@@ -67,20 +66,13 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         let (parts, body) = response.into_parts();
         return Response::from_parts(parts, mark_end(body, conn.keepalive.clone()));
     }
-    let accepted = match handshake::check(req.method(), req.version(), req.headers(), &route) {
+    let accepted = match handshake::check(req.method(), req.version(), req.headers(), route) {
         Ok(a) => a,
         Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
     };
     let limits = &conn.config.limits;
     let connect_started = Instant::now();
-    let addrs = ClientAddrs {
-        client,
-        listener: conn.local,
-    };
-    let Some(connected) = connect_with_failover(&conn, &req, &route, addrs, forwarded_for).await
-    else {
-        unreachable!("a route has at least one backend")
-    };
+    let connected = connect_with_failover(&conn, &req, route, addrs, forwarded_for).await;
     let (route, backend, proxy_accept, on_backend) = match connected {
         Ok(c) => c,
         Err(response) => return response,
@@ -232,14 +224,14 @@ type Connected = (Route, SessionBackend, Option<BackendAccept>, OnBackend);
 /// Tries the route's backends in the balancer's order until one connects (and, on proxy
 /// routes, answers the upgrade with a good 101). Every failure counts against its backend and
 /// moves on; when all fail the client gets the last failure's answer (502, 504, or a ws
-/// app's own refusal). `None` only for a route without backends.
+/// app's own refusal).
 async fn connect_with_failover(
     conn: &Conn,
     req: &Request<Incoming>,
     route: &Route,
     addrs: ClientAddrs,
     forwarded_for: ForwardedFor,
-) -> Option<Result<Connected, Response<Body>>> {
+) -> Result<Connected, Response<Body>> {
     let state = &conn.state;
     let limits = &conn.config.limits;
     let mut last = None;
@@ -288,7 +280,14 @@ async fn connect_with_failover(
             }
         };
         let on_backend = state.balancer.started(route, index, &state.metrics);
-        return Some(Ok((attempt, session, accept, on_backend)));
+        return Ok((attempt, session, accept, on_backend));
     }
-    last.map(Err)
+    // Config guarantees a backend, so there was at least one attempt.
+    Err(last.unwrap_or_else(|| {
+        refuse(
+            conn,
+            Some(&route.path),
+            Rejection::new(StatusCode::BAD_GATEWAY, "no_backend", "no backend to try"),
+        )
+    }))
 }
