@@ -427,12 +427,16 @@ pub async fn raw_ws(addr: SocketAddr, path: &str) -> BufReader<TcpStream> {
         .unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    r.read_line(&mut line).await.unwrap();
+    within("the 101 status line", WAIT, r.read_line(&mut line))
+        .await
+        .unwrap();
     assert!(line.starts_with("HTTP/1.1 101"), "got {line:?}");
     loop {
         line.clear();
-        r.read_line(&mut line).await.unwrap();
-        if line == "\r\n" {
+        within("the 101's header lines", WAIT, r.read_line(&mut line))
+            .await
+            .unwrap();
+        if line == "\r\n" || line.is_empty() {
             break;
         }
     }
