@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use tokio_rustls::rustls::server::{
+    ClientHello, ProducesTickets, ResolvesServerCert, WebPkiClientVerifier,
+};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{version, ClientConfig, RootCertStore, ServerConfig};
 
@@ -152,7 +154,21 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsEr
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Returning clients skip the full handshake: TLS 1.3 tickets (and TLS 1.2 session
+    // tickets) from one process-wide ticketer, so they stay valid across reloads; its keys
+    // rotate every 6 hours. TLS 1.2 session IDs use rustls's in-memory cache.
+    config.ticketer = ticketer()?;
     Ok(Arc::new(config))
+}
+
+/// The process's session-ticket keys (made once; rotated by rustls every 6 hours).
+fn ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
+    static TICKETER: OnceLock<Arc<dyn ProducesTickets>> = OnceLock::new();
+    if let Some(t) = TICKETER.get() {
+        return Ok(t.clone());
+    }
+    let made = ring::Ticketer::new().map_err(TlsError::Setup)?;
+    Ok(TICKETER.get_or_init(|| made).clone())
 }
 
 /// The TLS client config for tls:// and wss:// backends: the certificates in `ca`, or the

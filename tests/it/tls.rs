@@ -406,3 +406,55 @@ async fn over_capacity_on_a_tls_listener_is_closed_without_a_handshake() {
     );
     assert_eq!(m.get("wsgate_tls_handshake_failures_total"), Some(&0.0));
 }
+
+/// A returning client resumes its TLS session (a ticket from wsgate) instead of a full
+/// handshake, in TLS 1.3 and 1.2, and still after a reload (the ticket keys are the process's).
+#[tokio::test]
+async fn returning_clients_resume_their_tls_session() {
+    use tokio_rustls::rustls::HandshakeKind;
+    let certs = Certs::new();
+    let dir = TempDir::new();
+    let path = dir.path().join("wsgate.toml");
+    let toml = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener("")
+    );
+    std::fs::write(&path, &toml).unwrap();
+    let gate = Gate::from_file(&path).await;
+    for version in [
+        &tokio_rustls::rustls::version::TLS13,
+        &tokio_rustls::rustls::version::TLS12,
+    ] {
+        let mut roots = RootCertStore::empty();
+        roots.add(certs.der("ca.crt").into()).unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // One client config: its session cache keeps what the server gave it.
+        let connector = TlsConnector::from(Arc::new(config));
+        let mut kinds = Vec::new();
+        for round in 0..3 {
+            if round == 2 {
+                gate.handle.reload().await.expect("reload");
+            }
+            let (mut ws, _) = wss(gate.addr, "localhost", &connector, "/").await.unwrap();
+            kinds.push(ws.get_ref().get_ref().1.handshake_kind());
+            // A round trip, so the TLS 1.3 ticket sent after the handshake is read.
+            ws.send(Message::text("hi")).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+            ws.close(None).await.unwrap();
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(HandshakeKind::Full),
+                Some(HandshakeKind::Resumed),
+                Some(HandshakeKind::Resumed)
+            ],
+            "{version:?}"
+        );
+    }
+}
