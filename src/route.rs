@@ -180,6 +180,7 @@ pub struct Route {
     /// Allowed origins, lowercased; when not empty a present Origin header must be one.
     pub origins: Vec<String>,
     pub message: MessageMode,
+    pub framing: Framing,
     /// Set for tls:// and wss:// backends.
     pub tls_client: Option<ClientTls>,
     /// Sessions and requests in progress on this route at once (none: no limit of its own).
@@ -187,6 +188,18 @@ pub struct Route {
     /// Bridge routes: a PROXY protocol header naming the client is written to the backend
     /// before anything else.
     pub send_proxy_protocol: Option<ProxyVersion>,
+}
+
+/// How a bridge route maps messages to the backend's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// Payload bytes as they come; one message per backend read (the default).
+    #[default]
+    Stream,
+    /// One message per line: each client message is written with a `\n` after it (unless it
+    /// ends with one), the backend's output is split at `\n` into one message per line.
+    Lines,
 }
 
 /// How a route with several backends picks one for a new session.
@@ -234,6 +247,7 @@ impl Route {
             subprotocols,
             origins,
             message,
+            framing: Framing::Stream,
             tls_client: None,
             max_connections: None,
             send_proxy_protocol: None,

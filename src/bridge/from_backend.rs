@@ -1,8 +1,12 @@
-//! Backend → client: the backend's bytes, one frame per read.
+//! Backend → client: the backend's bytes, one frame per read (`framing = "stream"`), or one
+//! message per line (`framing = "lines"`).
 
 use tokio::io::AsyncReadExt;
 
-use super::{Shared, INITIAL_READ_BUF, MAX_READ_BUF};
+use std::sync::Arc;
+
+use super::budget::MessageBudget;
+use super::{SessionLimits, Shared, INITIAL_READ_BUF, MAX_READ_BUF};
 use crate::protocol::frame::{close_code, OpCode};
 use crate::protocol::utf8::Utf8Validator;
 use crate::route::MessageMode;
@@ -85,4 +89,124 @@ pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
             buf.resize(buf.len() * 2, 0);
         }
     }
+}
+
+/// Backend → client, one message per line: the backend's output is split at `\n` (not
+/// included). A line that spans reads is held — counted against the message budget (close
+/// 1013 over it) and at most `max_message_size` long (close 1009 past it); in text mode each
+/// line must be UTF-8 (else 1014). A last line without `\n` is sent when the backend ends.
+pub(super) async fn pump_lines(
+    s: &Shared,
+    mut backend: BoxRead,
+    limits: &SessionLimits,
+    budget: &Arc<MessageBudget>,
+) {
+    let text = limits.message == MessageMode::Text;
+    let opcode = if text { OpCode::Text } else { OpCode::Binary };
+    let mut buf = vec![0u8; INITIAL_READ_BUF];
+    let mut line: Vec<u8> = Vec::new();
+    let mut held = budget.reservation();
+    let mut failed = false;
+    loop {
+        let n = match backend.read(&mut buf).await {
+            Ok(0) => {
+                if !s.is_closing() && !failed {
+                    if !line.is_empty() && !send_line(s, opcode, text, &line).await {
+                        return;
+                    }
+                    s.close(SessionEnd::BackendEof, Some(close_code::NORMAL), "")
+                        .await;
+                }
+                return;
+            }
+            Ok(n) => n,
+            Err(_) => {
+                if !s.is_closing() {
+                    s.close(
+                        SessionEnd::BackendError,
+                        Some(close_code::BAD_GATEWAY),
+                        "backend connection reset",
+                    )
+                    .await;
+                }
+                return;
+            }
+        };
+        if s.is_closing() || failed {
+            // Read and dropped until the backend's EOF.
+            continue;
+        }
+        let mut rest = &buf[..n];
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let (piece, after) = (&rest[..end], &rest[end + 1..]);
+            if (line.len() + piece.len()) as u64 > limits.max_message_size {
+                failed = true;
+                break;
+            }
+            let ok = if line.is_empty() {
+                send_line(s, opcode, text, piece).await
+            } else {
+                line.extend_from_slice(piece);
+                let ok = send_line(s, opcode, text, &line).await;
+                line.clear();
+                line.shrink_to(INITIAL_READ_BUF);
+                held.release();
+                ok
+            };
+            if !ok {
+                return;
+            }
+            rest = after;
+        }
+        if failed || (line.len() + rest.len()) as u64 > limits.max_message_size {
+            failed = true;
+            s.close(
+                SessionEnd::MessageTooBig,
+                Some(close_code::MESSAGE_TOO_BIG),
+                "backend line longer than max_message_size",
+            )
+            .await;
+            continue;
+        }
+        if !rest.is_empty() {
+            if !held.grow(rest.len() as u64) {
+                failed = true;
+                s.close(
+                    SessionEnd::TryAgainLater,
+                    Some(close_code::TRY_AGAIN_LATER),
+                    "server busy: message buffers full",
+                )
+                .await;
+                continue;
+            }
+            line.extend_from_slice(rest);
+        }
+        if n == buf.len() && buf.len() < MAX_READ_BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+/// Sends one whole line as a message; false when the session must end (invalid UTF-8 in text
+/// mode: close 1014; the client failed).
+async fn send_line(s: &Shared, opcode: OpCode, text: bool, line: &[u8]) -> bool {
+    if text && std::str::from_utf8(line).is_err() {
+        s.close(
+            SessionEnd::BackendInvalidUtf8,
+            Some(close_code::BAD_GATEWAY),
+            "backend sent invalid UTF-8",
+        )
+        .await;
+        return false;
+    }
+    let mut writer = s.writer.lock().await;
+    let _pending = s.client_write.start();
+    if writer.send(opcode, true, line).await.is_err() {
+        s.start_closing(SessionEnd::ClientError);
+        return false;
+    }
+    if writer.close_sent().is_none() {
+        s.count_to_client(line.len());
+    }
+    true
 }

@@ -12,6 +12,7 @@ use super::budget::MessageBudget;
 use super::{SessionLimits, Shared, INITIAL_READ_BUF, MAX_READ_BUF};
 use crate::protocol::decoder::{Decoder, Event, MessageKind, Violation};
 use crate::protocol::frame::{close_code, OpCode};
+use crate::route::Framing;
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite};
 
@@ -38,6 +39,10 @@ pub(super) async fn pump(
     let mut read_size = INITIAL_READ_BUF;
     let mut echo_message = Vec::new();
     let mut echo_held = budget.reservation();
+    let lines = limits.framing == Framing::Lines;
+    // Line framing: whether the message so far ends with a newline.
+    let mut ends_with_newline = false;
+    let mut pending_line = Vec::new();
     loop {
         // Act on every complete event already buffered.
         loop {
@@ -52,7 +57,10 @@ pub(super) async fn pump(
             };
             match event {
                 Event::Data {
-                    kind, payload, fin, ..
+                    kind,
+                    payload,
+                    first,
+                    fin,
                 } => {
                     s.count_from_client(payload.len(), fin);
                     if echo {
@@ -90,7 +98,23 @@ pub(super) async fn pump(
                             echo_held.release();
                         }
                     } else if let Some(w) = backend.as_mut() {
-                        match write_backend(s, w, &payload, &mut client, &mut buf).await {
+                        // Line framing: a message that does not end with a newline gets one.
+                        if first {
+                            ends_with_newline = false;
+                        }
+                        if !payload.is_empty() {
+                            ends_with_newline = payload.ends_with(b"\n");
+                        }
+                        let newline = lines && fin && !ends_with_newline;
+                        let piece: &[u8] = if newline {
+                            pending_line.clear();
+                            pending_line.extend_from_slice(&payload);
+                            pending_line.push(b'\n');
+                            &pending_line
+                        } else {
+                            &payload
+                        };
+                        match write_backend(s, w, piece, &mut client, &mut buf).await {
                             Ok(()) => {}
                             Err(BackendWriteFailed::Backend) => {
                                 backend = None;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SessionCounters;
 use crate::protocol::writer::FrameWriter;
-use crate::route::MessageMode;
+use crate::route::{Framing, MessageMode};
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite, PendingSince};
 
@@ -52,6 +52,7 @@ pub(crate) struct SessionLimits {
     pub ping_interval: Duration,
     pub close_timeout: Duration,
     pub message: MessageMode,
+    pub framing: Framing,
 }
 
 /// What happened in a session, for its log line and metrics.
@@ -222,8 +223,14 @@ pub(crate) async fn run(
         tokio::join!(
             from_client::pump(&shared, client_read, initial, backend_write, limits, budget),
             async {
-                if let Some(read) = backend_read {
-                    from_backend::pump(&shared, read, limits.message).await;
+                match (backend_read, limits.framing) {
+                    (Some(read), Framing::Stream) => {
+                        from_backend::pump(&shared, read, limits.message).await
+                    }
+                    (Some(read), Framing::Lines) => {
+                        from_backend::pump_lines(&shared, read, limits, budget).await
+                    }
+                    (None, _) => {}
                 }
             },
             watchdog::run(&shared, limits, shutdown)

@@ -27,6 +27,7 @@ fn limits() -> SessionLimits {
         ping_interval: Duration::from_secs(600),
         close_timeout: Duration::from_secs(5),
         message: MessageMode::Binary,
+        framing: crate::route::Framing::Stream,
     }
 }
 

@@ -18,7 +18,8 @@ use units::{Dur, Size};
 
 use crate::forwarded::TrustedProxies;
 use crate::route::{
-    Backend, BackendSpecError, Balance, ClientTls, MessageMode, ProxyVersion, Route, RouteTable,
+    Backend, BackendSpecError, Balance, ClientTls, Framing, MessageMode, ProxyVersion, Route,
+    RouteTable,
 };
 use crate::tls::{SniCert, TlsFiles};
 
@@ -208,6 +209,7 @@ struct RawRoute {
     backend: toml::Spanned<RawBackends>,
     #[serde(default)]
     balance: Balance,
+    framing: Option<toml::Spanned<Framing>>,
     eject_after: Option<toml::Spanned<u32>>,
     eject_for: Option<Dur>,
     #[serde(default)]
@@ -482,6 +484,15 @@ impl Config {
             }
             let mut route = Route::new(path, backend, subprotocols, origins, r.message);
             route.backends = backends;
+            if let Some(framing) = &r.framing {
+                if matches!(route.backend, Backend::Echo) || route.backend.is_proxy() {
+                    return Err(invalid(
+                        Some(framing.span()),
+                        "route.framing is for tcp://, unix: and tls:// backends".into(),
+                    ));
+                }
+                route.framing = *framing.get_ref();
+            }
             route.balance = r.balance;
             if let Some(n) = &r.eject_after {
                 if *n.get_ref() == 0 {

@@ -97,6 +97,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             ping_interval: limits.ping_interval,
             close_timeout: limits.close_timeout,
             message: route.message,
+            framing: route.framing,
         },
         route,
     };

@@ -15,6 +15,7 @@ mod fuzz_corpus;
 mod handshake;
 mod hardening;
 mod limits;
+mod lines;
 mod operations;
 mod protocol;
 mod proxy;

@@ -311,7 +311,10 @@ async fn reload_swaps_certificate_route_and_limit_while_a_session_streams() {
     .unwrap();
     gate.signal("HUP");
     gate.wait_for_log("config reloaded");
-    let (mut added, leaf) = wss(gate.addr, "localhost", &c, "/added").await.unwrap();
+    // A new client (no session to resume: a returning one resumes its session, which keeps
+    // the certificate it was made with) gets the renewed certificate.
+    let fresh = certs.connector(false);
+    let (mut added, leaf) = wss(gate.addr, "localhost", &fresh, "/added").await.unwrap();
     assert_eq!(leaf, renewed, "new connections get the renewed certificate");
     added.send(Message::text("new route")).await.unwrap();
     assert_eq!(
