@@ -25,34 +25,9 @@ pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
     loop {
         let read = backend.read(&mut buf[carry..]).await;
         let n = match read {
-            Ok(0) => {
-                if !s.is_closing() {
-                    if carry > 0 {
-                        s.close(
-                            SessionEnd::BackendInvalidUtf8,
-                            Some(close_code::BAD_GATEWAY),
-                            "backend sent incomplete UTF-8",
-                        )
-                        .await;
-                    } else {
-                        s.close(SessionEnd::BackendEof, Some(close_code::NORMAL), "")
-                            .await;
-                    }
-                }
-                return;
-            }
+            Ok(0) => return backend_ended(s, false, carry > 0).await,
             Ok(n) => n,
-            Err(_) => {
-                if !s.is_closing() {
-                    s.close(
-                        SessionEnd::BackendError,
-                        Some(close_code::BAD_GATEWAY),
-                        "backend connection reset",
-                    )
-                    .await;
-                }
-                return;
-            }
+            Err(_) => return backend_ended(s, true, false).await,
         };
         if s.is_closing() {
             carry = 0;
@@ -106,41 +81,28 @@ pub(super) async fn pump_lines(
     let mut buf = vec![0u8; INITIAL_READ_BUF];
     let mut line: Vec<u8> = Vec::new();
     let mut held = budget.reservation();
-    let mut failed = false;
     loop {
         let n = match backend.read(&mut buf).await {
             Ok(0) => {
-                if !s.is_closing() && !failed {
-                    if !line.is_empty() && !send_line(s, opcode, text, &line).await {
-                        return;
-                    }
-                    s.close(SessionEnd::BackendEof, Some(close_code::NORMAL), "")
-                        .await;
+                // A last line without its newline is still a line.
+                if !s.is_closing() && !line.is_empty() && !send_line(s, opcode, text, &line).await {
+                    return;
                 }
-                return;
+                return backend_ended(s, false, false).await;
             }
             Ok(n) => n,
-            Err(_) => {
-                if !s.is_closing() {
-                    s.close(
-                        SessionEnd::BackendError,
-                        Some(close_code::BAD_GATEWAY),
-                        "backend connection reset",
-                    )
-                    .await;
-                }
-                return;
-            }
+            Err(_) => return backend_ended(s, true, false).await,
         };
-        if s.is_closing() || failed {
+        if s.is_closing() {
             // Read and dropped until the backend's EOF.
             continue;
         }
         let mut rest = &buf[..n];
+        let mut too_long = false;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
             let (piece, after) = (&rest[..end], &rest[end + 1..]);
             if (line.len() + piece.len()) as u64 > limits.max_message_size {
-                failed = true;
+                too_long = true;
                 break;
             }
             let ok = if line.is_empty() {
@@ -158,8 +120,7 @@ pub(super) async fn pump_lines(
             }
             rest = after;
         }
-        if failed || (line.len() + rest.len()) as u64 > limits.max_message_size {
-            failed = true;
+        if too_long || (line.len() + rest.len()) as u64 > limits.max_message_size {
             s.close(
                 SessionEnd::MessageTooBig,
                 Some(close_code::MESSAGE_TOO_BIG),
@@ -170,7 +131,6 @@ pub(super) async fn pump_lines(
         }
         if !rest.is_empty() {
             if !held.grow(rest.len() as u64) {
-                failed = true;
                 s.close(
                     SessionEnd::TryAgainLater,
                     Some(close_code::TRY_AGAIN_LATER),
@@ -209,4 +169,27 @@ async fn send_line(s: &Shared, opcode: OpCode, text: bool, line: &[u8]) -> bool 
         s.count_to_client(line.len());
     }
     true
+}
+
+/// The backend's end: EOF (`reset` false) or a failed read. Unless the session is already
+/// closing, it closes with 1000 after a clean EOF, or 1014 for a reset or for EOF inside a
+/// UTF-8 sequence (`incomplete`, text mode).
+async fn backend_ended(s: &Shared, reset: bool, incomplete: bool) {
+    if s.is_closing() {
+        return;
+    }
+    let (end, code, reason) = match (reset, incomplete) {
+        (true, _) => (
+            SessionEnd::BackendError,
+            close_code::BAD_GATEWAY,
+            "backend connection reset",
+        ),
+        (false, true) => (
+            SessionEnd::BackendInvalidUtf8,
+            close_code::BAD_GATEWAY,
+            "backend sent incomplete UTF-8",
+        ),
+        (false, false) => (SessionEnd::BackendEof, close_code::NORMAL, ""),
+    };
+    s.close(end, Some(code), reason).await;
 }
