@@ -2,28 +2,11 @@
 //! (ejection and recovery), the balance modes, and live sessions kept across a reload that
 //! changes the list.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
-
-/// An echo backend that counts the connections it accepted.
-async fn counting_echo() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    let addr = backend(move |mut s| {
-        seen.fetch_add(1, Ordering::Relaxed);
-        async move {
-            let (mut r, mut w) = s.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        }
-    })
-    .await;
-    (addr, count)
-}
 
 fn gate_toml(backends: &[String], route_extra: &str, limits: &str) -> String {
     let list = backends
@@ -34,6 +17,15 @@ fn gate_toml(backends: &[String], route_extra: &str, limits: &str) -> String {
     format!(
         "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\n{limits}\n[[route]]\npath = \"/\"\nbackend = [{list}]\n{route_extra}\n"
     )
+}
+
+/// Sessions open on `backend` (a tcp:// one), from the gateway's own count.
+async fn open_on(admin: std::net::SocketAddr, backend: std::net::SocketAddr) -> f64 {
+    metric(
+        admin,
+        &format!("wsgate_backend_sessions_open{{route=\"/\",backend=\"tcp://{backend}\"}}"),
+    )
+    .await
 }
 
 fn failures(m: &std::collections::HashMap<String, f64>, backend: &str) -> f64 {
@@ -47,7 +39,7 @@ fn failures(m: &std::collections::HashMap<String, f64>, backend: &str) -> f64 {
 #[tokio::test]
 async fn a_refusing_backend_is_skipped_before_the_client_gets_an_answer() {
     let dead = format!("tcp://{}", unused_addr());
-    let (live, _) = counting_echo().await;
+    let live = echo_backend().await;
     let gate = Gate::start(&gate_toml(
         &[dead.clone(), format!("tcp://{live}")],
         "balance = \"first\"",
@@ -141,7 +133,7 @@ async fn fixed_reply(reply: &'static [u8]) -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_failing_backend_is_ejected_then_tried_again() {
     let dead = format!("tcp://{}", unused_addr());
-    let (live, _) = counting_echo().await;
+    let live = echo_backend().await;
     let gate = Gate::start(&gate_toml(
         &[dead.clone(), format!("tcp://{live}")],
         "balance = \"first\"\neject_after = 2\neject_for = \"1s\"",
@@ -191,8 +183,8 @@ async fn a_failing_backend_is_ejected_then_tried_again() {
 
 #[tokio::test]
 async fn round_robin_and_least_connections_spread_sessions() {
-    let (a, a_count) = counting_echo().await;
-    let (b, b_count) = counting_echo().await;
+    let a = echo_backend().await;
+    let b = echo_backend().await;
     let gate = Gate::start(&gate_toml(
         &[format!("tcp://{a}"), format!("tcp://{b}")],
         "",
@@ -203,17 +195,15 @@ async fn round_robin_and_least_connections_spread_sessions() {
     for _ in 0..10 {
         held.push(raw_ws(gate.addr, "/").await);
     }
+    let admin = gate.admin.unwrap();
     assert_eq!(
-        (
-            a_count.load(Ordering::Relaxed),
-            b_count.load(Ordering::Relaxed)
-        ),
-        (5, 5),
+        (open_on(admin, a).await, open_on(admin, b).await),
+        (5.0, 5.0),
         "round robin"
     );
 
-    let (c, c_count) = counting_echo().await;
-    let (d, d_count) = counting_echo().await;
+    let c = echo_backend().await;
+    let d = echo_backend().await;
     let gate = Gate::start(&gate_toml(
         &[format!("tcp://{c}"), format!("tcp://{d}")],
         "balance = \"least_connections\"",
@@ -222,34 +212,27 @@ async fn round_robin_and_least_connections_spread_sessions() {
     .await;
     let first = raw_ws(gate.addr, "/").await;
     let _second = raw_ws(gate.addr, "/").await;
+    let admin = gate.admin.unwrap();
     assert_eq!(
-        (
-            c_count.load(Ordering::Relaxed),
-            d_count.load(Ordering::Relaxed)
-        ),
-        (1, 1)
+        (open_on(admin, c).await, open_on(admin, d).await),
+        (1.0, 1.0)
     );
     drop(first);
     // c's session ends; the next two go to c first (0 open), then by count.
     eventually("c's session to end", WAIT, || async {
-        metric(
-            gate.admin.unwrap(),
-            &format!("wsgate_backend_sessions_open{{route=\"/\",backend=\"tcp://{c}\"}}"),
-        )
-        .await
-            == 0.0
+        open_on(admin, c).await == 0.0
     })
     .await;
     let _third = raw_ws(gate.addr, "/").await;
-    assert_eq!(c_count.load(Ordering::Relaxed), 2, "the least busy backend");
+    assert_eq!(open_on(admin, c).await, 1.0, "the least busy backend");
 }
 
 /// A reload that changes the list: live sessions stay on the backend they started with,
 /// new ones go to the new list.
 #[tokio::test]
 async fn live_sessions_keep_their_backend_across_a_reload() {
-    let (a, a_count) = counting_echo().await;
-    let (b, b_count) = counting_echo().await;
+    let a = echo_backend().await;
+    let b = echo_backend().await;
     let dir = TempDir::new();
     let path = dir.path().join("wsgate.toml");
     let toml = |list: &[String]| gate_toml(list, "", "");
@@ -271,12 +254,10 @@ async fn live_sessions_keep_their_backend_across_a_reload() {
         .unwrap();
     assert_eq!(read_frame(&mut live).await.unwrap().payload, b"still a");
     let new = raw_ws(addr, "/").await;
+    let admin = gate.admin.unwrap();
     assert_eq!(
-        (
-            a_count.load(Ordering::Relaxed),
-            b_count.load(Ordering::Relaxed)
-        ),
-        (1, 1)
+        (open_on(admin, a).await, open_on(admin, b).await),
+        (1.0, 1.0)
     );
     drop((live, new));
     within("the server to stop", WAIT, gate.stop())

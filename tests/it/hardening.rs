@@ -64,8 +64,10 @@ async fn sessions_stuck_on_a_backend_that_never_reads_end_after_clients_reset() 
                 .unwrap(),
         );
     }
-    let open = metric(admin, "wsgate_sessions_open{route=\"/\"}").await;
-    assert_eq!(open, CLIENTS as f64, "all sessions are up and stuck");
+    eventually("all sessions to be up and stuck", WAIT, || async {
+        metric(admin, "wsgate_sessions_open{route=\"/\"}").await == CLIENTS as f64
+    })
+    .await;
     for ws in clients {
         reset(ws);
     }
@@ -564,7 +566,10 @@ async fn proxy_session_whose_client_never_reads_is_cut_at_idle_timeout() {
     let mut ws = raw_ws(gate.addr, "/").await.into_inner();
     let started = std::time::Instant::now();
     let open = || async { metric(admin, "wsgate_sessions_open{route=\"/\"}").await };
-    assert_eq!(open().await, 1.0);
+    eventually("the session to start", WAIT, || async {
+        open().await == 1.0
+    })
+    .await;
     // Keep talking (so the client is not idle), never read; at most 50 × 100 ms.
     for _ in 0..50 {
         let frame = client_frame(true, OpCode::Text, b"still here", [5, 6, 7, 8]);
