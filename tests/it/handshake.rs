@@ -1,5 +1,6 @@
-//! One test per row of DESIGN.md's "what a bad request gets" table, with raw requests:
-//! status, headers, a one-line body, `Connection: close`, and the socket closed after it.
+//! One test per row of the refusal table in docs/design.md ("What a request gets"), with raw
+//! requests: status, headers, a one-line body, `Connection: close`, and the socket closed
+//! after it.
 
 use std::time::Duration;
 
