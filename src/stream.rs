@@ -20,8 +20,9 @@ pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// Since when a write to one side has been pending (none while it is not); the timers that
-/// catch a side that stopped reading look at it.
+/// A moment shared between a session's tasks without a lock (milliseconds since `origin`):
+/// since when a write to one side has been pending (none while it is not), or when a side
+/// was last heard from. The session timers read it.
 pub(crate) struct PendingSince {
     origin: Instant,
     /// Milliseconds since `origin` plus one; 0 while no write is pending.

@@ -89,8 +89,8 @@ impl Summary {
 struct Shared {
     writer: Mutex<FrameWriter>,
     started: Instant,
-    /// When the client last sent anything, in milliseconds since `started`.
-    heard_ms: AtomicU64,
+    /// When the client last sent anything (the same clock the proxy splice uses).
+    heard_at: PendingSince,
     /// A write to the client (a frame) is pending since…
     client_write: PendingSince,
     /// A write to the backend is pending since…
@@ -111,12 +111,11 @@ struct Shared {
 impl Shared {
     /// Notes that the client sent something (any bytes: frames, pongs).
     fn heard(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.heard_ms.store(ms, Ordering::Relaxed);
+        self.heard_at.reset();
     }
 
     fn last_heard(&self) -> Instant {
-        self.started + Duration::from_millis(self.heard_ms.load(Ordering::Relaxed))
+        self.heard_at.since().unwrap_or(self.started)
     }
 
     fn count_from_client(&self, bytes: usize, message_done: bool) {
@@ -202,7 +201,7 @@ pub(crate) async fn run(
     let shared = Shared {
         writer: Mutex::new(FrameWriter::new(client_write)),
         started,
-        heard_ms: AtomicU64::new(0),
+        heard_at: PendingSince::new(started),
         client_write: PendingSince::new(started),
         backend_write: PendingSince::new(started),
         closing: watch::Sender::new(None),
