@@ -163,6 +163,12 @@ pub(crate) async fn connect(
                 host,
                 ..
             } => BackendConn::Proxy(Box::new(tls(route, authority, host, addrs).await?)),
+            // The server looks the token up and connects to the tcp:// target it names.
+            Backend::TokenFile(_) => {
+                return Err(ConnectError::Unreachable(io::Error::other(
+                    "token target not looked up",
+                )))
+            }
         })
     };
     match tokio::time::timeout(timeout, attempt).await {

@@ -22,12 +22,16 @@
 //! run one way: server → bridge/proxy → backend → protocol → route.
 
 // Public: what the binary, the tests, the benches and the fuzz targets use.
+pub mod auth;
 pub mod config;
+pub mod files;
 pub mod forwarded;
+pub mod params;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod route;
 pub mod stream;
+pub mod token_file;
 
 mod backend;
 mod bridge;

@@ -7,17 +7,19 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
+use wsgate::config::QuickArgs;
 use wsgate::{Config, Handle, Server};
 
 /// WebSocket gateway: bridges WebSocket clients to TCP/unix backends.
 ///
-/// Quick start, like websockify: `wsgate 127.0.0.1:8080 127.0.0.1:5900` listens on the first
-/// address and bridges every WebSocket path to the TCP service at the second.
+/// Quick mode takes websockify's command line: `wsgate --web /usr/share/novnc 6080
+/// localhost:5900` serves noVNC's pages on port 6080 (all interfaces) and bridges its
+/// WebSocket to the VNC server. `--print-config` writes the equivalent config file.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     /// Run from this TOML config file (SIGHUP reloads it).
-    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "target", "check_config"])]
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "target", "check_config", "web", "cert", "token_source", "target_config", "unix_target", "heartbeat", "print_config"])]
     config: Option<PathBuf>,
 
     /// Validate this config file, print what is wrong (key and line), and exit.
@@ -32,12 +34,113 @@ struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 
-    /// Quick mode: address to listen on, e.g. 127.0.0.1:8080.
-    #[arg(requires = "target")]
+    /// Quick mode: print the config file this command line stands for, and exit.
+    #[arg(long)]
+    print_config: bool,
+
+    /// Quick mode: [SOURCE_ADDR:]SOURCE_PORT to listen on (a bare port: all interfaces).
     listen: Option<String>,
 
-    /// Quick mode: backend, e.g. 127.0.0.1:5900, tcp://host:port, unix:/path or echo.
+    /// Quick mode: TARGET_ADDR:TARGET_PORT (or tcp://, unix:, tls://, echo).
     target: Option<String>,
+
+    /// websockify: serve the files in DIR on plain GET and HEAD requests.
+    #[arg(long, value_name = "DIR", help_heading = "websockify options")]
+    web: Option<String>,
+
+    /// websockify: TLS certificate (PEM); its key too unless --key.
+    #[arg(long, value_name = "FILE", help_heading = "websockify options")]
+    cert: Option<String>,
+
+    /// websockify: TLS private key (PEM), when not in the --cert file.
+    #[arg(long, value_name = "FILE", help_heading = "websockify options")]
+    key: Option<String>,
+
+    /// websockify: refuse plain ws:// (without it a --cert port takes both).
+    #[arg(long, help_heading = "websockify options")]
+    ssl_only: bool,
+
+    /// websockify: TokenFile or ReadOnlyTokenFile (both re-read the file when it changes).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "token_source",
+        help_heading = "websockify options"
+    )]
+    token_plugin: Option<String>,
+
+    /// websockify: token file or directory, lines `token: host:port`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "token_plugin",
+        help_heading = "websockify options"
+    )]
+    token_source: Option<String>,
+
+    /// websockify: the same as --token-plugin TokenFile --token-source PATH.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "token_source",
+        help_heading = "websockify options"
+    )]
+    target_config: Option<String>,
+
+    /// websockify: exit after SECS with no connection open.
+    #[arg(long, value_name = "SECS", help_heading = "websockify options")]
+    idle_timeout: Option<u64>,
+
+    /// websockify: ping a client silent for SECS (wsgate's ping_interval).
+    #[arg(long, value_name = "SECS", help_heading = "websockify options")]
+    heartbeat: Option<u64>,
+
+    /// websockify: connect to the target over TLS.
+    #[arg(long, help_heading = "websockify options")]
+    ssl_target: bool,
+
+    /// websockify: the target is this unix socket.
+    #[arg(long, value_name = "PATH", help_heading = "websockify options")]
+    unix_target: Option<String>,
+
+    /// websockify: clients must present a certificate signed by --cafile.
+    #[arg(long, requires = "cafile", help_heading = "websockify options")]
+    verify_client: bool,
+
+    /// websockify: CA bundle for --verify-client.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "verify_client",
+        help_heading = "websockify options"
+    )]
+    cafile: Option<String>,
+
+    /// websockify: ClientCertCNAuth (the only auth plugin taken; see the README).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "auth_source",
+        help_heading = "websockify options"
+    )]
+    auth_plugin: Option<String>,
+
+    /// websockify: for ClientCertCNAuth, the allowed common names, space-separated.
+    #[arg(
+        long,
+        value_name = "ARG",
+        requires = "auth_plugin",
+        help_heading = "websockify options"
+    )]
+    auth_source: Option<String>,
+
+    /// websockify: accepted and needless (wsgate never lists directories).
+    #[arg(long, help_heading = "websockify options")]
+    file_only: bool,
+
+    /// websockify: debug logging (as RUST_LOG=debug).
+    #[arg(short, long, help_heading = "websockify options")]
+    verbose: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -48,8 +151,9 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let default_level = if cli.verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -81,11 +185,27 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match (&cli.config, &cli.listen, &cli.target) {
-        (Some(path), _, _) => Config::load(path),
-        (None, Some(listen), Some(target)) => Config::quick(listen, target),
-        _ => {
-            eprintln!("wsgate: give --config FILE, or LISTEN and TARGET (see --help)");
+    let config = match (&cli.config, quick_args(&cli)) {
+        (Some(path), _) => Config::load(path),
+        (None, Ok(Some(args))) if cli.print_config => {
+            return match args.to_toml() {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wsgate: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        (None, Ok(Some(args))) => args.to_config(),
+        (None, Ok(None)) => {
+            eprintln!("wsgate: give --config FILE, or [SOURCE_ADDR:]SOURCE_PORT and a target (see --help)");
+            return ExitCode::from(2);
+        }
+        (None, Err(e)) => {
+            eprintln!("wsgate: {e}");
             return ExitCode::from(2);
         }
     };
@@ -117,7 +237,18 @@ fn main() -> ExitCode {
         };
         // Signal handlers are installed before the listeners are announced, so a signal sent
         // as soon as wsgate says "listening" is never met by the default action (exit).
-        let stop = shutdown_signal();
+        let signalled = shutdown_signal();
+        let idle_exit = cli.idle_timeout.map(Duration::from_secs);
+        let handle = server.handle();
+        let stop = async move {
+            match idle_exit {
+                Some(limit) => tokio::select! {
+                    _ = signalled => {}
+                    _ = exit_when_idle(handle, limit) => {}
+                },
+                None => signalled.await,
+            }
+        };
         if let Some(path) = &cli.config {
             server = server.with_config_path(path.clone());
             let handle = server.handle();
@@ -134,6 +265,69 @@ fn main() -> ExitCode {
         server.run(stop).await;
         ExitCode::SUCCESS
     })
+}
+
+/// websockify's options as [`QuickArgs`]; `Ok(None)` when no listen address was given.
+fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
+    let Some(listen) = &cli.listen else {
+        return Ok(None);
+    };
+    let token_source = match (&cli.token_plugin, &cli.token_source, &cli.target_config) {
+        (Some(plugin), Some(source), None) => match plugin.rsplit('.').next() {
+            Some("TokenFile" | "ReadOnlyTokenFile") => Some(source.clone()),
+            _ => {
+                return Err(format!(
+                    "--token-plugin {plugin}: only TokenFile and ReadOnlyTokenFile are taken"
+                ))
+            }
+        },
+        (None, None, Some(source)) => Some(source.clone()),
+        _ => None,
+    };
+    let cert_names = match (&cli.auth_plugin, &cli.auth_source) {
+        (Some(plugin), Some(names)) => match plugin.rsplit('.').next() {
+            Some("ClientCertCNAuth") => names.split_whitespace().map(str::to_owned).collect(),
+            _ => {
+                return Err(format!(
+                    "--auth-plugin {plugin}: only ClientCertCNAuth is taken; for passwords or tokens use a config file's route auth"
+                ))
+            }
+        },
+        _ => Vec::new(),
+    };
+    if cli.idle_timeout == Some(0) {
+        return Err("--idle-timeout must be at least 1".into());
+    }
+    Ok(Some(QuickArgs {
+        listen: listen.clone(),
+        target: cli.target.clone(),
+        web: cli.web.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        ssl_only: cli.ssl_only,
+        token_source,
+        heartbeat: cli.heartbeat,
+        ssl_target: cli.ssl_target,
+        unix_target: cli.unix_target.clone(),
+        cafile: cli.cafile.clone(),
+        cert_names,
+    }))
+}
+
+/// Resolves once no connection has been open for `limit` (websockify's --idle-timeout),
+/// counting from start.
+async fn exit_when_idle(handle: Handle, limit: Duration) {
+    let tick = (limit / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut idle_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        if handle.open_connections() > 0 {
+            idle_since = tokio::time::Instant::now();
+        } else if idle_since.elapsed() >= limit {
+            info!(idle_timeout = ?limit, "no connection for the idle timeout: exiting");
+            return;
+        }
+    }
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal.

@@ -25,7 +25,22 @@ pub enum Backend {
         /// Path the route's prefix is replaced with; `None` forwards the request path as is.
         path: Option<String>,
     },
+    /// `token-file:PATH`: a bridge to the `host:port` that the connection's token maps to in
+    /// websockify's token file format, looked up per connection.
+    TokenFile(TokenSource),
 }
+
+/// A token file (or directory) and what was last read from it; compared by path.
+#[derive(Debug, Clone)]
+pub struct TokenSource(pub std::sync::Arc<crate::token_file::TokenFile>);
+
+impl PartialEq for TokenSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.source() == other.0.source()
+    }
+}
+
+impl Eq for TokenSource {}
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,6 +60,7 @@ impl fmt::Display for Backend {
                 if *secure { "wss" } else { "ws" },
                 path.as_deref().unwrap_or("")
             ),
+            Backend::TokenFile(source) => write!(f, "token-file:{}", source.0.source().display()),
         }
     }
 }
@@ -83,6 +99,19 @@ impl Backend {
                     path,
                 });
             }
+        }
+        if let Some(path) = spec.strip_prefix("token-file:") {
+            if path.is_empty() {
+                return Err(BackendSpecError::EmptyTokenPath);
+            }
+            let path = base.join(path);
+            let file = crate::token_file::TokenFile::open(&path).map_err(|e| {
+                BackendSpecError::TokenFile {
+                    path: path.display().to_string(),
+                    error: e.to_string(),
+                }
+            })?;
+            return Ok(Backend::TokenFile(TokenSource(std::sync::Arc::new(file))));
         }
         if let Some(path) = spec.strip_prefix("unix:") {
             if path.is_empty() {
@@ -140,7 +169,11 @@ pub enum BackendSpecError {
     PathWithQuery(String),
     #[error("backend \"unix:\" needs a socket path")]
     EmptyUnixPath,
-    #[error("backend {0:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path")]
+    #[error("backend \"token-file:\" needs a file or directory path")]
+    EmptyTokenPath,
+    #[error("backend token-file:{path}: cannot read it: {error}")]
+    TokenFile { path: String, error: String },
+    #[error("backend {0:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path, token-file:PATH")]
     UnknownScheme(String),
 }
 
@@ -188,6 +221,10 @@ pub struct Route {
     /// Bridge routes: a PROXY protocol header naming the client is written to the backend
     /// before anything else.
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// Plain GET and HEAD requests are answered from this directory (`static = "DIR"`).
+    pub static_dir: Option<crate::files::StaticDir>,
+    /// Checked before anything else is done for a request (`auth = { .. }`).
+    pub auth: Option<crate::auth::Auth>,
 }
 
 /// How a bridge route maps messages to the backend's byte stream.
@@ -251,6 +288,8 @@ impl Route {
             tls_client: None,
             max_connections: None,
             send_proxy_protocol: None,
+            static_dir: None,
+            auth: None,
         }
     }
 

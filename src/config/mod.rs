@@ -11,15 +11,19 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod quick;
 mod units;
+
+pub use quick::{QuickArgs, QuickError};
 
 pub use units::{is_token, parse_duration, parse_size};
 use units::{Dur, Size};
 
+use crate::auth::{Auth, BearerTokens, Htpasswd};
+use crate::files::StaticDir;
 use crate::forwarded::TrustedProxies;
 use crate::route::{
-    Backend, BackendSpecError, Balance, ClientTls, Framing, MessageMode, ProxyVersion, Route,
-    RouteTable,
+    Backend, Balance, ClientTls, Framing, MessageMode, ProxyVersion, Route, RouteTable,
 };
 use crate::tls::{SniCert, TlsFiles};
 
@@ -42,6 +46,9 @@ pub struct Listener {
     /// Connections start with a PROXY protocol header (v1 or v2) naming the client
     /// (default false).
     pub proxy_protocol: bool,
+    /// A TLS listener that also takes plain connections on the same port, told apart by
+    /// their first byte (websockify with `--cert` but without `--ssl-only`; default false).
+    pub allow_plain: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -126,12 +133,9 @@ pub enum ConfigError {
         line: Option<(usize, String)>,
         message: String,
     },
-    /// Quick mode (`wsgate LISTEN TARGET`): the listen address does not parse.
-    #[error("listen address {0:?} is not ip:port")]
-    QuickListen(String),
-    /// Quick mode: the target does not parse.
+    /// Quick mode (websockify's command line) that makes no config.
     #[error(transparent)]
-    QuickBackend(#[from] BackendSpecError),
+    Quick(#[from] QuickError),
 }
 
 // ---- raw TOML shape ----
@@ -161,6 +165,7 @@ struct RawListener {
     tls: Option<toml::Spanned<RawTls>>,
     #[serde(default)]
     proxy_protocol: bool,
+    allow_plain: Option<toml::Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +227,19 @@ struct RawRoute {
     ca: Option<toml::Spanned<String>>,
     max_connections: Option<toml::Spanned<usize>>,
     send_proxy_protocol: Option<toml::Spanned<ProxyVersion>>,
+    /// Directory plain GET/HEAD requests are served from.
+    #[serde(rename = "static")]
+    static_dir: Option<toml::Spanned<String>>,
+    auth: Option<toml::Spanned<RawAuth>>,
+}
+
+/// `auth = { basic = FILE }`, `{ bearer = FILE }` or `{ client_cert_names = [..] }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    basic: Option<String>,
+    bearer: Option<String>,
+    client_cert_names: Option<Vec<String>>,
 }
 
 /// `backend = "tcp://…"` or `backend = ["tcp://…", "tcp://…"]`.
@@ -262,6 +280,8 @@ impl Config {
                 "no [[listen]] entry: add one, e.g. addr = \"127.0.0.1:8080\"".into(),
             ));
         }
+        // Files wsgate reads itself: never served by a static route.
+        let mut hidden = vec![PathBuf::from(file)];
         let mut listen = Vec::new();
         for l in &raw.listen {
             let addr: SocketAddr = l.addr.get_ref().parse().map_err(|_| {
@@ -299,13 +319,26 @@ impl Config {
                     };
                     let server = crate::tls::server_config(&files)
                         .map_err(|m| invalid(Some(t.span()), format!("listen.tls: {m}")))?;
+                    hidden.extend([files.cert.clone(), files.key.clone()]);
+                    hidden.extend(files.client_ca.clone());
+                    for sni in &files.sni {
+                        hidden.extend([sni.cert.clone(), sni.key.clone()]);
+                    }
                     Some(ListenerTls { files, server })
                 }
             };
+            let allow_plain = l.allow_plain.as_ref().is_some_and(|a| *a.get_ref());
+            if allow_plain && tls.is_none() {
+                return Err(invalid(
+                    l.allow_plain.as_ref().map(|a| a.span()),
+                    "listen.allow_plain is for listeners with tls".into(),
+                ));
+            }
             listen.push(Listener {
                 addr,
                 tls,
                 proxy_protocol: l.proxy_protocol,
+                allow_plain,
             });
         }
 
@@ -423,6 +456,7 @@ impl Config {
             return Err(invalid(None, "no [[route]] entry: add one, e.g. path = \"/\" and backend = \"tcp://127.0.0.1:5900\"".into()));
         }
         let mut routes = Vec::new();
+        let mut static_dirs = Vec::new();
         for r in raw.route {
             let path = r.path.get_ref();
             if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
@@ -445,16 +479,18 @@ impl Config {
             for spec in &specs {
                 let b = Backend::parse(spec, base)
                     .map_err(|m| invalid(Some(r.backend.span()), format!("route.backend: {m}")))?;
+                let alone = |b: &Backend| matches!(b, Backend::Echo | Backend::TokenFile(_));
                 let same_kind = backends.first().map_or(true, |first: &Backend| {
-                    first.is_proxy() == b.is_proxy()
-                        && !matches!(first, Backend::Echo)
-                        && !matches!(b, Backend::Echo)
+                    first.is_proxy() == b.is_proxy() && !alone(first) && !alone(&b)
                 });
                 if !same_kind {
                     return Err(invalid(
                         Some(r.backend.span()),
-                        "route.backend: a list holds bridge backends (tcp, unix, tls) or ws apps (ws, wss), not both, and no echo".into(),
+                        "route.backend: a list holds bridge backends (tcp, unix, tls) or ws apps (ws, wss), not both, and no echo or token-file".into(),
                     ));
+                }
+                if let Backend::TokenFile(t) = &b {
+                    hidden.push(t.0.source().to_owned());
                 }
                 backends.push(b);
             }
@@ -543,6 +579,21 @@ impl Config {
                 }
                 (None, false) => {}
             }
+            if let Some(dir) = &r.static_dir {
+                if route.backend.is_proxy() {
+                    return Err(invalid(
+                        Some(dir.span()),
+                        "route.static is for bridge and echo routes (a ws app serves its own pages)".into(),
+                    ));
+                }
+                static_dirs.push((routes.len(), dir.clone()));
+            }
+            if let Some(auth) = &r.auth {
+                let (a, files) = load_auth(auth.get_ref(), base, &raw.listen)
+                    .map_err(|m| invalid(Some(auth.span()), format!("route.auth: {m}")))?;
+                hidden.extend(files);
+                route.auth = Some(a);
+            }
             if routes.iter().any(|x: &Route| x.path == route.path) {
                 return Err(invalid(
                     Some(r.path.span()),
@@ -551,6 +602,16 @@ impl Config {
             }
             routes.push(route);
         }
+        for (i, dir) in static_dirs {
+            let path = base.join(dir.get_ref());
+            let served = StaticDir::new(&path, &hidden).map_err(|e| {
+                invalid(
+                    Some(dir.span()),
+                    format!("route.static: {}: {e}", path.display()),
+                )
+            })?;
+            routes[i].static_dir = Some(served);
+        }
         Ok(Config {
             listen,
             admin,
@@ -558,34 +619,51 @@ impl Config {
             routes: RouteTable::new(routes),
         })
     }
+}
 
-    /// The config of quick mode, `wsgate LISTEN TARGET`: one listener, "/" to one backend.
-    pub fn quick(listen: &str, target: &str) -> Result<Config, ConfigError> {
-        let addr: SocketAddr = listen
-            .parse()
-            .map_err(|_| ConfigError::QuickListen(listen.to_owned()))?;
-        let spec = if target.contains("://") || target.starts_with("unix:") || target == "echo" {
-            target.to_owned()
-        } else {
-            format!("tcp://{target}")
-        };
-        let backend = Backend::parse(&spec, Path::new("."))?;
-        Ok(Config {
-            listen: vec![Listener {
-                addr,
-                tls: None,
-                proxy_protocol: false,
-            }],
-            admin: None,
-            limits: Limits::default(),
-            routes: RouteTable::new(vec![Route::new(
-                "/",
-                backend,
-                Vec::new(),
-                Vec::new(),
-                MessageMode::Binary,
-            )]),
-        })
+/// A route's auth from its table, with the files it read (never served by a static route).
+fn load_auth(
+    raw: &RawAuth,
+    base: &Path,
+    listeners: &[RawListener],
+) -> Result<(Auth, Vec<PathBuf>), String> {
+    let read = |file: &str| {
+        let path = base.join(file);
+        std::fs::read_to_string(&path)
+            .map(|text| (text, path.clone()))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    match (&raw.basic, &raw.bearer, &raw.client_cert_names) {
+        (Some(file), None, None) => {
+            let (text, path) = read(file)?;
+            let users = Htpasswd::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok((Auth::Basic(Arc::new(users)), vec![path]))
+        }
+        (None, Some(file), None) => {
+            let (text, path) = read(file)?;
+            let tokens =
+                BearerTokens::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok((Auth::Bearer(Arc::new(tokens)), vec![path]))
+        }
+        (None, None, Some(names)) => {
+            if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
+                return Err("client_cert_names needs at least one name, none empty".into());
+            }
+            let mtls = listeners.iter().any(|l| {
+                l.tls
+                    .as_ref()
+                    .is_some_and(|t| t.get_ref().client_ca.is_some())
+            });
+            if !mtls {
+                return Err(
+                    "client_cert_names needs a [[listen]] with tls.client_ca (mTLS)".into(),
+                );
+            }
+            Ok((Auth::ClientCertNames(names.clone()), Vec::new()))
+        }
+        _ => {
+            Err("give exactly one of basic = FILE, bearer = FILE, client_cert_names = [..]".into())
+        }
     }
 }
 

@@ -132,10 +132,19 @@ fn durations_and_sizes() {
 
 #[test]
 fn quick_mode_is_one_route_to_tcp() {
-    let c = Config::quick("127.0.0.1:8080", "127.0.0.1:5900").unwrap();
+    let args = QuickArgs {
+        listen: "127.0.0.1:8080".into(),
+        target: Some("127.0.0.1:5900".into()),
+        ..QuickArgs::default()
+    };
+    let c = args.to_config().unwrap();
     assert_eq!(
         c.routes.routes()[0].backend,
         Backend::Tcp("127.0.0.1:5900".into())
     );
-    assert!(Config::quick("nope", "127.0.0.1:1").is_err());
+    let bad = QuickArgs {
+        listen: "nope".into(),
+        ..args
+    };
+    assert!(bad.to_config().is_err());
 }

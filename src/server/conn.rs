@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -36,6 +37,8 @@ pub(super) struct Conn {
     pub(super) keepalive: Arc<KeepAlive>,
     /// The client came in over TLS (X-Forwarded-Proto on proxy routes).
     pub(super) tls: bool,
+    /// Common names of the client certificate (mTLS listeners; empty otherwise).
+    pub(super) client_cert_names: Vec<String>,
     /// The address the client connected to: the listener's, or the PROXY header's destination.
     pub(super) local: SocketAddr,
     /// Moves into the session on upgrade; otherwise dropped with the connection.
@@ -85,38 +88,77 @@ pub(super) async fn serve(
             }
         }
     }
-    let tls = settings.tls;
-    let conn = Arc::new(Conn {
-        slot: Mutex::new(Some(slot)),
-        held: Mutex::new(None),
-        state,
-        config,
-        id,
-        peer,
-        keepalive: Arc::new(KeepAlive::new()),
-        tls: tls.is_some(),
-        local,
-    });
+    let shared = state.clone();
+    let conn = |tls: bool, client_cert_names: Vec<String>| {
+        Arc::new(Conn {
+            slot: Mutex::new(Some(slot)),
+            held: Mutex::new(None),
+            state: shared,
+            config,
+            id,
+            peer,
+            keepalive: Arc::new(KeepAlive::new()),
+            tls,
+            client_cert_names,
+            local,
+        })
+    };
+    let tls = match settings.tls {
+        Some(acceptor) if settings.allow_plain => {
+            // A TLS ClientHello starts with a handshake record (0x16); anything else is plain.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == 0x16 => Some(acceptor),
+                Ok(Ok(1)) => None,
+                _ => {
+                    debug!(%peer, "closed before the first byte");
+                    return;
+                }
+            }
+        }
+        tls => tls,
+    };
     match tls {
         None => {
+            let conn = conn(false, Vec::new());
             let io = watched(stream, &conn.keepalive);
             serve_http(conn, io, deadline).await
         }
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => {
-                let io = watched(stream, &conn.keepalive);
-                serve_http(conn, io, deadline).await
+        Some(acceptor) => {
+            let metrics = &state.metrics;
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let names = cert_names(stream.get_ref().1.peer_certificates());
+                    let conn = conn(true, names);
+                    let io = watched(stream, &conn.keepalive);
+                    serve_http(conn, io, deadline).await
+                }
+                Ok(Err(e)) => {
+                    metrics.tls_failures.inc();
+                    info!(%peer, error = %e, "TLS handshake failed; closed");
+                }
+                Err(_) => {
+                    metrics.tls_failures.inc();
+                    metrics.handshake_timeouts.inc();
+                    info!(%peer, "handshake timeout during TLS; closed");
+                }
             }
-            Ok(Err(e)) => {
-                conn.state.metrics.tls_failures.inc();
-                info!(%peer, error = %e, "TLS handshake failed; closed");
-            }
-            Err(_) => {
-                conn.state.metrics.tls_failures.inc();
-                conn.state.metrics.handshake_timeouts.inc();
-                info!(%peer, "handshake timeout during TLS; closed");
-            }
-        },
+        }
+    }
+}
+
+/// The subject common names of the client's certificate (mTLS), for `client_cert_names`.
+fn cert_names(chain: Option<&[CertificateDer<'_>]>) -> Vec<String> {
+    let Some(leaf) = chain.and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    match x509_parser::parse_x509_certificate(leaf) {
+        Ok((_, cert)) => cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }
 

@@ -18,14 +18,17 @@ use super::conn::Conn;
 use super::keepalive::mark_end;
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
 use super::session::{Session, SessionBackend};
+use crate::auth::Presented;
 use crate::backend::{self, BackendConn, ClientAddrs};
 use crate::bridge::SessionLimits;
+use crate::files::StaticDir;
 use crate::forwarded::client_ip;
 use crate::metrics::Metrics;
+use crate::params::{cookie, query_param};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
 use crate::proxy::forward::{self, ForwardedFor};
 use crate::proxy::headers::BackendAccept;
-use crate::route::Route;
+use crate::route::{Backend, Route, TokenSource};
 
 pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let last_request = conn.keepalive.request_started();
@@ -43,7 +46,11 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         ip if ip == conn.peer.ip() => conn.peer,
         ip => SocketAddr::new(ip, 0),
     };
-    if let Err(over) = within_client_limits(&conn, client, route) {
+    let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
+    // A page's files are not handshakes: only upgrades and proxied requests count against
+    // the per-client handshake rate.
+    let rated = is_upgrade || route.static_dir.is_none();
+    if let Err(over) = within_client_limits(&conn, client, route, rated) {
         return refuse(&conn, Some(&route.path), over_limit(over));
     }
     let forwarded_for = ForwardedFor {
@@ -55,9 +62,21 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         client,
         listener: conn.local,
     };
-    let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
-    if route.backend.is_proxy() && !is_upgrade {
-        let mut response = proxy_http(&conn, req, route, forwarded_for, addrs).await;
+    if let Some(auth) = &route.auth {
+        let presented = Presented {
+            headers: req.headers(),
+            query: req.uri().query(),
+            cert_names: &conn.client_cert_names,
+        };
+        if let Err(rejection) = auth.check(presented).await {
+            return refuse(&conn, Some(&route.path), rejection);
+        }
+    }
+    if !is_upgrade && (route.backend.is_proxy() || route.static_dir.is_some()) {
+        let mut response = match &route.static_dir {
+            Some(dir) => serve_static(&req, route, dir).await,
+            None => proxy_http(&conn, req, route, forwarded_for, addrs).await,
+        };
         if last_request {
             response
                 .headers_mut()
@@ -69,6 +88,17 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     let accepted = match handshake::check(req.method(), req.version(), req.headers(), route) {
         Ok(a) => a,
         Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
+    };
+    let token_route;
+    let route = match &route.backend {
+        Backend::TokenFile(source) => match token_target(&req, route, source).await {
+            Ok(r) => {
+                token_route = r;
+                &token_route
+            }
+            Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
+        },
+        _ => route,
     };
     let limits = &conn.config.limits;
     let connect_started = Instant::now();
@@ -175,12 +205,96 @@ async fn proxy_http(
     }
 }
 
-/// Checks the request against the per-client rate, and (at a connection's first request)
-/// takes its place under the per-client and per-route connection limits.
-fn within_client_limits(conn: &Conn, client: SocketAddr, route: &Route) -> Result<(), OverLimit> {
+/// A plain GET or HEAD on a route with `static`: the file, the route's prefix taken off the
+/// path. The route's own path without its trailing slash is redirected to it, so relative
+/// links in its index page resolve inside the route.
+async fn serve_static(req: &Request<Incoming>, route: &Route, dir: &StaticDir) -> Response<Body> {
+    let path = req.uri().path();
+    let below = match route.path.as_str() {
+        "/" => path,
+        prefix => &path[prefix.len()..],
+    };
+    if below.is_empty() {
+        let location = match req.uri().query() {
+            Some(q) => format!("{path}/?{q}"),
+            None => format!("{path}/"),
+        };
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        return response;
+    }
+    dir.serve(req, &route.path, below).await
+}
+
+/// A `token-file:` route's target for this request: the token from the `token` query
+/// parameter or cookie (as websockify reads it), looked up in the token source as it is now.
+/// The answer is a copy of the route whose backend is that `tcp://` target. Missing or
+/// unknown tokens are 404; neither the token nor the mapping is logged.
+async fn token_target(
+    req: &Request<Incoming>,
+    route: &Route,
+    source: &TokenSource,
+) -> Result<Route, Rejection> {
+    let token = query_param(req.uri().query(), "token")
+        .map(|t| t.trim_end_matches('\n').to_owned())
+        .or_else(|| cookie(req.headers(), "token"))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            Rejection::new(
+                StatusCode::NOT_FOUND,
+                "token_missing",
+                "no token: give one as ?token=… or a `token` cookie",
+            )
+        })?;
+    let tokens = source.0.clone();
+    let found = tokio::task::spawn_blocking(move || tokens.lookup(&token)).await;
+    let target = match found {
+        Ok(Ok(Some(target))) => target,
+        Ok(Ok(None)) => {
+            return Err(Rejection::new(
+                StatusCode::NOT_FOUND,
+                "token_unknown",
+                "unknown token",
+            ))
+        }
+        Ok(Err(e)) => {
+            warn!(route = %route.path, source = %source.0.source().display(), error = %e, "token source cannot be read");
+            return Err(Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                "token_source_unreadable",
+                "the token source cannot be read",
+            ));
+        }
+        Err(_) => {
+            return Err(Rejection::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "token_lookup_failed",
+                "token lookup failed",
+            ))
+        }
+    };
+    let mut resolved = route.clone();
+    resolved.backend = Backend::Tcp(target);
+    resolved.backends = vec![resolved.backend.clone()];
+    Ok(resolved)
+}
+
+/// Checks the request against the per-client rate (when `rated`), and (at a connection's
+/// first request) takes its place under the per-client and per-route connection limits.
+fn within_client_limits(
+    conn: &Conn,
+    client: SocketAddr,
+    route: &Route,
+    rated: bool,
+) -> Result<(), OverLimit> {
     let limits = &conn.config.limits;
     let counts = &conn.state.client_limits;
-    counts.handshake(client.ip(), limits)?;
+    if rated {
+        counts.handshake(client.ip(), limits)?;
+    }
     let mut held = conn.held.lock().unwrap();
     if held.is_none() {
         *held = Some(counts.hold(

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::respond::Body;
+use super::respond::{Body, BoxError};
 use crate::stream::{Observed, Observer};
 
 /// Requests served on one connection; the last one's response carries `Connection: close`.
@@ -134,12 +134,12 @@ struct MarksEnd {
 
 impl HttpBody for MarksEnd {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.body).poll_frame(cx)
     }
 
@@ -160,7 +160,7 @@ impl Drop for MarksEnd {
 
 /// Wraps a response body so that its end starts the keep-alive wait.
 pub(super) fn mark_end(body: Body, keepalive: Arc<KeepAlive>) -> Body {
-    MarksEnd { body, keepalive }.boxed()
+    MarksEnd { body, keepalive }.boxed_unsync()
 }
 
 /// The client connection as hyper reads it: the first byte of each next request is noted.

@@ -227,6 +227,11 @@ impl Handle {
             .collect()
     }
 
+    /// Client connections open now (handshaking ones and sessions).
+    pub fn open_connections(&self) -> usize {
+        self.state.open_connections.load(Ordering::Acquire)
+    }
+
     /// The metrics page, as /metrics serves it.
     pub fn metrics_text(&self) -> String {
         self.state.metrics_text()

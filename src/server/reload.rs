@@ -43,6 +43,8 @@ pub(super) struct ListenerSlot {
 pub(super) struct ListenerSettings {
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) proxy_protocol: bool,
+    /// TLS listeners: plain connections are taken too (told apart by the first byte).
+    pub(super) allow_plain: bool,
 }
 
 impl ListenerSettings {
@@ -53,6 +55,7 @@ impl ListenerSettings {
                 .as_ref()
                 .map(|t| TlsAcceptor::from(t.server.clone())),
             proxy_protocol: listener.proxy_protocol,
+            allow_plain: listener.allow_plain,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! place), and an app's answer passed through to the client.
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -15,12 +15,16 @@ use crate::protocol::handshake::Rejection;
 use crate::proxy::forward::ForwardError;
 use crate::proxy::headers::passthrough_headers;
 
-pub(super) type Body = BoxBody<Bytes, hyper::Error>;
+/// What a response body may fail with: hyper's errors (a passed-through app body) or I/O
+/// errors (a static file).
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub(super) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 pub(super) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 pub(super) fn text_response(status: StatusCode, body: String) -> Response<Body> {
@@ -67,7 +71,7 @@ pub(super) fn refuse(conn: &Conn, route: Option<&str>, rejection: Rejection) -> 
 /// streamed body.
 pub(super) fn passthrough(response: Response<Incoming>) -> Response<Body> {
     let (parts, body) = response.into_parts();
-    let mut out = Response::new(body.boxed());
+    let mut out = Response::new(body.map_err(BoxError::from).boxed_unsync());
     *out.status_mut() = parts.status;
     *out.headers_mut() = passthrough_headers(&parts.headers);
     out
