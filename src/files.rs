@@ -112,6 +112,15 @@ impl StaticDir {
         if parts.status == StatusCode::NOT_FOUND {
             return status(StatusCode::NOT_FOUND, "not found");
         }
+        if parts.headers.get(header::CONTENT_TYPE)
+            == Some(&HeaderValue::from_static("application/javascript"))
+        {
+            // RFC 9239's one type for JavaScript, classic scripts and modules (.mjs) alike.
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript"),
+            );
+        }
         if parts.status.is_success() || parts.status == StatusCode::NOT_MODIFIED {
             // Revalidated on every use (a 304 when unchanged), so an upgrade of the files is
             // seen at once.

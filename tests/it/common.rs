@@ -107,10 +107,27 @@ impl GateProcess {
         let dir = TempDir::new();
         let config_path = dir.path().join("wsgate.toml");
         std::fs::write(&config_path, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .arg("--config")
-            .arg(&config_path)
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.arg("--config").arg(&config_path).args(args);
+        GateProcess::spawn(cmd, dir, config_path, toml.contains("[admin]"))
+    }
+
+    /// Starts `wsgate ARGS…` (quick mode, websockify's command line) in `dir` and waits until
+    /// it reports its listener.
+    pub fn start_cli(args: &[&str], dir: TempDir) -> GateProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args(args).current_dir(dir.path());
+        let config_path = dir.path().join("none.toml");
+        GateProcess::spawn(cmd, dir, config_path, false)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        dir: TempDir,
+        config_path: std::path::PathBuf,
+        wants_admin: bool,
+    ) -> GateProcess {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -129,7 +146,6 @@ impl GateProcess {
                 }
             });
         }
-        let wants_admin = toml.contains("[admin]");
         let (mut addr, mut admin) = (None, None);
         while addr.is_none() || (wants_admin && admin.is_none()) {
             let line = rx
@@ -151,6 +167,11 @@ impl GateProcess {
             lines,
             _dir: dir,
         }
+    }
+
+    /// Every log line so far, joined.
+    pub fn log_text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
     }
 
     /// Waits (bounded by WAIT) for a log line containing `needle`, and returns it.

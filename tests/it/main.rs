@@ -4,6 +4,7 @@
 // The helpers in `common` are `pub` for the test modules; nothing here is an API.
 #![allow(unreachable_pub)]
 
+mod auth;
 mod browser;
 mod cli;
 mod client_limits;
@@ -24,3 +25,4 @@ mod python_peer;
 mod relay;
 mod scale_out;
 mod tls;
+mod websockify;
