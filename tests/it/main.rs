@@ -17,6 +17,7 @@ mod handshake;
 mod hardening;
 mod limits;
 mod lines;
+mod novnc;
 mod operations;
 mod protocol;
 mod proxy;
