@@ -97,7 +97,7 @@ impl StaticDir {
             Ok(uri) => uri,
             Err(_) => return status(StatusCode::NOT_FOUND, "not found"),
         };
-        let mut service = ServeDir::with_backend(self.inner.root.to_path_buf(), self.inner.clone())
+        let mut service = ServeDir::with_backend(&self.inner.root, self.inner.clone())
             .redirect_path_prefix(prefix.trim_end_matches('/'));
         let response = match service.try_call(inner).await {
             Ok(r) => r,

@@ -53,11 +53,6 @@ impl TokenFile {
         Ok(self.targets()?.get(token).cloned())
     }
 
-    /// How many tokens the source maps now.
-    pub fn len(&self) -> io::Result<usize> {
-        Ok(self.targets()?.len())
-    }
-
     fn targets(&self) -> io::Result<Arc<HashMap<String, String>>> {
         let files = self.files()?;
         let stamp: Vec<Stamp> = files

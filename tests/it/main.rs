@@ -6,6 +6,7 @@
 
 mod auth;
 mod browser;
+mod chat;
 mod cli;
 mod client_limits;
 mod codec_props;
