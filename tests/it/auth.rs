@@ -267,3 +267,31 @@ fn client_cert_names_need_an_mtls_listener() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn auth_files_are_read_again_on_reload() {
+    let (echo, _) = counting_echo().await;
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("tokens.txt"), "old-token\n").unwrap();
+    let config = dir.path().join("wsgate.toml");
+    std::fs::write(
+        &config,
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://{echo}\"\nauth = {{ bearer = \"tokens.txt\" }}\n"),
+    )
+    .unwrap();
+    let gate = Gate::from_file(&config).await;
+    let url = |t: &str| format!("ws://{}/?access_token={t}", gate.addr);
+    assert_eq!(open(&url("old-token"), &[]).await, Ok(()));
+    std::fs::write(dir.path().join("tokens.txt"), "new-token\n").unwrap();
+    // Not before the reload: the file is read with the config.
+    assert_eq!(
+        open(&url("new-token"), &[]).await.map_err(|e| e.0),
+        Err(401)
+    );
+    gate.handle.reload().await.expect("reload");
+    assert_eq!(open(&url("new-token"), &[]).await, Ok(()));
+    assert_eq!(
+        open(&url("old-token"), &[]).await.map_err(|e| e.0),
+        Err(401)
+    );
+}
