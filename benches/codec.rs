@@ -29,6 +29,7 @@ fn unmask(c: &mut Criterion) {
 fn header(c: &mut Criterion) {
     let h = FrameHeader {
         fin: true,
+        rsv1: false,
         opcode: OpCode::Binary,
         mask: Some([1, 2, 3, 4]),
         payload_len: 70_000,
@@ -50,6 +51,7 @@ fn masked_stream(frame_size: usize, total: usize) -> Vec<u8> {
         let mut out = [0u8; MAX_HEADER_LEN];
         let n = FrameHeader {
             fin: true,
+            rsv1: false,
             opcode: OpCode::Binary,
             mask: Some([9, 8, 7, 6]),
             payload_len: frame_size as u64,

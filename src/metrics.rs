@@ -3,12 +3,23 @@
 //! Label values come from the config (route paths) or from fixed sets (rejection reasons,
 //! directions, close-code classes); never from client input, so the series count is bounded.
 
+use crate::protocol::deflate::Tally;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// permessage-deflate byte counts: a route, a direction and which side of the compressor.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DeflateLabels {
+    pub route: String,
+    /// `from_client` or `to_client`.
+    pub direction: String,
+    /// `uncompressed` (message bytes) or `compressed` (bytes on the wire).
+    pub form: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RouteLabel {
@@ -82,6 +93,7 @@ pub(crate) struct Metrics {
     pub rejections: Family<RejectionLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
     pub messages: Family<DirectionLabels, Counter>,
+    pub deflate_bytes: Family<DeflateLabels, Counter>,
     pub close_codes: Family<CloseLabels, Counter>,
     pub backend_connect_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
@@ -116,6 +128,7 @@ impl Metrics {
             rejections: Family::default(),
             bytes: Family::default(),
             messages: Family::default(),
+            deflate_bytes: Family::default(),
             close_codes: Family::default(),
             backend_connect_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             session_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
@@ -158,6 +171,12 @@ impl Metrics {
             "messages",
             "WebSocket messages, per route and direction",
             m.messages.clone(),
+        );
+        registry.register(
+            "deflate_bytes",
+            "Data of permessage-deflate sessions before (uncompressed) and on the wire \
+             (compressed), per route and direction",
+            m.deflate_bytes.clone(),
         );
         registry.register(
             "close_codes",
@@ -271,6 +290,9 @@ pub(crate) struct SessionCounters {
     pub bytes_to_client: Counter,
     pub messages_from_client: Counter,
     pub messages_to_client: Counter,
+    /// permessage-deflate sessions: bytes through the compressor and the decompressor.
+    pub deflate_to_client: Tally,
+    pub deflate_from_client: Tally,
 }
 
 impl SessionCounters {
@@ -298,7 +320,31 @@ impl SessionCounters {
             bytes_to_client,
             messages_from_client,
             messages_to_client,
+            deflate_to_client: Tally::default(),
+            deflate_from_client: Tally::default(),
         }
+    }
+
+    /// Counts this session's compression too (once it agreed on permessage-deflate).
+    pub(crate) fn with_deflate(mut self, m: &Metrics, route: &str) -> SessionCounters {
+        let counter = |direction: &str, form: &str| {
+            m.deflate_bytes
+                .get_or_create(&DeflateLabels {
+                    route: route.to_owned(),
+                    direction: direction.to_owned(),
+                    form: form.to_owned(),
+                })
+                .clone()
+        };
+        self.deflate_to_client = Tally {
+            uncompressed: counter("to_client", "uncompressed"),
+            compressed: counter("to_client", "compressed"),
+        };
+        self.deflate_from_client = Tally {
+            uncompressed: counter("from_client", "uncompressed"),
+            compressed: counter("from_client", "compressed"),
+        };
+        self
     }
 }
 

@@ -225,6 +225,8 @@ pub struct Route {
     pub static_dir: Option<crate::files::StaticDir>,
     /// Checked before anything else is done for a request (`auth = { .. }`).
     pub auth: Option<crate::auth::Auth>,
+    /// Bridge and echo routes answer permessage-deflate offers (default true).
+    pub compression: bool,
 }
 
 /// How a bridge route maps messages to the backend's byte stream.
@@ -290,6 +292,7 @@ impl Route {
             send_proxy_protocol: None,
             static_dir: None,
             auth: None,
+            compression: true,
         }
     }
 

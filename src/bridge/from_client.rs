@@ -11,6 +11,7 @@ use tokio::time::timeout;
 use super::budget::MessageBudget;
 use super::{SessionLimits, Shared, INITIAL_READ_BUF, MAX_READ_BUF};
 use crate::protocol::decoder::{Decoder, Event, MessageKind, Violation};
+use crate::protocol::deflate::Inflater;
 use crate::protocol::frame::{close_code, OpCode};
 use crate::route::Framing;
 use crate::session_end::SessionEnd;
@@ -35,7 +36,13 @@ pub(super) async fn pump(
     budget: &Arc<MessageBudget>,
 ) {
     let echo = backend.is_none();
-    let mut decoder = Decoder::new(limits.max_message_size);
+    let mut decoder = match &limits.deflate {
+        Some(agreed) => Decoder::with_inflater(
+            limits.max_message_size,
+            Inflater::new(agreed, s.counters.deflate_from_client.clone()),
+        ),
+        None => Decoder::new(limits.max_message_size),
+    };
     let mut read_size = INITIAL_READ_BUF;
     let mut echo_message = Vec::new();
     let mut echo_held = budget.reservation();
@@ -184,7 +191,12 @@ async fn write_backend(
     buf: &mut BytesMut,
 ) -> Result<(), BackendWriteFailed> {
     let _pending = s.backend_write.start();
-    let write = backend.write_all(payload);
+    // Flushed, so a tls:// backend gets the last TLS record now rather than at the next
+    // write.
+    let write = async {
+        backend.write_all(payload).await?;
+        backend.flush().await
+    };
     tokio::pin!(write);
     loop {
         let room = MAX_READ_BUF.saturating_sub(buf.len());

@@ -27,6 +27,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SessionCounters;
+use crate::protocol::deflate::{Agreed, Deflater};
 use crate::protocol::writer::FrameWriter;
 use crate::route::{Framing, MessageMode};
 use crate::session_end::SessionEnd;
@@ -53,6 +54,8 @@ pub(crate) struct SessionLimits {
     pub close_timeout: Duration,
     pub message: MessageMode,
     pub framing: Framing,
+    /// permessage-deflate, when the handshake agreed on it.
+    pub deflate: Option<Agreed>,
 }
 
 /// What happened in a session, for its log line and metrics.
@@ -198,8 +201,12 @@ pub(crate) async fn run(
     budget: &Arc<MessageBudget>,
 ) -> Summary {
     let started = Instant::now();
+    let mut writer = FrameWriter::new(client_write);
+    if let Some(agreed) = &limits.deflate {
+        writer = writer.with_deflater(Deflater::new(agreed, counters.deflate_to_client.clone()));
+    }
     let shared = Shared {
-        writer: Mutex::new(FrameWriter::new(client_write)),
+        writer: Mutex::new(writer),
         started,
         heard_at: PendingSince::new(started),
         client_write: PendingSince::new(started),

@@ -22,6 +22,7 @@ const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
 
 fn limits() -> SessionLimits {
     SessionLimits {
+        deflate: None,
         max_message_size: 1 << 20,
         idle_timeout: Duration::from_secs(60),
         ping_interval: Duration::from_secs(600),

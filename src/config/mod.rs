@@ -95,6 +95,24 @@ pub struct Limits {
     /// Bytes all sessions together may hold as whole messages (the echo route's buffers;
     /// default 256 MiB); a message that would go over gets close 1013. Fixed at start.
     pub message_buffer_budget: u64,
+    /// permessage-deflate: the window wsgate compresses with and asks clients to keep to
+    /// (9–15, default 15), whether clients keep their context between messages (default
+    /// false: nothing is held while a session is idle), and the smallest message to the
+    /// client worth compressing (default 64 bytes).
+    pub compression_window_bits: u8,
+    pub compression_context_takeover: bool,
+    pub compression_min_size: u64,
+}
+
+impl Limits {
+    /// How permessage-deflate offers are answered.
+    pub fn deflate(&self) -> crate::protocol::deflate::DeflateConfig {
+        crate::protocol::deflate::DeflateConfig {
+            window_bits: self.compression_window_bits,
+            context_takeover: self.compression_context_takeover,
+            min_size: usize::try_from(self.compression_min_size).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -115,6 +133,9 @@ impl Default for Limits {
             handshakes_per_ip_per_second: None,
             handshakes_per_ip_burst: None,
             per_ip_ipv6_prefix: 64,
+            compression_window_bits: 15,
+            compression_context_takeover: false,
+            compression_min_size: 64,
         }
     }
 }
@@ -205,6 +226,9 @@ struct RawLimits {
     handshakes_per_ip_per_second: Option<u32>,
     handshakes_per_ip_burst: Option<u32>,
     per_ip_ipv6_prefix: Option<u8>,
+    compression_window_bits: Option<toml::Spanned<u8>>,
+    compression_context_takeover: Option<bool>,
+    compression_min_size: Option<Size>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +254,8 @@ struct RawRoute {
     /// Directory plain GET/HEAD requests are served from.
     #[serde(rename = "static")]
     static_dir: Option<toml::Spanned<String>>,
+    /// permessage-deflate on bridge and echo routes (default true).
+    compression: Option<toml::Spanned<bool>>,
     auth: Option<toml::Spanned<RawAuth>>,
 }
 
@@ -396,7 +422,25 @@ impl Config {
             handshakes_per_ip_per_second: r.handshakes_per_ip_per_second,
             handshakes_per_ip_burst: r.handshakes_per_ip_burst,
             per_ip_ipv6_prefix: r.per_ip_ipv6_prefix.unwrap_or(d.per_ip_ipv6_prefix),
+            compression_window_bits: r
+                .compression_window_bits
+                .as_ref()
+                .map_or(d.compression_window_bits, |b| *b.get_ref()),
+            compression_context_takeover: r
+                .compression_context_takeover
+                .unwrap_or(d.compression_context_takeover),
+            compression_min_size: r
+                .compression_min_size
+                .map_or(d.compression_min_size, |x| x.0),
         };
+        if let Some(bits) = &r.compression_window_bits {
+            if !(9..=15).contains(bits.get_ref()) {
+                return Err(invalid(
+                    Some(bits.span()),
+                    "limits.compression_window_bits must be 9 to 15".into(),
+                ));
+            }
+        }
         for (key, value) in [
             (
                 "max_connections_per_ip",
@@ -587,6 +631,15 @@ impl Config {
                     ));
                 }
                 static_dirs.push((routes.len(), dir.clone()));
+            }
+            if let Some(compression) = &r.compression {
+                if route.backend.is_proxy() {
+                    return Err(invalid(
+                        Some(compression.span()),
+                        "route.compression is for bridge and echo routes (a proxy route passes the app's choice through)".into(),
+                    ));
+                }
+                route.compression = *compression.get_ref();
             }
             if let Some(auth) = &r.auth {
                 let (a, files) = load_auth(auth.get_ref(), base, &raw.listen)

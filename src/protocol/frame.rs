@@ -57,7 +57,8 @@ impl OpCode {
 /// Why a frame header is not acceptable; every case is a protocol error (close 1002).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderError {
-    /// RSV1-3 set while no extension was negotiated.
+    /// RSV2 or RSV3 set, or RSV1 on a control frame (RSV1 on data frames is the decoder's
+    /// call: it depends on the extension).
     ReservedBits,
     /// Opcode 0x3-0x7 or 0xB-0xF.
     ReservedOpcode(u8),
@@ -95,6 +96,9 @@ impl fmt::Display for HeaderError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: the message is compressed (permessage-deflate; first frame of a data message
+    /// only). RSV2 and RSV3 are never accepted.
+    pub rsv1: bool,
     pub opcode: OpCode,
     /// Masking key; clients must always send one, servers never do.
     pub mask: Option<[u8; 4]>,
@@ -111,10 +115,14 @@ impl FrameHeader {
         let [b0, b1, ..] = *buf else {
             return Ok(None);
         };
-        if b0 & 0x70 != 0 {
+        if b0 & 0x30 != 0 {
             return Err(HeaderError::ReservedBits);
         }
+        let rsv1 = b0 & 0x40 != 0;
         let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(HeaderError::ReservedOpcode(b0 & 0x0F))?;
+        if rsv1 && opcode.is_control() {
+            return Err(HeaderError::ReservedBits);
+        }
         let fin = b0 & 0x80 != 0;
         let masked = b1 & 0x80 != 0;
         let len7 = b1 & 0x7F;
@@ -155,6 +163,7 @@ impl FrameHeader {
         Ok(Some((
             FrameHeader {
                 fin,
+                rsv1,
                 opcode,
                 mask,
                 payload_len,
@@ -165,7 +174,7 @@ impl FrameHeader {
 
     /// Encodes the header into `out` using the minimal length form; returns the bytes written.
     pub fn encode(&self, out: &mut [u8; MAX_HEADER_LEN]) -> usize {
-        out[0] = (u8::from(self.fin) << 7) | self.opcode.bits();
+        out[0] = (u8::from(self.fin) << 7) | (u8::from(self.rsv1) << 6) | self.opcode.bits();
         let mask_bit = if self.mask.is_some() { 0x80 } else { 0 };
         let mut at = match self.payload_len {
             n @ 0..=125 => {
@@ -198,6 +207,7 @@ pub fn encode_frame(fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, payload: &
     let mut header = [0u8; MAX_HEADER_LEN];
     let n = FrameHeader {
         fin,
+        rsv1: false,
         opcode,
         mask,
         payload_len: payload.len() as u64,
@@ -310,6 +320,7 @@ mod tests {
         let mut out = [0u8; MAX_HEADER_LEN];
         let n = FrameHeader {
             fin,
+            rsv1: false,
             opcode,
             mask,
             payload_len: len,
@@ -353,10 +364,15 @@ mod tests {
 
     #[test]
     fn rejects_what_the_rfc_forbids() {
-        assert_eq!(
-            FrameHeader::parse(&[0xC1, 0x80]),
-            Err(HeaderError::ReservedBits)
-        );
+        // RSV1 on a data frame is the extension's (the decoder decides); RSV2/RSV3 never;
+        // RSV1 never on a control frame.
+        let (h, _) = FrameHeader::parse(&[0xC1, 0x80, 1, 2, 3, 4])
+            .unwrap()
+            .unwrap();
+        assert!(h.rsv1);
+        for bad in [[0xA1, 0x80], [0x91, 0x80], [0xC9, 0x80], [0xC8, 0x80]] {
+            assert_eq!(FrameHeader::parse(&bad), Err(HeaderError::ReservedBits));
+        }
         assert_eq!(
             FrameHeader::parse(&[0x83, 0x80]),
             Err(HeaderError::ReservedOpcode(3))

@@ -3,6 +3,7 @@
 use bytes::Buf;
 use tokio::io::AsyncWriteExt;
 
+use super::deflate::Deflater;
 use super::frame::{
     close_code, close_payload, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
@@ -18,6 +19,8 @@ pub(crate) struct FrameWriter {
     /// Set while a frame is being written; still set if that write was cancelled half-way,
     /// after which nothing more may be written (it would land inside the cut frame).
     in_frame: bool,
+    /// permessage-deflate, when the session agreed on it.
+    deflater: Option<Deflater>,
 }
 
 impl FrameWriter {
@@ -26,7 +29,15 @@ impl FrameWriter {
             io,
             close_sent: None,
             in_frame: false,
+            deflater: None,
         }
+    }
+
+    /// Whole data messages are compressed from now on (RSV1 set), when that makes them
+    /// smaller.
+    pub(crate) fn with_deflater(mut self, deflater: Deflater) -> Self {
+        self.deflater = Some(deflater);
+        self
     }
 
     /// The code of the close frame sent, if one was.
@@ -45,6 +56,14 @@ impl FrameWriter {
         if self.close_sent.is_some() {
             return Ok(());
         }
+        // Whole data messages only: a compressed message's RSV1 goes on its first frame, and
+        // every message wsgate sends is one frame.
+        if let (Some(deflater), true, false) = (&mut self.deflater, fin, opcode.is_control()) {
+            let mut compressed = Vec::new();
+            if deflater.compress(payload, &mut compressed) {
+                return self.write_frame(opcode, true, true, &compressed).await;
+            }
+        }
         self.send_unchecked(opcode, fin, payload).await
     }
 
@@ -54,12 +73,23 @@ impl FrameWriter {
         fin: bool,
         payload: &[u8],
     ) -> std::io::Result<()> {
+        self.write_frame(opcode, fin, false, payload).await
+    }
+
+    async fn write_frame(
+        &mut self,
+        opcode: OpCode,
+        fin: bool,
+        rsv1: bool,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
         if self.in_frame {
             return Err(std::io::Error::other("an earlier frame was cut short"));
         }
         let mut header = [0u8; MAX_HEADER_LEN];
         let n = FrameHeader {
             fin,
+            rsv1,
             opcode,
             mask: None,
             payload_len: payload.len() as u64,
@@ -69,7 +99,9 @@ impl FrameWriter {
         self.in_frame = true;
         self.io.write_all_buf(&mut frame).await?;
         self.in_frame = false;
-        Ok(())
+        // Over TLS the last record may still sit in the TLS layer's buffer: push it out now,
+        // not at the next write (which could be a ping 30 s later).
+        self.io.flush().await
     }
 
     /// Sends a pong answering a ping (same payload), unless a close was already sent.

@@ -25,6 +25,7 @@ use crate::files::StaticDir;
 use crate::forwarded::client_ip;
 use crate::metrics::Metrics;
 use crate::params::{cookie, query_param};
+use crate::protocol::deflate::{self, Agreed};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
 use crate::proxy::forward::{self, ForwardedFor};
 use crate::proxy::headers::BackendAccept;
@@ -112,7 +113,18 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         .backend_connect_seconds
         .get_or_create(&Metrics::route(&route.path))
         .observe(connect_started.elapsed().as_secs_f64());
-    let response = switching_protocols(&accepted, proxy_accept);
+    // permessage-deflate on bridge and echo routes; a proxy route has the app's answer.
+    let deflate = match (route.compression, &proxy_accept) {
+        (true, None) => deflate::negotiate(
+            req.headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+            &limits.deflate(),
+        ),
+        _ => None,
+    };
+    let response = switching_protocols(&accepted, proxy_accept, deflate.as_ref());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
@@ -128,6 +140,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             close_timeout: limits.close_timeout,
             message: route.message,
             framing: route.framing,
+            deflate,
         },
         route,
     };
@@ -147,7 +160,11 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
 
 /// The client's 101: the accept key, and the subprotocol (and, on proxy routes, the
 /// extensions) chosen.
-fn switching_protocols(accepted: &Accepted, proxy: Option<BackendAccept>) -> Response<Body> {
+fn switching_protocols(
+    accepted: &Accepted,
+    proxy: Option<BackendAccept>,
+    deflate: Option<&Agreed>,
+) -> Response<Body> {
     let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -172,6 +189,11 @@ fn switching_protocols(accepted: &Accepted, proxy: Option<BackendAccept>) -> Res
                 // Chosen from the route's own list of tokens, so always a valid value.
                 if let Ok(v) = HeaderValue::from_str(protocol) {
                     headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+                }
+            }
+            if let Some(agreed) = deflate {
+                if let Ok(v) = HeaderValue::from_str(&agreed.response) {
+                    headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
                 }
             }
         }

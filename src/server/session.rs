@@ -46,7 +46,10 @@ impl Session {
         let label = Metrics::route(route);
         m.sessions_total.get_or_create(&label).inc();
         m.sessions_open.get_or_create(&label).inc();
-        let counters = SessionCounters::for_route(m, route);
+        let mut counters = SessionCounters::for_route(m, route);
+        if self.limits.deflate.is_some() {
+            counters = counters.with_deflate(m, route);
+        }
         info!(peer = %self.peer, route = %route, backend = %self.route.backend, "upgraded");
         let started = Instant::now();
         let summary = match backend {

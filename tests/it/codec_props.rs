@@ -22,7 +22,7 @@ proptest! {
 
     #[test]
     fn header_round_trip(fin: bool, op in opcode(), mask: Option<[u8; 4]>, len in prop_oneof![0u64..200, 65_000u64..70_000, Just(u64::MAX >> 1)]) {
-        let h = FrameHeader { fin, opcode: op, mask, payload_len: len };
+        let h = FrameHeader { fin, rsv1: false, opcode: op, mask, payload_len: len };
         let mut out = [0u8; MAX_HEADER_LEN];
         let n = h.encode(&mut out);
         let expected = 2 + match len { 0..=125 => 0, 126..=65535 => 2, _ => 8 } + if mask.is_some() { 4 } else { 0 };

@@ -106,6 +106,27 @@ async fn round_trips(
     (None, count, sent.finalize() == got.finalize())
 }
 
+/// A server's status (UP, DOWN, …) from HAProxy's stats socket (`show stat`, CSV).
+async fn server_status(socket: &std::path::Path, server: &str) -> Option<String> {
+    let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
+    s.write_all(b"show stat\n").await.ok()?;
+    let mut out = String::new();
+    within("HAProxy's stats", WAIT, s.read_to_string(&mut out))
+        .await
+        .ok()?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()?
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    let column = header.iter().position(|c| *c == "status")?;
+    out.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.len() > column && f[0] == "gates" && f[1] == server)
+        .map(|f| f[column].to_owned())
+}
+
 fn gate_config(replicas: &[SocketAddr]) -> String {
     format!(
         "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\ndrain_timeout = \"3s\"\nclose_timeout = \"1s\"\n[[route]]\npath = \"/\"\nbackend = [\"tcp://{}\", \"tcp://{}\"]\nsend_proxy_protocol = \"v2\"\n",
@@ -134,6 +155,8 @@ async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte()
         GateProcess::start(&gate_config(&[r1, r2])),
     ];
     let front = unused_addr();
+    let stats_dir = TempDir::new();
+    let stats = stats_dir.path().join("haproxy.sock");
     let servers: String = gates
         .iter()
         .enumerate()
@@ -147,9 +170,10 @@ async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte()
         .collect();
     let _haproxy = Haproxy::start(
         &format!(
-            "global\n  maxconn 5000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch\n\
+            "global\n  maxconn 5000\n  stats socket {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch\n\
              frontend fe\n  bind {front}\n  default_backend gates\n\
-             backend gates\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server send-proxy-v2 inter 100ms fall 1 rise 1\n{servers}"
+             backend gates\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server send-proxy-v2 inter 100ms fall 1 rise 1\n{servers}",
+            stats.display()
         ),
         front,
     )
@@ -219,7 +243,12 @@ async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte()
         http_get(admin0, "/readyz").await.0 != 200
     })
     .await;
-    // New sessions go to gate 1 once HAProxy has seen it (checks every 100 ms).
+    // New sessions go to gate 1 once HAProxy has seen it (checks every 100 ms); until then
+    // a new connection may still be handed to gate 0 as its listener closes.
+    eventually("HAProxy to mark gate 0 down", WAIT, || async {
+        server_status(&stats, "gate0").await.as_deref() == Some("DOWN")
+    })
+    .await;
     let before = upgraded_ports(&gates[1]).len();
     let mut late = Vec::new();
     for _ in 0..20 {
