@@ -11,6 +11,7 @@ mod cli;
 mod client_limits;
 mod codec_props;
 mod common;
+mod deflate;
 mod deploy;
 mod failover;
 mod fuzz_corpus;
