@@ -12,6 +12,9 @@
 //! max_connections = 100: admitted clients' handshake latency and wsgate's CPU, quiet and
 //! during the flood (LOAD_ONLY=flood runs only this). LOAD_ONLY=proxy_protocol compares new
 //! connections/s on a plain listener and on a proxy_protocol one (the PROXY parsing cost).
+//! LOAD_ONLY=deflate compares one text route (JSON lines, `framing = "lines"`) used by clients
+//! that offer permessage-deflate and by clients that do not: round trips/s, wsgate's CPU per
+//! round trip, bytes on the wire, and KiB per idle and per active session.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -87,6 +90,10 @@ fn main() {
         let (a, b) = (a[a.len() / 2], b[b.len() / 2]);
         println!("| bridge new connections/s | plain listener {a:.0} | proxy_protocol listener (v1 header) {b:.0} | {:.2}× |", b / a);
         let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("deflate") {
+        deflate_bench(phase, reps, idle);
         return;
     }
     if std::env::var("LOAD_ONLY").as_deref() == Ok("flood") {
@@ -760,4 +767,247 @@ async fn over_capacity_flood(flood: usize, phase: Duration) {
         pct(&mut flooded, 0.99)
     );
     println!("| wsgate CPU (cores) | {quiet_cpu:.2} | {flood_cpu:.2} |");
+}
+
+// ---- permessage-deflate: the same route with and without compression ----
+
+/// A JSON line like the chat example's (about 150–400 bytes, repetitive as JSON is).
+fn json_line(i: usize) -> Vec<u8> {
+    format!(
+        r##"{{"type":"usermsg","id":"{}","to_id":"{}","name":"user{}","message":"{}","color":"#{:06x}"}}"##,
+        i % 97,
+        (i * 7) % 97,
+        i % 13,
+        "the quick brown fox jumps over the lazy dog ".repeat(2 + i % 7),
+        (i * 2_654_435_761) & 0xff_ffff
+    )
+    .into_bytes()
+}
+
+/// A WebSocket client for JSON lines, compressing (no context takeover, as wsgate answers)
+/// or not; counts the bytes it puts on and takes off the wire.
+struct LineClient {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    deflate: bool,
+    wire_out: u64,
+    wire_in: u64,
+}
+
+impl LineClient {
+    async fn connect(addr: SocketAddr, deflate: bool) -> LineClient {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let offer = if deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
+        stream
+            .write_all(format!("GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut inbuf = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed during handshake");
+            inbuf.extend_from_slice(&buf[..n]);
+            if let Some(end) = inbuf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&inbuf[..end]).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 101"), "{head}");
+                assert_eq!(head.contains("permessage-deflate"), deflate, "{head}");
+                inbuf.drain(..end + 4);
+                break;
+            }
+        }
+        LineClient {
+            stream,
+            inbuf,
+            deflate,
+            wire_out: 0,
+            wire_in: 0,
+        }
+    }
+
+    /// Sends one line and waits for its echo, which must be the same line.
+    async fn round_trip(&mut self, line: &[u8]) {
+        let mut frame = if self.deflate {
+            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+            let mut out = Vec::with_capacity(line.len() + 64);
+            c.compress_vec(line, &mut out, flate2::FlushCompress::Sync)
+                .unwrap();
+            out.truncate(out.len() - 4);
+            let mut f = encode_frame(true, OpCode::Text, Some([1, 2, 3, 4]), &out);
+            f[0] |= 0x40;
+            f
+        } else {
+            encode_frame(true, OpCode::Text, Some([1, 2, 3, 4]), line)
+        };
+        self.wire_out += frame.len() as u64;
+        self.stream.write_all(&frame).await.unwrap();
+        frame.clear();
+        let mut buf = [0u8; 16 * 1024];
+        let (header, len) = loop {
+            if let Some((h, n)) = FrameHeader::parse(&self.inbuf).unwrap() {
+                if self.inbuf.len() >= n + h.payload_len as usize {
+                    break (h, n);
+                }
+            }
+            let n = self.stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "server closed");
+            self.inbuf.extend_from_slice(&buf[..n]);
+        };
+        let end = len + header.payload_len as usize;
+        self.wire_in += end as u64;
+        let payload: Vec<u8> = self.inbuf.drain(..end).skip(len).collect();
+        let text = if header.rsv1 {
+            let mut d = flate2::Decompress::new(false);
+            let mut input = payload;
+            input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+            let mut out = Vec::with_capacity(line.len() + 64);
+            d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                .unwrap();
+            out
+        } else {
+            payload
+        };
+        assert_eq!(text, line, "the echo is the line sent");
+    }
+}
+
+struct DeflateFigures {
+    round_trips: f64,
+    cpu_us: f64,
+    out_per_msg: f64,
+    in_per_msg: f64,
+    active_kib: f64,
+}
+
+async fn line_round_trips(
+    gate: &Server,
+    conns: usize,
+    deflate: bool,
+    phase: Duration,
+) -> DeflateFigures {
+    let mut clients = Vec::new();
+    for _ in 0..conns {
+        clients.push(LineClient::connect(gate.addr, deflate).await);
+    }
+    let before_rss = gate.rss_kib();
+    let cpu_before = cpu_secs(gate.child.id());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < phase {
+                c.round_trip(&json_line(k * 1000 + n as usize)).await;
+                n += 1;
+            }
+            (n, c)
+        }));
+    }
+    let mut peak_rss = 0f64;
+    while started.elapsed() < phase {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak_rss = peak_rss.max(gate.rss_kib());
+    }
+    let (mut total, mut out, mut inn) = (0u64, 0u64, 0u64);
+    for t in tasks {
+        let (n, c) = t.await.unwrap();
+        total += n;
+        out += c.wire_out;
+        inn += c.wire_in;
+    }
+    let cpu = cpu_secs(gate.child.id()) - cpu_before;
+    DeflateFigures {
+        round_trips: total as f64 / started.elapsed().as_secs_f64(),
+        cpu_us: cpu * 1e6 / total as f64,
+        out_per_msg: out as f64 / total as f64,
+        in_per_msg: inn as f64 / total as f64,
+        active_kib: (peak_rss - before_rss).max(0.0) / conns as f64,
+    }
+}
+
+/// KiB of wsgate RSS per idle session, each having sent and received one line (a fresh
+/// wsgate process each time).
+async fn line_idle_memory(gate: &Server, n: usize, deflate: bool) -> f64 {
+    let before = gate.rss_kib();
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = LineClient::connect(gate.addr, deflate).await;
+        c.round_trip(&json_line(i)).await;
+        clients.push(c);
+    }
+    let after = gate.rss_kib();
+    drop(clients);
+    (after - before) / n as f64
+}
+
+fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
+    const CONNS: usize = 16;
+    let echo = Server::spawn_role("echo", None);
+    let dir = std::env::temp_dir().join(format!("wsgate-deflate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("lines.toml");
+    std::fs::write(
+        &conf,
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://{}\"\nframing = \"lines\"\nmessage = \"text\"\n", echo.addr),
+    )
+    .unwrap();
+    let spawn = || Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut runs: [Vec<DeflateFigures>; 2] = [Vec::new(), Vec::new()];
+    let mut idle_kib: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..reps.max(1) {
+        // Alternate which goes first.
+        let order = if rep % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for deflate in order {
+            let gate = spawn();
+            runs[usize::from(deflate)]
+                .push(rt.block_on(line_round_trips(&gate, CONNS, deflate, phase)));
+            let gate = spawn();
+            idle_kib[usize::from(deflate)]
+                .push(rt.block_on(line_idle_memory(&gate, idle, deflate)));
+        }
+    }
+    let pick = |i: usize, f: fn(&DeflateFigures) -> f64| median(runs[i].iter().map(f).collect());
+    println!("permessage-deflate: one text route (framing = lines) to a TCP echo; JSON lines of about 150–400 bytes; {CONNS} connections doing round trips for {}s; {reps} runs (median), alternating; idle: {idle} sessions on a fresh wsgate, each after one round trip", phase.as_secs());
+    println!("\n| measure | without compression | with permessage-deflate | with / without |\n|---|---:|---:|---:|");
+    for (name, f) in [
+        (
+            "round trips/s",
+            (|x: &DeflateFigures| x.round_trips) as fn(&DeflateFigures) -> f64,
+        ),
+        ("wsgate CPU µs per round trip", |x| x.cpu_us),
+        ("bytes on the wire per message, client → wsgate", |x| {
+            x.out_per_msg
+        }),
+        ("bytes on the wire per message, wsgate → client", |x| {
+            x.in_per_msg
+        }),
+        (
+            "KiB per active session (peak RSS growth / connections)",
+            |x| x.active_kib,
+        ),
+    ] {
+        let (a, b) = (pick(0, f), pick(1, f));
+        println!("| {name} | {a:.1} | {b:.1} | {:.2}× |", b / a);
+    }
+    let (a, b) = (median(idle_kib[0].clone()), median(idle_kib[1].clone()));
+    println!("| KiB per idle session | {a:.1} | {b:.1} | {:.2}× |", b / a);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,7 +15,10 @@ use wsgate::route::{Backend, MessageMode, Route};
 use wsgate::Config;
 
 fn decode_in_pieces(data: &[u8], piece: usize) -> (Vec<Event>, Option<u16>) {
-    let mut decoder = Decoder::new(1 << 16);
+    decode_with(Decoder::new(1 << 16), data, piece)
+}
+
+fn decode_with(mut decoder: Decoder, data: &[u8], piece: usize) -> (Vec<Event>, Option<u16>) {
     let mut buf = BytesMut::new();
     let mut events = Vec::new();
     for chunk in data.chunks(piece.max(1)) {
@@ -46,6 +49,57 @@ fn normalise(events: Vec<Event>) -> Vec<(u8, Vec<u8>)> {
         }
     }
     out
+}
+
+/// The largest message the inflate check allows.
+const INFLATE_MAX: u64 = 1 << 16;
+
+fn inflating_decoder() -> Decoder {
+    use wsgate::protocol::deflate::{negotiate, DeflateConfig, Inflater, Tally};
+    let agreed = negotiate(["permessage-deflate"], &DeflateConfig::default())
+        .expect("the plain offer is accepted");
+    Decoder::with_inflater(INFLATE_MAX, Inflater::new(&agreed, Tally::default()))
+}
+
+/// Arbitrary bytes as the payload of one compressed (RSV1) binary message, split over two
+/// frames at a point the second byte picks, fed whole and in pieces (the first byte picks
+/// their size) to a decoder that agreed on permessage-deflate: never a panic, both agree,
+/// and no message inflates past the limit.
+pub fn inflate(data: &[u8]) {
+    let [piece, split, payload @ ..] = data else {
+        return;
+    };
+    let at = usize::from(*split) * payload.len() / 256;
+    let mut frames = wsgate::protocol::frame::encode_frame(
+        false,
+        wsgate::protocol::frame::OpCode::Binary,
+        Some([1, 2, 3, 4]),
+        &payload[..at],
+    );
+    frames[0] |= 0x40;
+    frames.extend(wsgate::protocol::frame::encode_frame(
+        true,
+        wsgate::protocol::frame::OpCode::Continuation,
+        Some([5, 6, 7, 8]),
+        &payload[at..],
+    ));
+    let (whole, whole_err) = decode_with(inflating_decoder(), &frames, frames.len());
+    let (pieces, pieces_err) =
+        decode_with(inflating_decoder(), &frames, usize::from(piece % 17) + 1);
+    assert_eq!(whole_err, pieces_err);
+    let (whole, pieces) = (normalise(whole), normalise(pieces));
+    for (_, message) in whole.iter().chain(&pieces) {
+        assert!(
+            message.len() as u64 <= INFLATE_MAX + 1,
+            "inflated past the limit"
+        );
+    }
+    match whole_err {
+        // Without a violation both readings give the same messages (before one, how far
+        // each got may differ).
+        None => assert!(whole == pieces, "whole and pieces disagree"),
+        Some(code) => assert!([1002, 1007, 1009].contains(&code), "close {code}"),
+    }
 }
 
 /// Arbitrary client bytes, fed to the decoder whole and in pieces (the first byte picks the

@@ -361,8 +361,11 @@ impl Decoder {
             }
             let inflater = self.inflater.as_mut().ok_or_else(bad)?;
             let allowance = self.max_message_size.saturating_sub(self.inflated_len);
-            let room = INFLATE_PIECE.min(allowance.saturating_add(1)) as usize;
-            let mut out = Vec::new();
+            // Room for what this input likely inflates to (text: a few times its size), at
+            // most a piece, and never much past the limit.
+            let guess = (p.input.len() as u64).saturating_mul(8).max(4096);
+            let room = INFLATE_PIECE.min(guess).min(allowance.saturating_add(1)) as usize;
+            let mut out = Vec::with_capacity(room);
             let r = inflater
                 .inflate(&p.input, &mut out, room)
                 .map_err(|_| bad())?;

@@ -312,6 +312,8 @@ pub struct Inflater {
     /// The client keeps its context: so must we, for the whole session.
     takeover: bool,
     ctx: Option<Decompress>,
+    /// The message held a final deflate block: the rest of it is ignored.
+    ended: bool,
     tally: Tally,
 }
 
@@ -334,6 +336,7 @@ impl Inflater {
             window_bits: agreed.client_window_bits,
             takeover: !agreed.client_no_context_takeover,
             ctx: None,
+            ended: false,
             tally,
         }
     }
@@ -343,32 +346,42 @@ impl Inflater {
         &TAIL
     }
 
-    /// Inflates from `input` into `out`, adding at most `room` bytes.
+    /// Inflates from `input` into `out`, adding at most `room` bytes (`out`'s spare capacity
+    /// is filled, not zeroed first: pass a fresh or cleared vector).
     pub fn inflate(
         &mut self,
         input: &[u8],
         out: &mut Vec<u8>,
         room: usize,
     ) -> Result<Inflated, InflateError> {
+        if self.ended {
+            self.tally.compressed.inc_by(input.len() as u64);
+            return Ok(Inflated {
+                consumed: input.len(),
+                more: false,
+            });
+        }
         let bits = self.window_bits;
         let ctx = self.ctx.get_or_insert_with(|| {
             take(&DECOMPRESSORS, bits, || {
                 Decompress::new_with_window_bits(false, bits)
             })
         });
-        let start = out.len();
-        out.resize(start + room, 0);
+        out.reserve_exact(room);
         let (before_in, before_out) = (ctx.total_in(), ctx.total_out());
-        let status = ctx.decompress(input, &mut out[start..], FlushDecompress::Sync);
+        let status = ctx.decompress_vec(input, out, FlushDecompress::Sync);
         let produced = (ctx.total_out() - before_out) as usize;
-        out.truncate(start + produced);
         let status = status.map_err(|_| InflateError)?;
         let consumed = (ctx.total_in() - before_in) as usize;
         self.tally.compressed.inc_by(consumed as u64);
         self.tally.uncompressed.inc_by(produced as u64);
         if status == Status::StreamEnd {
-            // A final deflate block: what follows belongs to nothing; start afresh.
-            ctx.reset(false);
+            // A final deflate block (BFINAL): whatever follows in this message, however it is
+            // split over frames and reads, is ignored; the context starts afresh after it.
+            self.ended = true;
+            self.tally
+                .compressed
+                .inc_by((input.len() - consumed) as u64);
             return Ok(Inflated {
                 consumed: input.len(),
                 more: false,
@@ -376,13 +389,19 @@ impl Inflater {
         }
         Ok(Inflated {
             consumed,
-            more: produced == room,
+            // The spare room was filled: there may be more.
+            more: produced > 0 && out.len() == out.capacity(),
         })
     }
 
     /// The message is complete: without context takeover the decompressor goes back to the
     /// pool, so an idle session holds none.
     pub fn message_done(&mut self) {
+        if std::mem::take(&mut self.ended) {
+            if let Some(ctx) = self.ctx.as_mut() {
+                ctx.reset(false);
+            }
+        }
         if !self.takeover {
             if let Some(mut ctx) = self.ctx.take() {
                 ctx.reset(false);

@@ -42,3 +42,8 @@ fn config_corpus() {
 fn proxy_header_corpus() {
     replay("proxy_header", checks::proxy_header);
 }
+
+#[test]
+fn inflate_corpus() {
+    replay("inflate", checks::inflate);
+}
