@@ -86,7 +86,10 @@ pub fn inflate(data: &[u8]) {
     let (whole, whole_err) = decode_with(inflating_decoder(), &frames, frames.len());
     let (pieces, pieces_err) =
         decode_with(inflating_decoder(), &frames, usize::from(piece % 17) + 1);
-    assert_eq!(whole_err, pieces_err);
+    // Both readings fail or neither does. Which rule is hit first may differ: a message
+    // that is both too big and corrupt can get 1009 or 1002 depending on how much of it was
+    // inflated in one call.
+    assert_eq!(whole_err.is_some(), pieces_err.is_some());
     let (whole, pieces) = (normalise(whole), normalise(pieces));
     for (_, message) in whole.iter().chain(&pieces) {
         assert!(
@@ -94,11 +97,16 @@ pub fn inflate(data: &[u8]) {
             "inflated past the limit"
         );
     }
-    match whole_err {
+    match (whole_err, pieces_err) {
         // Without a violation both readings give the same messages (before one, how far
         // each got may differ).
-        None => assert!(whole == pieces, "whole and pieces disagree"),
-        Some(code) => assert!([1002, 1007, 1009].contains(&code), "close {code}"),
+        (None, _) => assert!(whole == pieces, "whole and pieces disagree"),
+        (Some(a), Some(b)) => {
+            for code in [a, b] {
+                assert!([1002, 1007, 1009].contains(&code), "close {code}");
+            }
+        }
+        (Some(_), None) => unreachable!("checked above"),
     }
 }
 
