@@ -12,6 +12,9 @@
 //! max_connections = 100: admitted clients' handshake latency and wsgate's CPU, quiet and
 //! during the flood (LOAD_ONLY=flood runs only this). LOAD_ONLY=proxy_protocol compares new
 //! connections/s on a plain listener and on a proxy_protocol one (the PROXY parsing cost).
+//! LOAD_ONLY=nginx compares wsgate's proxy routes (ws and wss listeners, in front of a ws
+//! app) with Debian's nginx proxying to the same app (64 KiB buffers, one worker), when nginx
+//! is installed.
 //! LOAD_ONLY=deflate compares one text route (JSON lines, `framing = "lines"`) used by clients
 //! that offer permessage-deflate and by clients that do not: round trips/s, wsgate's CPU per
 //! round trip, bytes on the wire, and KiB per idle and per active session.
@@ -90,6 +93,10 @@ fn main() {
         let (a, b) = (a[a.len() / 2], b[b.len() / 2]);
         println!("| bridge new connections/s | plain listener {a:.0} | proxy_protocol listener (v1 header) {b:.0} | {:.2}× |", b / a);
         let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("nginx") {
+        nginx_bench(phase, reps, idle);
         return;
     }
     if std::env::var("LOAD_ONLY").as_deref() == Ok("deflate") {
@@ -1009,5 +1016,227 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
     }
     let (a, b) = (median(idle_kib[0].clone()), median(idle_kib[1].clone()));
     println!("| KiB per idle session | {a:.1} | {b:.1} | {:.2}× |", b / a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- nginx as the anchor for proxy routes ----
+
+/// A free port on 127.0.0.1 (bound and released; the server binds it right after).
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Debian's nginx in the foreground with one worker, proxying WebSocket upgrades on a plain
+/// and a TLS port to `app` with 64 KiB buffers.
+struct Nginx {
+    child: Child,
+    plain: SocketAddr,
+    tls: SocketAddr,
+}
+
+impl Nginx {
+    fn start(dir: &std::path::Path, app: SocketAddr, certs: &std::path::Path) -> Nginx {
+        let (plain, tls) = (free_addr(), free_addr());
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 20000; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n  server {{\n    listen {plain};\n    listen {tls} ssl;\n    ssl_certificate {c}/server.crt;\n    ssl_certificate_key {c}/server.key;\n    location / {{\n      proxy_pass http://{app};\n      proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n      proxy_set_header Host $host;\n      proxy_buffer_size 64k;\n      proxy_buffers 4 64k;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n",
+                d = dir.display(),
+                c = certs.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (Debian's nginx package)");
+        // Up when both ports take connections (bounded: 10 s).
+        let started = Instant::now();
+        while std::net::TcpStream::connect(plain).is_err()
+            || std::net::TcpStream::connect(tls).is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nginx did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, plain, tls }
+    }
+
+    /// The worker process (nginx's only child).
+    fn worker(&self) -> u32 {
+        let pid = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .expect("an nginx worker")
+            .parse()
+            .unwrap()
+    }
+
+    fn rss_kib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.worker())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its worker too (SIGKILL would leave the worker running).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// KiB of RSS growth per idle session held through a proxy, each after one message.
+async fn idle_kib(rss: &dyn Fn() -> f64, target: &Target, n: usize) -> f64 {
+    let before = rss();
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = Client::connect(target).await;
+        let msg = c.message(b"hi");
+        c.stream.write_all(&msg).await.unwrap();
+        c.read_payload(2).await;
+        clients.push(c);
+    }
+    let after = rss();
+    drop(clients);
+    (after - before) / n as f64
+}
+
+fn nginx_bench(phase: Duration, reps: usize, idle: usize) {
+    let dir = std::env::temp_dir().join(format!("wsgate-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-certs.sh"
+    ))
+    .arg(&dir)
+    .arg("localhost")
+    .output()
+    .expect("certs/gen-dev-certs.sh (needs openssl)");
+    assert!(made.status.success());
+    // The ws app both proxy in front of: a wsgate echo route.
+    let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
+    let nginx = Nginx::start(&dir, app.addr, &dir);
+    // Two listeners on ports chosen here (wsgate keys listeners by their configured address,
+    // so two "127.0.0.1:0" would be one).
+    let (plain, tls) = (free_addr(), free_addr());
+    let conf = dir.join("proxy.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[listen]]\naddr = \"{plain}\"\n[[listen]]\naddr = \"{tls}\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"ws://{1}\"\n",
+            dir.display(),
+            app.addr
+        ),
+    )
+    .unwrap();
+    let gate = Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+    assert_eq!(gate.addr, plain);
+    let gate_tls = tls;
+    let connector = tls_connector(&dir.join("ca.crt"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (ng_ws, gw_ws) = (Target::ws(nginx.plain), Target::ws(gate.addr));
+    let ng_wss = Target {
+        tls: Some(connector.clone()),
+        ..Target::ws(nginx.tls)
+    };
+    let gw_wss = Target {
+        tls: Some(connector),
+        ..Target::ws(gate_tls)
+    };
+    let ng_pid = nginx.worker();
+    let gw_pid = gate.child.id();
+    // Each phase alternates nginx and wsgate, `reps` times; medians, and CPU per unit.
+    let pair = |f: &dyn Fn(&Target) -> f64, a: &Target, b: &Target| {
+        let (mut x, mut y, mut cx, mut cy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..reps.max(1) {
+            let one = |t: &Target, pid: u32, out: &mut Vec<f64>, cpu: &mut Vec<f64>| {
+                let c0 = cpu_secs(pid);
+                let v = f(t);
+                cpu.push((cpu_secs(pid) - c0) * 1e6 / (v * phase.as_secs_f64()));
+                out.push(v);
+            };
+            if rep % 2 == 0 {
+                one(a, ng_pid, &mut x, &mut cx);
+                one(b, gw_pid, &mut y, &mut cy);
+            } else {
+                one(b, gw_pid, &mut y, &mut cy);
+                one(a, ng_pid, &mut x, &mut cx);
+            }
+        }
+        (median(x), median(y), median(cx), median(cy))
+    };
+    println!("proxy routes against nginx {}: the same ws app (a wsgate echo), the same client; phase {}s, {reps} runs each (median), alternating; nginx: 1 worker, proxy_buffer_size 64k, proxy_buffers 4 64k; CPU is the proxy process's own (nginx: its worker)",
+        String::from_utf8_lossy(&Command::new("nginx").arg("-v").output().unwrap().stderr).trim(), phase.as_secs());
+    println!("\n| measure | nginx | wsgate | wsgate / nginx | nginx CPU µs per unit | wsgate CPU µs per unit |\n|---|---:|---:|---:|---:|---:|");
+    let print = |name: &str, (a, b, ca, cb): (f64, f64, f64, f64)| {
+        println!(
+            "| {name} | {a:.0} | {b:.0} | {:.2}× | {ca:.1} | {cb:.1} |",
+            b / a
+        );
+    };
+    print(
+        "ws proxy throughput, 1 conn, 64 KiB messages (MB/s; CPU per MB)",
+        pair(&|t| rt.block_on(throughput(t, phase)), &ng_ws, &gw_ws),
+    );
+    print(
+        "ws proxy round trips/s, 64 conns, 32 B",
+        pair(&|t| rt.block_on(round_trips(t, 64, phase)), &ng_ws, &gw_ws),
+    );
+    print(
+        "ws proxy new connections/s",
+        pair(&|t| rt.block_on(new_connections(t, phase)), &ng_ws, &gw_ws),
+    );
+    print(
+        "wss proxy throughput, 1 conn, 64 KiB messages (MB/s; CPU per MB)",
+        pair(&|t| rt.block_on(throughput(t, phase)), &ng_wss, &gw_wss),
+    );
+    print(
+        "wss proxy round trips/s, 64 conns, 32 B",
+        pair(
+            &|t| rt.block_on(round_trips(t, 64, phase)),
+            &ng_wss,
+            &gw_wss,
+        ),
+    );
+    print(
+        "wss new connections/s (full TLS handshakes)",
+        pair(
+            &|t| rt.block_on(new_connections(t, phase)),
+            &ng_wss,
+            &gw_wss,
+        ),
+    );
+    let n = rt.block_on(idle_kib(&|| nginx.rss_kib(), &ng_ws, idle));
+    let g = rt.block_on(idle_kib(&|| gate.rss_kib(), &gw_ws, idle));
+    println!("| KiB per idle proxied ws session ({idle} held; RSS growth / N) | {n:.1} | {g:.1} | {:.2}× | | |", g / n);
+    drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
 }
