@@ -225,8 +225,8 @@ fn main() {
         r,
         g,
     );
-    let r = rt.block_on(idle_memory(&relay, &raw, idle));
-    let g = rt.block_on(idle_memory(&gate, &ws, idle));
+    let r = rt.block_on(idle_memory(&|| relay.rss_kib(), &raw, idle));
+    let g = rt.block_on(idle_memory(&|| gate.rss_kib(), &ws, idle));
     row(
         &format!("KiB per idle session ({idle} sessions)"),
         "KiB",
@@ -336,13 +336,18 @@ impl Server {
     }
 
     fn rss_kib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
+        rss_kib_of(self.child.id())
     }
+}
+
+/// Resident set size of a process, in KiB.
+fn rss_kib_of(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
 }
 
 impl Drop for Server {
@@ -639,8 +644,8 @@ async fn new_connections(target: &Target, phase: Duration) -> f64 {
 
 /// RSS growth of the server process per idle session, in KiB (each session has exchanged one
 /// message first, so it is a live, set-up session).
-async fn idle_memory(server: &Server, target: &Target, n: usize) -> f64 {
-    let before = server.rss_kib();
+async fn idle_memory(rss: &dyn Fn() -> f64, target: &Target, n: usize) -> f64 {
+    let before = rss();
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
         let mut c = Client::connect(target).await;
@@ -649,10 +654,8 @@ async fn idle_memory(server: &Server, target: &Target, n: usize) -> f64 {
         c.read_payload(2).await;
         clients.push(c);
     }
-    let after = server.rss_kib();
-    for c in clients {
-        drop(c);
-    }
+    let after = rss();
+    drop(clients);
     (after - before) / n as f64
 }
 
@@ -1086,12 +1089,7 @@ impl Nginx {
     }
 
     fn rss_kib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.worker())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
+        rss_kib_of(self.worker())
     }
 }
 
@@ -1103,22 +1101,6 @@ impl Drop for Nginx {
             .status();
         let _ = self.child.wait();
     }
-}
-
-/// KiB of RSS growth per idle session held through a proxy, each after one message.
-async fn idle_kib(rss: &dyn Fn() -> f64, target: &Target, n: usize) -> f64 {
-    let before = rss();
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut c = Client::connect(target).await;
-        let msg = c.message(b"hi");
-        c.stream.write_all(&msg).await.unwrap();
-        c.read_payload(2).await;
-        clients.push(c);
-    }
-    let after = rss();
-    drop(clients);
-    (after - before) / n as f64
 }
 
 fn nginx_bench(phase: Duration, reps: usize, idle: usize) {
@@ -1234,8 +1216,8 @@ fn nginx_bench(phase: Duration, reps: usize, idle: usize) {
             &gw_wss,
         ),
     );
-    let n = rt.block_on(idle_kib(&|| nginx.rss_kib(), &ng_ws, idle));
-    let g = rt.block_on(idle_kib(&|| gate.rss_kib(), &gw_ws, idle));
+    let n = rt.block_on(idle_memory(&|| nginx.rss_kib(), &ng_ws, idle));
+    let g = rt.block_on(idle_memory(&|| gate.rss_kib(), &gw_ws, idle));
     println!("| KiB per idle proxied ws session ({idle} held; RSS growth / N) | {n:.1} | {g:.1} | {:.2}× | | |", g / n);
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);

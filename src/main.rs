@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 use wsgate::config::QuickArgs;
@@ -44,102 +44,80 @@ struct Cli {
     /// Quick mode: TARGET_ADDR:TARGET_PORT (or tcp://, unix:, tls://, echo).
     target: Option<String>,
 
+    #[command(flatten)]
+    websockify: WebsockifyArgs,
+}
+
+/// websockify's options (quick mode).
+#[derive(Args, Debug)]
+#[command(next_help_heading = "websockify options")]
+struct WebsockifyArgs {
     /// websockify: serve the files in DIR on plain GET and HEAD requests.
-    #[arg(long, value_name = "DIR", help_heading = "websockify options")]
+    #[arg(long, value_name = "DIR")]
     web: Option<String>,
 
     /// websockify: TLS certificate (PEM); its key too unless --key.
-    #[arg(long, value_name = "FILE", help_heading = "websockify options")]
+    #[arg(long, value_name = "FILE")]
     cert: Option<String>,
 
     /// websockify: TLS private key (PEM), when not in the --cert file.
-    #[arg(long, value_name = "FILE", help_heading = "websockify options")]
+    #[arg(long, value_name = "FILE")]
     key: Option<String>,
 
     /// websockify: refuse plain ws:// (without it a --cert port takes both).
-    #[arg(long, help_heading = "websockify options")]
+    #[arg(long)]
     ssl_only: bool,
 
     /// websockify: TokenFile or ReadOnlyTokenFile (both re-read the file when it changes).
-    #[arg(
-        long,
-        value_name = "NAME",
-        requires = "token_source",
-        help_heading = "websockify options"
-    )]
+    #[arg(long, value_name = "NAME", requires = "token_source")]
     token_plugin: Option<String>,
 
     /// websockify: token file or directory, lines `token: host:port`.
-    #[arg(
-        long,
-        value_name = "PATH",
-        requires = "token_plugin",
-        help_heading = "websockify options"
-    )]
+    #[arg(long, value_name = "PATH", requires = "token_plugin")]
     token_source: Option<String>,
 
     /// websockify: the same as --token-plugin TokenFile --token-source PATH.
-    #[arg(
-        long,
-        value_name = "PATH",
-        conflicts_with = "token_source",
-        help_heading = "websockify options"
-    )]
+    #[arg(long, value_name = "PATH", conflicts_with = "token_source")]
     target_config: Option<String>,
 
     /// websockify: exit after SECS with no connection open.
-    #[arg(long, value_name = "SECS", help_heading = "websockify options")]
+    #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
 
     /// websockify: ping a client silent for SECS (wsgate's ping_interval).
-    #[arg(long, value_name = "SECS", help_heading = "websockify options")]
+    #[arg(long, value_name = "SECS")]
     heartbeat: Option<u64>,
 
     /// websockify: connect to the target over TLS.
-    #[arg(long, help_heading = "websockify options")]
+    #[arg(long)]
     ssl_target: bool,
 
     /// websockify: the target is this unix socket.
-    #[arg(long, value_name = "PATH", help_heading = "websockify options")]
+    #[arg(long, value_name = "PATH")]
     unix_target: Option<String>,
 
     /// websockify: clients must present a certificate signed by --cafile.
-    #[arg(long, requires = "cafile", help_heading = "websockify options")]
+    #[arg(long, requires = "cafile")]
     verify_client: bool,
 
     /// websockify: CA bundle for --verify-client.
-    #[arg(
-        long,
-        value_name = "FILE",
-        requires = "verify_client",
-        help_heading = "websockify options"
-    )]
+    #[arg(long, value_name = "FILE", requires = "verify_client")]
     cafile: Option<String>,
 
     /// websockify: ClientCertCNAuth (the only auth plugin taken; see the README).
-    #[arg(
-        long,
-        value_name = "NAME",
-        requires = "auth_source",
-        help_heading = "websockify options"
-    )]
+    #[arg(long, value_name = "NAME", requires = "auth_source")]
     auth_plugin: Option<String>,
 
     /// websockify: for ClientCertCNAuth, the allowed common names, space-separated.
-    #[arg(
-        long,
-        value_name = "ARG",
-        requires = "auth_plugin",
-        help_heading = "websockify options"
-    )]
+    #[arg(long, value_name = "ARG", requires = "auth_plugin")]
     auth_source: Option<String>,
 
     /// websockify: accepted and needless (wsgate never lists directories).
-    #[arg(long, help_heading = "websockify options")]
+    #[arg(long)]
     file_only: bool,
 
     /// websockify: debug logging (as RUST_LOG=debug).
-    #[arg(short, long, help_heading = "websockify options")]
+    #[arg(short, long)]
     verbose: bool,
 }
 
@@ -151,7 +129,11 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if cli.verbose { "debug" } else { "info" };
+    let default_level = if cli.websockify.verbose {
+        "debug"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_level.into());
     let logs = tracing_subscriber::fmt()
@@ -238,7 +220,7 @@ fn main() -> ExitCode {
         // Signal handlers are installed before the listeners are announced, so a signal sent
         // as soon as wsgate says "listening" is never met by the default action (exit).
         let signalled = shutdown_signal();
-        let idle_exit = cli.idle_timeout.map(Duration::from_secs);
+        let idle_exit = cli.websockify.idle_timeout.map(Duration::from_secs);
         let handle = server.handle();
         let stop = async move {
             match idle_exit {
@@ -272,7 +254,11 @@ fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
     let Some(listen) = &cli.listen else {
         return Ok(None);
     };
-    let token_source = match (&cli.token_plugin, &cli.token_source, &cli.target_config) {
+    let token_source = match (
+        &cli.websockify.token_plugin,
+        &cli.websockify.token_source,
+        &cli.websockify.target_config,
+    ) {
         (Some(plugin), Some(source), None) => match plugin.rsplit('.').next() {
             Some("TokenFile" | "ReadOnlyTokenFile") => Some(source.clone()),
             _ => {
@@ -284,7 +270,7 @@ fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
         (None, None, Some(source)) => Some(source.clone()),
         _ => None,
     };
-    let cert_names = match (&cli.auth_plugin, &cli.auth_source) {
+    let cert_names = match (&cli.websockify.auth_plugin, &cli.websockify.auth_source) {
         (Some(plugin), Some(names)) => match plugin.rsplit('.').next() {
             Some("ClientCertCNAuth") => names.split_whitespace().map(str::to_owned).collect(),
             _ => {
@@ -295,21 +281,21 @@ fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
         },
         _ => Vec::new(),
     };
-    if cli.idle_timeout == Some(0) {
+    if cli.websockify.idle_timeout == Some(0) {
         return Err("--idle-timeout must be at least 1".into());
     }
     Ok(Some(QuickArgs {
         listen: listen.clone(),
         target: cli.target.clone(),
-        web: cli.web.clone(),
-        cert: cli.cert.clone(),
-        key: cli.key.clone(),
-        ssl_only: cli.ssl_only,
+        web: cli.websockify.web.clone(),
+        cert: cli.websockify.cert.clone(),
+        key: cli.websockify.key.clone(),
+        ssl_only: cli.websockify.ssl_only,
         token_source,
-        heartbeat: cli.heartbeat,
-        ssl_target: cli.ssl_target,
-        unix_target: cli.unix_target.clone(),
-        cafile: cli.cafile.clone(),
+        heartbeat: cli.websockify.heartbeat,
+        ssl_target: cli.websockify.ssl_target,
+        unix_target: cli.websockify.unix_target.clone(),
+        cafile: cli.websockify.cafile.clone(),
         cert_names,
     }))
 }

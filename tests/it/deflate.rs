@@ -13,6 +13,18 @@ use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::protocol::frame::OpCode;
 
+/// `wsgate_deflate_bytes_total` for a route, direction and form, from parsed metrics.
+fn deflate_bytes(
+    metrics: &std::collections::HashMap<String, f64>,
+    route: &str,
+    direction: &str,
+    form: &str,
+) -> f64 {
+    metrics[&format!(
+        "wsgate_deflate_bytes_total{{route=\"{route}\",direction=\"{direction}\",form=\"{form}\"}}"
+    )]
+}
+
 /// The Sec-WebSocket-Extensions a 101 carries for `offer` (and its status).
 async fn answer(addr: SocketAddr, path: &str, offer: Option<&str>) -> (u16, Vec<String>) {
     let extra = offer
@@ -138,11 +150,7 @@ async fn python_compresses_tungstenite_does_not_and_both_get_every_message() {
 
     // The metrics: the text compressed well; every byte that came in went out.
     let metrics = parse_metrics(&g.handle.metrics_text());
-    let m = |direction: &str, form: &str| {
-        metrics[&format!(
-            "wsgate_deflate_bytes_total{{route=\"/\",direction=\"{direction}\",form=\"{form}\"}}"
-        )]
-    };
+    let m = |direction: &str, form: &str| deflate_bytes(&metrics, "/", direction, form);
     assert_eq!(m("from_client", "uncompressed"), sent);
     assert_eq!(m("to_client", "uncompressed"), sent);
     assert!(m("to_client", "compressed") < sent * 0.5, "{metrics:?}");
@@ -331,11 +339,7 @@ async fn chromium_negotiates_deflate_and_its_messages_arrive_intact() {
     // wsgate's metrics: the browser's messages came in compressed and went out compressed.
     let metrics = parse_metrics(&g.handle.metrics_text());
     for route in ["/text", "/bin"] {
-        let m = |direction: &str, form: &str| {
-            metrics[&format!(
-                "wsgate_deflate_bytes_total{{route=\"{route}\",direction=\"{direction}\",form=\"{form}\"}}"
-            )]
-        };
+        let m = |direction: &str, form: &str| deflate_bytes(&metrics, route, direction, form);
         assert!(
             m("from_client", "uncompressed") >= (1 << 20) as f64,
             "{route}"
