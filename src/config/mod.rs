@@ -316,13 +316,12 @@ impl Config {
                     format!("listen.addr {:?} is not ip:port", l.addr.get_ref()),
                 )
             })?;
-            if listen
-                .iter()
-                .any(|x: &Listener| x.addr == addr && addr.port() != 0)
-            {
+            // Port 0 too: listeners are told apart (on reload, drain) by the address written
+            // here, so two "127.0.0.1:0" would be one listener to wsgate and a stray socket.
+            if listen.iter().any(|x: &Listener| x.addr == addr) {
                 return Err(invalid(
                     Some(l.addr.span()),
-                    format!("listen.addr {addr} is listed twice"),
+                    format!("listen.addr {addr} is listed twice (for two listeners on free ports, give two addresses, e.g. 127.0.0.1:0 and 127.0.0.2:0)"),
                 ));
             }
             let tls = match &l.tls {

@@ -148,3 +148,27 @@ fn quick_mode_is_one_route_to_tcp() {
     };
     assert!(bad.to_config().is_err());
 }
+
+#[test]
+fn a_listen_address_twice_is_refused_port_0_included() {
+    for addr in ["127.0.0.1:8080", "127.0.0.1:0"] {
+        let text = format!(
+            "[[listen]]\naddr = \"{addr}\"\n[[listen]]\naddr = \"{addr}\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n"
+        );
+        let err = Config::parse(&text, "t.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 4") && err.contains("listed twice"),
+            "{err}"
+        );
+    }
+    let two = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.2:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n";
+    assert_eq!(
+        Config::parse(two, "t.toml", Path::new("."))
+            .unwrap()
+            .listen
+            .len(),
+        2
+    );
+}
