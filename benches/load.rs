@@ -66,14 +66,12 @@ fn main() {
         let echo = Server::spawn_role("echo", None);
         let plain = Server::spawn_wsgate(&["127.0.0.1:0", &echo.addr.to_string()]);
         let dir = std::env::temp_dir().join(format!("wsgate-pp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("pp.toml");
-        std::fs::write(
-            &conf,
+        let conf = config_file(
+            &dir,
+            "pp.toml",
             format!("[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[[route]]\npath = \"/\"\nbackend = \"tcp://{}\"\n", echo.addr),
-        )
-        .unwrap();
-        let pp = Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+        );
+        let pp = Server::spawn_config(&conf);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -130,17 +128,16 @@ fn main() {
     .output()
     .expect("certs/gen-dev-certs.sh (needs openssl)");
     assert!(made.status.success());
-    let tls_conf = certs.join("wss.toml");
-    std::fs::write(
-        &tls_conf,
+    let tls_conf = config_file(
+        &certs,
+        "wss.toml",
         format!(
             "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"tcp://{1}\"\n",
             certs.display(),
             echo.addr
         ),
-    )
-    .unwrap();
-    let gate_tls = Server::spawn_wsgate(&["--config", tls_conf.to_str().unwrap()]);
+    );
+    let gate_tls = Server::spawn_config(&tls_conf);
     let connector = tls_connector(&certs.join("ca.crt"));
     // Proxy routes: one more hop in front of a ws app (a wsgate echo): a plain TCP relay
     // as the baseline, a wsgate proxy route as the candidate.
@@ -309,6 +306,11 @@ impl Server {
         Server::start(cmd, "addr=")
     }
 
+    /// wsgate from a config file.
+    fn spawn_config(path: &std::path::Path) -> Server {
+        Server::spawn_wsgate(&["--config", path.to_str().unwrap()])
+    }
+
     fn spawn_wsgate(args: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
         cmd.args(args).env("RUST_LOG", "warn,wsgate::server=info");
@@ -338,6 +340,14 @@ impl Server {
     fn rss_kib(&self) -> f64 {
         rss_kib_of(self.child.id())
     }
+}
+
+/// Writes `toml` as `dir/name` (the directory made if needed) and returns its path.
+fn config_file(dir: &std::path::Path, name: &str, toml: impl AsRef<[u8]>) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, toml).unwrap();
+    path
 }
 
 /// Resident set size of a process, in KiB.
@@ -688,14 +698,12 @@ async fn probe(addr: SocketAddr) -> Option<Duration> {
 /// Prints its own table.
 async fn over_capacity_flood(flood: usize, phase: Duration) {
     let dir = std::env::temp_dir().join(format!("wsgate-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("flood.toml");
-    std::fs::write(
-        &conf,
+    let conf = config_file(
+        &dir,
+        "flood.toml",
         "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 100\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
-    )
-    .unwrap();
-    let gate = Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+    );
+    let gate = Server::spawn_config(&conf);
     let pid = gate.child.id();
     let mut idle = Vec::new();
     for _ in 0..90 {
@@ -959,14 +967,12 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
     const CONNS: usize = 16;
     let echo = Server::spawn_role("echo", None);
     let dir = std::env::temp_dir().join(format!("wsgate-deflate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("lines.toml");
-    std::fs::write(
-        &conf,
+    let conf = config_file(
+        &dir,
+        "lines.toml",
         format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://{}\"\nframing = \"lines\"\nmessage = \"text\"\n", echo.addr),
-    )
-    .unwrap();
-    let spawn = || Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+    );
+    let spawn = || Server::spawn_config(&conf);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1043,16 +1049,15 @@ struct Nginx {
 impl Nginx {
     fn start(dir: &std::path::Path, app: SocketAddr, certs: &std::path::Path) -> Nginx {
         let (plain, tls) = (free_addr(), free_addr());
-        let conf = dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
+        let conf = config_file(
+            dir,
+            "nginx.conf",
             format!(
                 "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 20000; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n  server {{\n    listen {plain};\n    listen {tls} ssl;\n    ssl_certificate {c}/server.crt;\n    ssl_certificate_key {c}/server.key;\n    location / {{\n      proxy_pass http://{app};\n      proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n      proxy_set_header Host $host;\n      proxy_buffer_size 64k;\n      proxy_buffers 4 64k;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n",
                 d = dir.display(),
                 c = certs.display(),
             ),
-        )
-        .unwrap();
+        );
         let child = Command::new("nginx")
             .args(["-e", "stderr", "-p"])
             .arg(dir)
@@ -1118,20 +1123,18 @@ fn nginx_bench(phase: Duration, reps: usize, idle: usize) {
     // The ws app both proxy in front of: a wsgate echo route.
     let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
     let nginx = Nginx::start(&dir, app.addr, &dir);
-    // Two listeners on ports chosen here (wsgate keys listeners by their configured address,
-    // so two "127.0.0.1:0" would be one).
+    // Two listeners on ports chosen here, so the address wsgate reports first is the plain one.
     let (plain, tls) = (free_addr(), free_addr());
-    let conf = dir.join("proxy.toml");
-    std::fs::write(
-        &conf,
+    let conf = config_file(
+        &dir,
+        "proxy.toml",
         format!(
             "[[listen]]\naddr = \"{plain}\"\n[[listen]]\naddr = \"{tls}\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"ws://{1}\"\n",
             dir.display(),
             app.addr
         ),
-    )
-    .unwrap();
-    let gate = Server::spawn_wsgate(&["--config", conf.to_str().unwrap()]);
+    );
+    let gate = Server::spawn_config(&conf);
     assert_eq!(gate.addr, plain);
     let gate_tls = tls;
     let connector = tls_connector(&dir.join("ca.crt"));

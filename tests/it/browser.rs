@@ -23,10 +23,7 @@ fn run(cmd: &mut Command) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_over_wss_bridge_proxy_and_close_codes() {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("Debian's chromium (scripts/test installs it)");
+    let chromium = chromium();
     let dir = TempDir::new();
     let d = dir.path().display().to_string();
     gen_certs(dir.path(), "ec", "server", "localhost");

@@ -5,7 +5,6 @@
 //! including one over 64 KiB of non-ASCII text.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -49,10 +48,7 @@ fn three_browsers_chat_through_a_line_route() {
     );
     let gate = GateProcess::start(&config);
 
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("Debian's chromium (scripts/test installs it)");
+    let chromium = chromium();
     let profile = TempDir::new();
     let out = output_within(
         Command::new(python())

@@ -410,6 +410,14 @@ impl RawResponse {
     }
 }
 
+/// Debian's Chromium, for the browser tests.
+pub fn chromium() -> &'static str {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("Debian's chromium (scripts/test installs it)")
+}
+
 /// Sends raw bytes, reads everything until the server closes (bounded by WAIT).
 pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
     let mut s = TcpStream::connect(addr).await.unwrap();

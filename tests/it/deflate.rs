@@ -292,10 +292,7 @@ async fn a_bomb_gets_1009_after_max_message_size_and_a_flood_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_negotiates_deflate_and_its_messages_arrive_intact() {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("Debian's chromium (scripts/test installs it)");
+    let chromium = chromium();
     let echo = echo_backend().await;
     let g = Gate::start(&format!(
         "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/text\"\nbackend = \"tcp://{echo}\"\nmessage = \"text\"\n[[route]]\npath = \"/bin\"\nbackend = \"tcp://{echo}\"\n"

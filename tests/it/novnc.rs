@@ -80,13 +80,6 @@ fn novnc_web() -> PathBuf {
     web
 }
 
-fn chromium() -> &'static str {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("Debian's chromium (scripts/test installs it)")
-}
-
 /// Runs the driver over `cases` (url, display, colour, pointer target) and checks each result.
 fn drive(cases: &[(String, &Xvnc, &str, (u32, u32))]) {
     let profile = TempDir::new();
