@@ -93,10 +93,6 @@ fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
-    if std::env::var("LOAD_ONLY").as_deref() == Ok("nginx") {
-        nginx_bench(phase, reps, idle);
-        return;
-    }
     if std::env::var("LOAD_ONLY").as_deref() == Ok("deflate") {
         deflate_bench(phase, reps, idle);
         return;
@@ -114,136 +110,360 @@ fn main() {
         return;
     }
 
-    let echo = Server::spawn_role("echo", None);
-    let relay = Server::spawn_role("relay", Some(echo.addr));
-    let gate = Server::spawn_wsgate(&["127.0.0.1:0", &echo.addr.to_string()]);
-    // wss: the same bridge behind a TLS listener, with a certificate made for the run.
-    let certs = std::env::temp_dir().join(format!("wsgate-load-{}", std::process::id()));
+    anchors(phase, reps, idle);
+    let flood: usize = std::env::var("LOAD_FLOOD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5000);
+    if flood > 0 && rows_wanted("flood") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(over_capacity_flood(flood, phase));
+    }
+}
+
+/// LOAD_ROWS=a,b runs only the rows whose name contains one of these (for profiling one
+/// path); unset runs all.
+fn rows_wanted(name: &str) -> bool {
+    match std::env::var("LOAD_ROWS") {
+        Ok(rows) => rows.split(',').any(|r| name.contains(r.trim())),
+        Err(_) => true,
+    }
+}
+
+/// One measured server: where the client connects, and whose CPU is counted.
+struct Peer {
+    target: Target,
+    pid: u32,
+}
+
+/// One line of the anchors table.
+struct Row {
+    path: &'static str,
+    measure: String,
+    wsgate: f64,
+    relay: Option<f64>,
+    nginx: Option<f64>,
+    /// What the target compares with, and the bound on wsgate / it (`None`: an absolute bound
+    /// in `limit`).
+    target: Goal,
+}
+
+enum Goal {
+    /// wsgate / relay at least this.
+    RelayAtLeast(f64),
+    /// wsgate / relay at most this (CPU).
+    RelayAtMost(f64),
+    /// wsgate / nginx at least this.
+    NginxAtLeast(f64),
+    /// wsgate / nginx at most this (CPU, memory).
+    NginxAtMost(f64),
+    /// wsgate at most this (KiB).
+    AtMost(f64),
+    /// Reported, no target.
+    None,
+}
+
+impl Row {
+    fn print(&self) {
+        let fmt = |v: Option<f64>| match v {
+            Some(v) if v >= 100.0 => format!("{v:.0}"),
+            Some(v) => format!("{v:.1}"),
+            None => "—".to_string(),
+        };
+        let ratio = |base: Option<f64>| base.map(|b| self.wsgate / b);
+        let (ratio, goal, met) = match self.target {
+            Goal::RelayAtLeast(k) => {
+                let r = ratio(self.relay);
+                (r, format!("≥ {k:.1}× relay"), r.map(|r| r >= k))
+            }
+            Goal::RelayAtMost(k) => {
+                let r = ratio(self.relay);
+                (r, format!("≤ {k:.1}× relay"), r.map(|r| r <= k))
+            }
+            Goal::NginxAtLeast(k) => {
+                let r = ratio(self.nginx);
+                (r, format!("≥ {k:.1}× nginx"), r.map(|r| r >= k))
+            }
+            Goal::NginxAtMost(k) => {
+                let r = ratio(self.nginx);
+                (r, format!("≤ {k:.1}× nginx"), r.map(|r| r <= k))
+            }
+            Goal::AtMost(v) => (
+                ratio(self.relay.or(self.nginx)),
+                format!("≤ {v:.0}"),
+                Some(self.wsgate <= v),
+            ),
+            Goal::None => (ratio(self.relay.or(self.nginx)), String::new(), None),
+        };
+        let ratio = ratio.map_or("—".to_string(), |r| format!("{r:.2}×"));
+        let met = match met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "",
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {ratio} | {goal} {met} |",
+            self.path,
+            self.measure,
+            fmt(Some(self.wsgate)),
+            fmt(self.relay),
+            fmt(self.nginx),
+        );
+    }
+}
+
+/// The load table: wsgate's bridge, proxy and wss paths beside a plain tokio relay and
+/// Debian's nginx (when installed), all in front of the same backends, in one run.
+fn anchors(phase: Duration, reps: usize, idle: usize) {
+    let dir = std::env::temp_dir().join(format!("wsgate-load-{}", std::process::id()));
     let made = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/certs/gen-dev-certs.sh"
     ))
-    .arg(&certs)
+    .arg(&dir)
     .arg("localhost")
     .output()
     .expect("certs/gen-dev-certs.sh (needs openssl)");
     assert!(made.status.success());
-    let tls_conf = config_file(
-        &certs,
-        "wss.toml",
-        format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"tcp://{1}\"\n",
-            certs.display(),
-            echo.addr
-        ),
-    );
-    let gate_tls = Server::spawn_config(&tls_conf);
-    let connector = tls_connector(&certs.join("ca.crt"));
-    // Proxy routes: one more hop in front of a ws app (a wsgate echo): a plain TCP relay
-    // as the baseline, a wsgate proxy route as the candidate.
+    // The backends: a TCP echo for the bridge and the relay, a ws app (a wsgate echo route in
+    // its own process) for the proxies.
+    let echo = Server::spawn_role("echo", None);
     let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
-    let relay_to_app = Server::spawn_role("relay", Some(app.addr));
-    let proxy = Server::spawn_wsgate(&["127.0.0.1:0", &format!("ws://{}", app.addr)]);
+    // wsgate's bridge (ws and wss listeners) in front of the echo, its proxy route (ws and
+    // wss) in front of the app.
+    let two_listeners = |name: &str, backend: String| {
+        let (plain, tls) = (free_addr(), free_addr());
+        let conf = config_file(
+            &dir,
+            name,
+            format!(
+                "[[listen]]\naddr = \"{plain}\"\n[[listen]]\naddr = \"{tls}\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"{backend}\"\n",
+                dir.display(),
+            ),
+        );
+        (conf, tls)
+    };
+    let (bridge_conf, bridge_tls) = two_listeners("bridge.toml", format!("tcp://{}", echo.addr));
+    let (proxy_conf, proxy_tls) = two_listeners("proxy.toml", format!("ws://{}", app.addr));
+    let bridge = Server::spawn_config(&bridge_conf);
+    let proxy = Server::spawn_config(&proxy_conf);
+    let relay = Server::spawn_role("relay", Some(echo.addr));
+    let nginx_installed = Command::new("nginx")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let nginx = nginx_installed.then(|| Nginx::start(&dir.join("nginx"), app.addr, &dir));
+
+    let full = tls_connector(&dir.join("ca.crt"), false);
+    let resuming = tls_connector(&dir.join("ca.crt"), true);
+    let tls = |addr, connector: &TlsConnector| Target {
+        tls: Some(connector.clone()),
+        ..Target::ws(addr)
+    };
+    let peer = |target: Target, pid: u32| Peer { target, pid };
+    let g_ws = peer(Target::ws(bridge.addr), bridge.child.id());
+    let g_wss = peer(tls(bridge_tls, &full), bridge.child.id());
+    let g_wss_resumed = peer(tls(bridge_tls, &resuming), bridge.child.id());
+    let p_ws = peer(Target::ws(proxy.addr), proxy.child.id());
+    let p_wss = peer(tls(proxy_tls, &full), proxy.child.id());
+    let raw = peer(Target::raw(relay.addr), relay.child.id());
+    let n = nginx.as_ref().map(|n| {
+        let pid = n.worker();
+        (
+            peer(Target::ws(n.plain), pid),
+            peer(tls(n.tls, &full), pid),
+            peer(tls(n.tls, &resuming), pid),
+        )
+    });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-
-    println!("phase length {secs}s, {reps} runs each (median), alternating baseline and candidate; baseline: plain TCP relay (copy_bidirectional, 64 KiB buffers) in front of the same backend");
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    // Runs a phase `reps` times for baseline and candidate, alternating; both medians.
-    let both = |f: &dyn Fn(&Target) -> f64, base: &Target, cand: &Target| {
-        let (mut r, mut g) = (Vec::new(), Vec::new());
-        for _ in 0..reps.max(1) {
-            r.push(f(base));
-            g.push(f(cand));
+    // Runs `f` against each peer `reps` times, the order rotated each time; the median rate
+    // and the median CPU µs per unit (unit = what the rate counts, per second) of each.
+    let measure = |f: &dyn Fn(&Target) -> f64, peers: &[&Peer]| -> Vec<(f64, f64)> {
+        let mut runs = vec![(Vec::new(), Vec::new()); peers.len()];
+        for rep in 0..reps.max(1) {
+            for k in 0..peers.len() {
+                let i = (k + rep) % peers.len();
+                let c0 = cpu_secs(peers[i].pid);
+                let t0 = Instant::now();
+                let v = f(&peers[i].target);
+                let cpu = cpu_secs(peers[i].pid) - c0;
+                runs[i].0.push(v);
+                runs[i].1.push(cpu * 1e6 / (v * t0.elapsed().as_secs_f64()));
+            }
         }
-        (median(r), median(g))
+        runs.into_iter()
+            .map(|(v, c)| (median(v), median(c)))
+            .collect()
     };
+    // Memory from a fresh process each time: the median of `reps` fresh starts.
+    let fresh_memory = |start: &dyn Fn() -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>)| {
+        median(
+            (0..reps.max(1))
+                .map(|_| {
+                    let (rss, target, _process) = start();
+                    rt.block_on(idle_memory(&*rss, &target, idle))
+                })
+                .collect(),
+        )
+    };
+    let fresh_wsgate = |conf: std::path::PathBuf, tls_addr: Option<std::net::SocketAddr>, connector: TlsConnector| {
+        move || -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>) {
+            // The config's ports are taken by the running instance: a copy on new ones.
+            let text = std::fs::read_to_string(&conf).unwrap();
+            let addrs: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("addr = \""))
+                .map(|a| a.trim_end_matches('"').to_string())
+                .collect();
+            let (plain, tls) = (free_addr(), free_addr());
+            let text = text
+                .replace(&addrs[0], &plain.to_string())
+                .replace(&addrs[1], &tls.to_string());
+            let fresh = config_file(&conf.with_file_name("fresh"), "fresh.toml", text);
+            let server = Server::spawn_config(&fresh);
+            let pid = server.child.id();
+            let target = match tls_addr {
+                None => Target::ws(plain),
+                Some(_) => Target {
+                    tls: Some(connector.clone()),
+                    ..Target::ws(tls)
+                },
+            };
+            (Box::new(move || rss_kib_of(pid)), target, Box::new(server))
+        }
+    };
+
+    let ng = |i: usize| n.as_ref().map(|n| [&n.0, &n.1, &n.2][i]);
     let mut rows = Vec::new();
-    let mut row = |name: &str, unit: &str, relay: f64, gate: f64| {
-        rows.push(format!(
-            "| {name} | {relay:.0} {unit} | {gate:.0} {unit} | {:.2}× |",
-            gate / relay
-        ));
+    let mut add = |row: Row| {
+        row.print();
+        rows.push(row);
     };
-    let raw = Target::raw(relay.addr);
-    let ws = Target::ws(gate.addr);
-    let wss = Target {
-        tls: Some(connector),
-        ..Target::ws(gate_tls.addr)
-    };
+    println!("phase {}s, {reps} runs each (median), order rotated; machine: {} cores; nginx: {}",
+        phase.as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if nginx_installed { "Debian's nginx, 1 worker, proxy_buffer_size 64k, proxy_buffers 4 64k" } else { "not installed (its columns are empty)" });
+    println!("\n| path | measure | wsgate | plain relay | nginx | ratio | target |\n|---|---|---:|---:|---:|---:|---|");
 
-    let (r, g) = both(&|t| rt.block_on(throughput(t, phase)), &raw, &ws);
-    row("bridge throughput, 1 conn, 64 KiB messages", "MB/s", r, g);
-    for conns in [1usize, 64] {
-        let (r, g) = both(&|t| rt.block_on(round_trips(t, conns, phase)), &raw, &ws);
-        row(
-            &format!("bridge round trips/s, {conns} conn(s), 32 B"),
-            "/s",
-            r,
-            g,
-        );
+    // -- ws bridge --
+    if rows_wanted("bridge throughput") {
+        let r = measure(&|t| rt.block_on(throughput(t, phase)), &[&g_ws, &raw]);
+        add(Row { path: "ws bridge", measure: "MB/s, 1 conn, 64 KiB messages".into(), wsgate: r[0].0, relay: Some(r[1].0), nginx: None, target: Goal::RelayAtLeast(1.0) });
+        add(Row { path: "ws bridge", measure: "CPU µs per MB".into(), wsgate: r[0].1, relay: Some(r[1].1), nginx: None, target: Goal::None });
     }
-    let (r, g) = both(&|t| rt.block_on(new_connections(t, phase)), &raw, &ws);
-    row(
-        "bridge new connections/s (handshake + 1 message + close)",
-        "/s",
-        r,
-        g,
-    );
-    let (r, g) = both(&|t| rt.block_on(throughput(t, phase)), &raw, &wss);
-    row(
-        "wss bridge throughput, 1 conn, 64 KiB messages",
-        "MB/s",
-        r,
-        g,
-    );
-    let (r, g) = both(&|t| rt.block_on(new_connections(t, phase)), &raw, &wss);
-    row(
-        "wss new connections/s (TLS + handshake + 1 message + close)",
-        "/s",
-        r,
-        g,
-    );
-    let (r, g) = both(
-        &|t| rt.block_on(round_trips(t, 64, phase)),
-        &Target::ws(relay_to_app.addr),
-        &Target::ws(proxy.addr),
-    );
-    row(
-        "proxy route round trips/s, 64 conns, 32 B (in front of a ws app)",
-        "/s",
-        r,
-        g,
-    );
-    let r = rt.block_on(idle_memory(&|| relay.rss_kib(), &raw, idle));
-    let g = rt.block_on(idle_memory(&|| gate.rss_kib(), &ws, idle));
-    row(
-        &format!("KiB per idle session ({idle} sessions)"),
-        "KiB",
-        r,
-        g,
-    );
-    let _ = std::fs::remove_dir_all(&certs);
-
-    println!("\n| measure | plain TCP relay | wsgate | wsgate / relay |\n|---|---:|---:|---:|");
-    for r in rows {
-        println!("{r}");
+    if rows_wanted("bridge round trips") {
+        let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &[&g_ws, &raw]);
+        add(Row { path: "ws bridge", measure: "round trips/s, 64 conns, 32 B".into(), wsgate: r[0].0, relay: Some(r[1].0), nginx: None, target: Goal::RelayAtLeast(1.0) });
+        add(Row { path: "ws bridge", measure: "CPU µs per round trip".into(), wsgate: r[0].1, relay: Some(r[1].1), nginx: None, target: Goal::RelayAtMost(1.0) });
     }
-    let flood: usize = std::env::var("LOAD_FLOOD")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5000);
-    if flood > 0 {
-        rt.block_on(over_capacity_flood(flood, phase));
+    if rows_wanted("bridge new connections") {
+        let mut peers = vec![&g_ws, &raw];
+        peers.extend(ng(0));
+        let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
+        add(Row { path: "ws bridge", measure: "new connections/s (nginx: its ws proxy)".into(), wsgate: r[0].0, relay: Some(r[1].0), nginx: r.get(2).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+        add(Row { path: "ws bridge", measure: "CPU µs per new connection".into(), wsgate: r[0].1, relay: Some(r[1].1), nginx: r.get(2).map(|x| x.1), target: Goal::None });
+    }
+    if rows_wanted("bridge memory") {
+        let g = fresh_memory(&fresh_wsgate(bridge_conf.clone(), None, full.clone()));
+        let r = fresh_memory(&|| {
+            let relay = Server::spawn_role("relay", Some(echo.addr));
+            let pid = relay.child.id();
+            (Box::new(move || rss_kib_of(pid)), Target::raw(relay.addr), Box::new(relay))
+        });
+        add(Row { path: "ws bridge", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: Some(r), nginx: None, target: Goal::AtMost(8.0) });
+    }
+    // -- ws proxy route --
+    if let Some(nginx_ws) = ng(0) {
+        if rows_wanted("proxy throughput") {
+            let r = measure(&|t| rt.block_on(throughput(t, phase)), &[&p_ws, nginx_ws]);
+            add(Row { path: "ws proxy route", measure: "MB/s, 1 conn, 64 KiB messages".into(), wsgate: r[0].0, relay: None, nginx: Some(r[1].0), target: Goal::NginxAtLeast(1.0) });
+        }
+        if rows_wanted("proxy round trips") {
+            let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &[&p_ws, nginx_ws]);
+            add(Row { path: "ws proxy route", measure: "round trips/s, 64 conns, 32 B".into(), wsgate: r[0].0, relay: None, nginx: Some(r[1].0), target: Goal::NginxAtLeast(1.0) });
+            add(Row { path: "ws proxy route", measure: "CPU µs per round trip".into(), wsgate: r[0].1, relay: None, nginx: Some(r[1].1), target: Goal::NginxAtMost(1.0) });
+        }
+        if rows_wanted("proxy new connections") {
+            let r = measure(&|t| rt.block_on(new_connections(t, phase)), &[&p_ws, nginx_ws]);
+            add(Row { path: "ws proxy route", measure: "new connections/s".into(), wsgate: r[0].0, relay: None, nginx: Some(r[1].0), target: Goal::NginxAtLeast(1.0) });
+            add(Row { path: "ws proxy route", measure: "CPU µs per new connection".into(), wsgate: r[0].1, relay: None, nginx: Some(r[1].1), target: Goal::NginxAtMost(1.0) });
+        }
+        if rows_wanted("proxy memory") {
+            let g = fresh_memory(&fresh_wsgate(proxy_conf.clone(), None, full.clone()));
+            let k = fresh_memory(&|| {
+                let fresh = Nginx::start(&dir.join(format!("nginx-{}", free_addr().port())), app.addr, &dir);
+                let pid = fresh.worker();
+                let target = Target::ws(fresh.plain);
+                (Box::new(move || rss_kib_of(pid)), target, Box::new(fresh))
+            });
+            add(Row { path: "ws proxy route", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: None, nginx: Some(k), target: Goal::NginxAtMost(1.0) });
+        }
+    }
+    // -- wss --
+    let mut wss_peers = vec![&g_wss];
+    wss_peers.extend(ng(1));
+    if rows_wanted("wss bridge throughput") {
+        let r = measure(&|t| rt.block_on(throughput(t, phase)), &wss_peers);
+        add(Row { path: "wss bridge", measure: "MB/s, 1 conn (nginx: its wss proxy)".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+    }
+    if rows_wanted("wss bridge new connections") {
+        let r = measure(&|t| rt.block_on(new_connections(t, phase)), &wss_peers);
+        add(Row { path: "wss bridge", measure: "new connections/s, full TLS handshakes".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+        let mut peers = vec![&g_wss_resumed];
+        peers.extend(ng(2));
+        RESUMED.store(0, Ordering::Relaxed);
+        HANDSHAKES.store(0, Ordering::Relaxed);
+        let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
+        let share = RESUMED.load(Ordering::Relaxed) as f64 / HANDSHAKES.load(Ordering::Relaxed).max(1) as f64;
+        add(Row { path: "wss bridge", measure: format!("new connections/s, returning clients ({:.0} % of all handshakes resumed)", share * 100.0), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+    }
+    if rows_wanted("wss bridge memory") {
+        let g = fresh_memory(&fresh_wsgate(bridge_conf.clone(), Some(bridge_tls), full.clone()));
+        add(Row { path: "wss bridge", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: None, nginx: None, target: Goal::AtMost(16.0) });
+    }
+    let mut pwss_peers = vec![&p_wss];
+    pwss_peers.extend(ng(1));
+    if rows_wanted("wss proxy throughput") {
+        let r = measure(&|t| rt.block_on(throughput(t, phase)), &pwss_peers);
+        add(Row { path: "wss proxy route", measure: "MB/s, 1 conn".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.0) });
+    }
+    if rows_wanted("wss proxy round trips") {
+        let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &pwss_peers);
+        add(Row { path: "wss proxy route", measure: "round trips/s, 64 conns".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.0) });
+    }
+    if rows_wanted("wss proxy new connections") {
+        let r = measure(&|t| rt.block_on(new_connections(t, phase)), &pwss_peers);
+        add(Row { path: "wss proxy route", measure: "new connections/s, full TLS handshakes".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.0) });
+    }
+    if rows_wanted("wss proxy memory") {
+        let g = fresh_memory(&fresh_wsgate(proxy_conf.clone(), Some(proxy_tls), full.clone()));
+        add(Row { path: "wss proxy route", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: None, nginx: None, target: Goal::AtMost(16.0) });
+    }
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+    // The whole table once more, together, for copying.
+    println!("\n| path | measure | wsgate | plain relay | nginx | ratio | target |\n|---|---|---:|---:|---:|---:|---|");
+    for row in &rows {
+        row.print();
     }
 }
+
+/// TLS handshakes the bench's clients made, and how many of them resumed a session.
+static HANDSHAKES: AtomicU64 = AtomicU64::new(0);
+static RESUMED: AtomicU64 = AtomicU64::new(0);
 
 /// Where a client connects, and how: raw TCP, WebSocket, or WebSocket over TLS.
 #[derive(Clone)]
@@ -274,18 +494,23 @@ impl Target {
     }
 }
 
-fn tls_connector(ca: &std::path::Path) -> TlsConnector {
+/// A client TLS config trusting the run's CA; `resume` keeps rustls's in-memory session
+/// store (tickets), so a returning client resumes; without it every handshake is a full one.
+fn tls_connector(ca: &std::path::Path, resume: bool) -> TlsConnector {
     use rustls_pki_types::pem::PemObject;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots
         .add(rustls_pki_types::CertificateDer::from_pem_file(ca).unwrap())
         .unwrap();
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    if !resume {
+        config.resumption = tokio_rustls::rustls::client::Resumption::disabled();
+    }
     TlsConnector::from(Arc::new(config))
 }
 
@@ -434,7 +659,14 @@ impl Client {
             None => Box::new(tcp),
             Some(connector) => {
                 let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-                Box::new(connector.connect(name, tcp).await.unwrap())
+                let tls = connector.connect(name, tcp).await.unwrap();
+                HANDSHAKES.fetch_add(1, Ordering::Relaxed);
+                if tls.get_ref().1.handshake_kind()
+                    == Some(tokio_rustls::rustls::HandshakeKind::Resumed)
+                {
+                    RESUMED.fetch_add(1, Ordering::Relaxed);
+                }
+                Box::new(tls)
             }
         };
         let ws = target.ws;
@@ -476,9 +708,11 @@ impl Client {
         )
     }
 
-    /// Reads until `want` payload bytes have arrived (frame headers are parsed and skipped).
-    async fn read_payload(&mut self, want: usize) {
-        let mut got = 0;
+    /// Reads until `expected.len()` payload bytes have arrived (frame headers are parsed and
+    /// skipped) and checks they are the bytes sent: a fast wrong echo cannot win.
+    async fn read_payload(&mut self, expected: &[u8]) {
+        let want = expected.len();
+        let mut got = Vec::with_capacity(want);
         let mut buf = vec![0u8; 64 * 1024];
         let mut remaining_in_frame = 0usize;
         loop {
@@ -486,9 +720,8 @@ impl Client {
             loop {
                 if remaining_in_frame > 0 {
                     let take = remaining_in_frame.min(self.inbuf.len());
-                    self.inbuf.drain(..take);
+                    got.extend(self.inbuf.drain(..take));
                     remaining_in_frame -= take;
-                    got += take;
                     if take == 0 {
                         break;
                     }
@@ -501,15 +734,15 @@ impl Client {
                         None => break,
                     }
                 } else {
-                    got += self.inbuf.len();
-                    self.inbuf.clear();
+                    got.append(&mut self.inbuf);
                     break;
                 }
-                if got >= want && remaining_in_frame == 0 {
-                    return;
+                if got.len() >= want && remaining_in_frame == 0 {
+                    break;
                 }
             }
-            if got >= want && remaining_in_frame == 0 {
+            if got.len() >= want && remaining_in_frame == 0 {
+                assert_eq!(got, expected, "the echo differs from what was sent");
                 return;
             }
             let n = self.stream.read(&mut buf).await.unwrap();
@@ -544,7 +777,11 @@ impl Client {
 async fn throughput(target: &Target, phase: Duration) -> f64 {
     let ws = target.ws;
     let client = Client::connect(target).await;
-    let msg = client.message(&vec![0x61u8; 64 * 1024]);
+    // 64 KiB that repeat with no shorter period, checked on the way back.
+    let pattern: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let msg = client.message(&pattern);
     let Client { stream, inbuf, .. } = client;
     let (mut r, mut w) = tokio::io::split(stream);
     let stop = Arc::new(AtomicBool::new(false));
@@ -567,6 +804,7 @@ async fn throughput(target: &Target, phase: Duration) -> f64 {
         let n = r.read(&mut buf).await.unwrap();
         assert!(n > 0, "server closed");
         if !ws {
+            check_echo(&pattern, payload, &buf[..n]);
             payload += n as u64;
             continue;
         }
@@ -579,6 +817,7 @@ async fn throughput(target: &Target, phase: Duration) -> f64 {
                 if take == 0 {
                     break;
                 }
+                check_echo(&pattern, payload, &pending[at..at + take]);
                 at += take;
                 in_frame -= take;
                 payload += take as u64;
@@ -600,6 +839,20 @@ async fn throughput(target: &Target, phase: Duration) -> f64 {
     payload as f64 / secs / 1e6
 }
 
+/// Checks that `echoed`, found at stream offset `at`, is the repeating `pattern`.
+fn check_echo(pattern: &[u8], at: u64, mut echoed: &[u8]) {
+    let mut i = (at % pattern.len() as u64) as usize;
+    while !echoed.is_empty() {
+        let take = echoed.len().min(pattern.len() - i);
+        assert!(
+            echoed[..take] == pattern[i..i + take],
+            "the echo differs from what was sent at byte {at}"
+        );
+        echoed = &echoed[take..];
+        i = 0;
+    }
+}
+
 /// Round trips per second with `conns` connections, each one message in flight.
 async fn round_trips(target: &Target, conns: usize, phase: Duration) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
@@ -610,10 +863,13 @@ async fn round_trips(target: &Target, conns: usize, phase: Duration) -> f64 {
         let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&target).await;
-            let msg = c.message(&[0x62u8; 32]);
+            let mut i = 0u8;
             while Instant::now() < deadline {
-                c.stream.write_all(&msg).await.unwrap();
-                c.read_payload(32).await;
+                // Each message different from the last.
+                let payload = [i; 32];
+                i = i.wrapping_add(1);
+                c.stream.write_all(&c.message(&payload)).await.unwrap();
+                c.read_payload(&payload).await;
                 count.fetch_add(1, Ordering::Relaxed);
             }
             c.close().await;
@@ -637,9 +893,9 @@ async fn new_connections(target: &Target, phase: Duration) -> f64 {
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let mut c = Client::connect(&target).await;
-                let msg = c.message(&[0x63u8; 32]);
-                c.stream.write_all(&msg).await.unwrap();
-                c.read_payload(32).await;
+                let payload = [0x63u8; 32];
+                c.stream.write_all(&c.message(&payload)).await.unwrap();
+                c.read_payload(&payload).await;
                 c.close().await;
                 count.fetch_add(1, Ordering::Relaxed);
             }
@@ -661,7 +917,7 @@ async fn idle_memory(rss: &dyn Fn() -> f64, target: &Target, n: usize) -> f64 {
         let mut c = Client::connect(target).await;
         let msg = c.message(b"hi");
         c.stream.write_all(&msg).await.unwrap();
-        c.read_payload(2).await;
+        c.read_payload(b"hi").await;
         clients.push(c);
     }
     let after = rss();
@@ -1092,10 +1348,6 @@ impl Nginx {
             .parse()
             .unwrap()
     }
-
-    fn rss_kib(&self) -> f64 {
-        rss_kib_of(self.worker())
-    }
 }
 
 impl Drop for Nginx {
@@ -1106,122 +1358,4 @@ impl Drop for Nginx {
             .status();
         let _ = self.child.wait();
     }
-}
-
-fn nginx_bench(phase: Duration, reps: usize, idle: usize) {
-    let dir = std::env::temp_dir().join(format!("wsgate-nginx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let made = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/certs/gen-dev-certs.sh"
-    ))
-    .arg(&dir)
-    .arg("localhost")
-    .output()
-    .expect("certs/gen-dev-certs.sh (needs openssl)");
-    assert!(made.status.success());
-    // The ws app both proxy in front of: a wsgate echo route.
-    let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
-    let nginx = Nginx::start(&dir, app.addr, &dir);
-    // Two listeners on ports chosen here, so the address wsgate reports first is the plain one.
-    let (plain, tls) = (free_addr(), free_addr());
-    let conf = config_file(
-        &dir,
-        "proxy.toml",
-        format!(
-            "[[listen]]\naddr = \"{plain}\"\n[[listen]]\naddr = \"{tls}\"\ntls = {{ cert = \"{0}/server.crt\", key = \"{0}/server.key\" }}\n[[route]]\npath = \"/\"\nbackend = \"ws://{1}\"\n",
-            dir.display(),
-            app.addr
-        ),
-    );
-    let gate = Server::spawn_config(&conf);
-    assert_eq!(gate.addr, plain);
-    let gate_tls = tls;
-    let connector = tls_connector(&dir.join("ca.crt"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (ng_ws, gw_ws) = (Target::ws(nginx.plain), Target::ws(gate.addr));
-    let ng_wss = Target {
-        tls: Some(connector.clone()),
-        ..Target::ws(nginx.tls)
-    };
-    let gw_wss = Target {
-        tls: Some(connector),
-        ..Target::ws(gate_tls)
-    };
-    let ng_pid = nginx.worker();
-    let gw_pid = gate.child.id();
-    // Each phase alternates nginx and wsgate, `reps` times; medians, and CPU per unit.
-    let pair = |f: &dyn Fn(&Target) -> f64, a: &Target, b: &Target| {
-        let (mut x, mut y, mut cx, mut cy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for rep in 0..reps.max(1) {
-            let one = |t: &Target, pid: u32, out: &mut Vec<f64>, cpu: &mut Vec<f64>| {
-                let c0 = cpu_secs(pid);
-                let v = f(t);
-                cpu.push((cpu_secs(pid) - c0) * 1e6 / (v * phase.as_secs_f64()));
-                out.push(v);
-            };
-            if rep % 2 == 0 {
-                one(a, ng_pid, &mut x, &mut cx);
-                one(b, gw_pid, &mut y, &mut cy);
-            } else {
-                one(b, gw_pid, &mut y, &mut cy);
-                one(a, ng_pid, &mut x, &mut cx);
-            }
-        }
-        (median(x), median(y), median(cx), median(cy))
-    };
-    println!("proxy routes against nginx {}: the same ws app (a wsgate echo), the same client; phase {}s, {reps} runs each (median), alternating; nginx: 1 worker, proxy_buffer_size 64k, proxy_buffers 4 64k; CPU is the proxy process's own (nginx: its worker)",
-        String::from_utf8_lossy(&Command::new("nginx").arg("-v").output().unwrap().stderr).trim(), phase.as_secs());
-    println!("\n| measure | nginx | wsgate | wsgate / nginx | nginx CPU µs per unit | wsgate CPU µs per unit |\n|---|---:|---:|---:|---:|---:|");
-    let print = |name: &str, (a, b, ca, cb): (f64, f64, f64, f64)| {
-        println!(
-            "| {name} | {a:.0} | {b:.0} | {:.2}× | {ca:.1} | {cb:.1} |",
-            b / a
-        );
-    };
-    print(
-        "ws proxy throughput, 1 conn, 64 KiB messages (MB/s; CPU per MB)",
-        pair(&|t| rt.block_on(throughput(t, phase)), &ng_ws, &gw_ws),
-    );
-    print(
-        "ws proxy round trips/s, 64 conns, 32 B",
-        pair(&|t| rt.block_on(round_trips(t, 64, phase)), &ng_ws, &gw_ws),
-    );
-    print(
-        "ws proxy new connections/s",
-        pair(&|t| rt.block_on(new_connections(t, phase)), &ng_ws, &gw_ws),
-    );
-    print(
-        "wss proxy throughput, 1 conn, 64 KiB messages (MB/s; CPU per MB)",
-        pair(&|t| rt.block_on(throughput(t, phase)), &ng_wss, &gw_wss),
-    );
-    print(
-        "wss proxy round trips/s, 64 conns, 32 B",
-        pair(
-            &|t| rt.block_on(round_trips(t, 64, phase)),
-            &ng_wss,
-            &gw_wss,
-        ),
-    );
-    print(
-        "wss new connections/s (full TLS handshakes)",
-        pair(
-            &|t| rt.block_on(new_connections(t, phase)),
-            &ng_wss,
-            &gw_wss,
-        ),
-    );
-    let n = rt.block_on(idle_memory(&|| nginx.rss_kib(), &ng_ws, idle));
-    let g = rt.block_on(idle_memory(&|| gate.rss_kib(), &gw_ws, idle));
-    println!("| KiB per idle proxied ws session ({idle} held; RSS growth / N) | {n:.1} | {g:.1} | {:.2}× | | |", g / n);
-    drop(nginx);
-    let _ = std::fs::remove_dir_all(&dir);
 }

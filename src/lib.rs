@@ -37,6 +37,7 @@ mod backend;
 mod bridge;
 mod metrics;
 mod proxy;
+mod scratch;
 mod server;
 mod session_end;
 mod tls;

@@ -1,15 +1,16 @@
 //! Backend → client: the backend's bytes, one frame per read (`framing = "stream"`), or one
 //! message per line (`framing = "lines"`).
 
-use tokio::io::AsyncReadExt;
-
 use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
 
 use super::budget::MessageBudget;
 use super::{SessionLimits, Shared, INITIAL_READ_BUF, MAX_READ_BUF};
 use crate::protocol::frame::{close_code, OpCode};
 use crate::protocol::utf8::Utf8Validator;
 use crate::route::MessageMode;
+use crate::scratch::read_lazily;
 use crate::session_end::SessionEnd;
 use crate::stream::BoxRead;
 
@@ -19,18 +20,21 @@ use crate::stream::BoxRead;
 pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
     let text = mode == MessageMode::Text;
     let opcode = if text { OpCode::Text } else { OpCode::Binary };
-    let mut buf = vec![0u8; INITIAL_READ_BUF];
+    // Holds only the incomplete UTF-8 sequence at the end of a read (text mode) between
+    // reads; an idle session holds no buffer (see `scratch`).
+    let mut buf = BytesMut::new();
+    let mut read_size = INITIAL_READ_BUF;
     let mut utf8 = Utf8Validator::default();
-    let mut carry = 0;
     loop {
-        let read = backend.read(&mut buf[carry..]).await;
+        let carry = buf.len();
+        let read = read_lazily(backend.as_mut(), &mut buf, read_size).await;
         let n = match read {
             Ok(0) => return backend_ended(s, false, carry > 0).await,
             Ok(n) => n,
             Err(_) => return backend_ended(s, true, false).await,
         };
         if s.is_closing() {
-            carry = 0;
+            buf.clear();
             continue;
         }
         let filled = carry + n;
@@ -58,10 +62,9 @@ pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
                 s.count_to_client(send_len);
             }
         }
-        buf.copy_within(send_len..filled, 0);
-        carry = filled - send_len;
-        if n == buf.len() - (filled - n) && buf.len() < MAX_READ_BUF {
-            buf.resize(buf.len() * 2, 0);
+        buf.advance(send_len);
+        if n >= read_size && read_size < MAX_READ_BUF {
+            read_size *= 2;
         }
     }
 }
@@ -78,11 +81,14 @@ pub(super) async fn pump_lines(
 ) {
     let text = limits.message == MessageMode::Text;
     let opcode = if text { OpCode::Text } else { OpCode::Binary };
-    let mut buf = vec![0u8; INITIAL_READ_BUF];
+    // Empty between reads: an idle session holds no buffer (see `scratch`).
+    let mut buf = BytesMut::new();
+    let mut read_size = INITIAL_READ_BUF;
     let mut line: Vec<u8> = Vec::new();
     let mut held = budget.reservation();
     loop {
-        let n = match backend.read(&mut buf).await {
+        buf.clear();
+        let n = match read_lazily(backend.as_mut(), &mut buf, read_size).await {
             Ok(0) => {
                 // A last line without its newline is still a line.
                 if !s.is_closing() && !line.is_empty() && !send_line(s, opcode, text, &line).await {
@@ -141,8 +147,8 @@ pub(super) async fn pump_lines(
             }
             line.extend_from_slice(rest);
         }
-        if n == buf.len() && buf.len() < MAX_READ_BUF {
-            buf.resize(buf.len() * 2, 0);
+        if n >= read_size && read_size < MAX_READ_BUF {
+            read_size *= 2;
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
 use super::budget::MessageBudget;
@@ -14,6 +14,7 @@ use crate::protocol::decoder::{Decoder, Event, MessageKind, Violation};
 use crate::protocol::deflate::Inflater;
 use crate::protocol::frame::{close_code, OpCode};
 use crate::route::Framing;
+use crate::scratch::read_lazily;
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite};
 
@@ -164,11 +165,9 @@ pub(super) async fn pump(
         }
 
         // Read more.
+        // An idle session holds no read buffer (see `scratch`).
         let want = read_size.max(decoder.wants());
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        match client.read_buf(&mut buf).await {
+        match read_lazily(client.as_mut(), &mut buf, want).await {
             Ok(0) | Err(_) => return client_gone(s, backend).await,
             Ok(n) => {
                 s.heard();
@@ -200,13 +199,10 @@ async fn write_backend(
     tokio::pin!(write);
     loop {
         let room = MAX_READ_BUF.saturating_sub(buf.len());
-        if room > 0 && buf.capacity() - buf.len() < room.min(INITIAL_READ_BUF) {
-            buf.reserve(room.min(INITIAL_READ_BUF));
-        }
         tokio::select! {
             biased;
             written = &mut write => return written.map_err(|_| BackendWriteFailed::Backend),
-            read = client.read_buf(buf), if room > 0 => match read {
+            read = read_lazily(client.as_mut(), buf, room.min(INITIAL_READ_BUF)), if room > 0 => match read {
                 Ok(0) | Err(_) => return Err(BackendWriteFailed::ClientGone),
                 Ok(_) => s.heard(),
             },
@@ -231,10 +227,6 @@ async fn finish(s: &Shared, mut client: BoxRead, backend: Option<BoxWrite>) {
         let _ = w.shutdown().await;
     }
     let _ = s.writer.lock().await.shutdown().await;
-    let mut scratch = [0u8; 1024];
-    while let Ok(n) = client.read(&mut scratch).await {
-        if n == 0 {
-            break;
-        }
-    }
+    // Read and dropped until EOF (copy's buffer lives on the heap only while this runs).
+    let _ = tokio::io::copy(&mut client, &mut tokio::io::sink()).await;
 }

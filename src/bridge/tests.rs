@@ -458,3 +458,64 @@ async fn shutdown_with_both_sides_stuck_ends_within_close_timeout() {
     );
     pushers.abort();
 }
+
+#[tokio::test]
+async fn zz_future_sizes() {
+    let (a, _b) = tokio::io::duplex(10);
+    let (r, w) = tokio::io::split(a);
+    let lim = limits();
+    let stop = CancellationToken::new();
+    let budget = MessageBudget::new(1 << 30);
+    let f = run(Box::pin(r), BytesMut::new(), Box::pin(w), None, &lim, &stop, SessionCounters::default(), &budget);
+    eprintln!("run future: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let (a, _b) = tokio::io::duplex(10);
+    let (c, _d) = tokio::io::duplex(10);
+    let (mut a, mut c) = (a, c);
+    let f = crate::proxy::splice::splice(&mut a, &mut c, Duration::from_secs(1), &stop, Default::default(), Default::default());
+    eprintln!("splice future: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let started = Instant::now();
+    let (a, _b) = tokio::io::duplex(10);
+    let (_r, w) = tokio::io::split(a);
+    let shared = super::Shared {
+        writer: tokio::sync::Mutex::new(crate::protocol::writer::FrameWriter::new(Box::pin(w))),
+        started,
+        heard_at: crate::stream::PendingSince::new(started),
+        client_write: crate::stream::PendingSince::new(started),
+        backend_write: crate::stream::PendingSince::new(started),
+        closing: tokio::sync::watch::Sender::new(None),
+        close_timeout: Duration::from_secs(1),
+        end: std::sync::OnceLock::new(),
+        close_received: std::sync::OnceLock::new(),
+        bytes_from_client: Default::default(),
+        bytes_to_client: Default::default(),
+        messages_from_client: Default::default(),
+        messages_to_client: Default::default(),
+        counters: SessionCounters::default(),
+    };
+    let (a, _b) = tokio::io::duplex(10);
+    let (r, _w) = tokio::io::split(a);
+    let budget = std::sync::Arc::new(budget);
+    let f = super::from_client::pump(&shared, Box::pin(r), BytesMut::new(), None, &lim, &budget);
+    eprintln!("from_client: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let (a, _b) = tokio::io::duplex(10);
+    let (r, _w) = tokio::io::split(a);
+    let f = super::from_backend::pump(&shared, Box::pin(r), MessageMode::Binary);
+    eprintln!("from_backend: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let (a, _b) = tokio::io::duplex(10);
+    let (r, _w) = tokio::io::split(a);
+    let f = super::from_backend::pump_lines(&shared, Box::pin(r), &lim, &budget);
+    eprintln!("pump_lines: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let f = super::watchdog::run(&shared, &lim, &stop);
+    eprintln!("watchdog: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let f = shared.closing_deadline();
+    eprintln!("closing_deadline: {}", std::mem::size_of_val(&f));
+    drop(f);
+    let f = shared.close(SessionEnd::Closed, None, "");
+    eprintln!("close: {}", std::mem::size_of_val(&f));
+}

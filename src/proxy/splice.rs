@@ -1,14 +1,19 @@
 //! The proxy route's data path after both upgrades: bytes copied both ways, counted, with the
 //! idle timer and the drain signal.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::scratch::with_scratch;
 use crate::session_end::SessionEnd;
 use crate::stream::{Observed, Observer, PendingSince};
 
@@ -46,8 +51,8 @@ pub(crate) struct Spliced {
     pub to_client: u64,
 }
 
-/// Splices the upgraded client and app connections with 64 KiB buffers each way (a slow side
-/// stops the other's reads), until both are done, the client is silent for `idle`, a write to
+/// Splices the upgraded client and app connections (reads of up to 64 KiB; a slow side stops
+/// the other's reads), until both are done, the client is silent for `idle`, a write to
 /// either side has been stalled for `idle` (a side that stopped reading), or `stop` is
 /// cancelled (drain). Frames pass through untouched, so no close frame is injected: a cut
 /// session ends with a TCP close.
@@ -85,8 +90,12 @@ where
             stalled: app_stalled.clone(),
         },
     };
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, 64 * 1024, 64 * 1024);
+    let copy = Both {
+        client: &mut client,
+        app: &mut app,
+        up: Direction::default(),
+        down: Direction::default(),
+    };
     // Nothing from the client for `idle`, or a write to either side stalled for `idle`.
     let watch = async {
         loop {
@@ -114,5 +123,131 @@ where
         end,
         from_client: client.observer.total,
         to_client: app.observer.total,
+    }
+}
+
+/// One direction of the splice. Bytes are read into the thread's scratch buffer and written
+/// on at once; only what the writer does not take right away is copied into `held` (at most
+/// one read, 64 KiB), and reading stops until it is written. So an idle session, or one
+/// whose writes keep up, holds no buffer at all.
+#[derive(Default)]
+struct Direction {
+    held: Vec<u8>,
+    /// Written of `held` so far.
+    at: usize,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// The reader is at EOF; the writer is shut down once `held` is written.
+    eof: bool,
+    done: bool,
+}
+
+impl Direction {
+    /// Moves bytes until the reader has nothing (Pending), the writer is full (Pending), or
+    /// the reader's EOF has been passed on as the writer's shutdown (Ready).
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.at < self.held.len() {
+                let n = ready!(writer.as_mut().poll_write(cx, &self.held[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.at += n;
+                self.unflushed = true;
+            }
+            if !self.held.is_empty() {
+                self.held = Vec::new();
+                self.at = 0;
+            }
+            if self.eof {
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let read = with_scratch(|scratch| {
+                let mut read = ReadBuf::new(scratch);
+                ready!(reader.as_mut().poll_read(cx, &mut read))?;
+                let data = read.filled();
+                if data.is_empty() {
+                    self.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let mut at = 0;
+                while at < data.len() {
+                    match writer.as_mut().poll_write(cx, &data[at..]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(n)) => at += n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
+                    }
+                }
+                if at > 0 {
+                    self.unflushed = true;
+                }
+                if at < data.len() {
+                    self.held = data[at..].to_vec();
+                }
+                Poll::Ready(Ok(()))
+            });
+            match read {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing more to read now: what was written goes out (a TLS writer may
+                    // hold the last record until flushed).
+                    if self.unflushed {
+                        ready!(writer.as_mut().poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Both directions until both are done (each reader's EOF passed on as a shutdown), or the
+/// first error.
+struct Both<'a, C: ?Sized, A: ?Sized> {
+    client: &'a mut C,
+    app: &'a mut A,
+    up: Direction,
+    down: Direction,
+}
+
+impl<C, A> Future for Both<'_, C, A>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let up = this
+            .up
+            .poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.app))?;
+        let down = this
+            .down
+            .poll_copy(cx, Pin::new(&mut *this.app), Pin::new(&mut *this.client))?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
     }
 }

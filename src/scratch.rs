@@ -1,0 +1,140 @@
+//! Buffers held only while data flows.
+//!
+//! An idle session waits in a read, and a read needs somewhere to put its bytes. If every
+//! session kept its own read buffer for that, 10,000 idle sessions would hold 10,000 empty
+//! buffers. Instead, a session that holds no unconsumed bytes gives its buffer back before it
+//! waits, and the read that wakes it lands in one scratch buffer per worker thread. Only then
+//! are the bytes copied into a buffer of the session's own, sized to what arrived.
+//!
+//! The scratch buffer is borrowed only inside a single poll, never across an `.await`, so a
+//! task that moves to another worker thread does not take it along.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// The largest single read: the per-direction bound of every session buffer.
+pub(crate) const SCRATCH_LEN: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
+
+/// Runs `f` with this thread's scratch buffer (`SCRATCH_LEN` bytes).
+///
+/// `f` must not call `with_scratch` itself.
+pub(crate) fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()[..]))
+}
+
+/// Reads into `buf`: up to `size` bytes (more if `buf` already has the room), at least one
+/// unless at EOF, appended to what `buf` holds.
+///
+/// While `buf` is empty the read does not hold on to its memory: if the read has to wait,
+/// `buf`'s allocation is released first, and the bytes that end the wait arrive through the
+/// scratch buffer and are copied into an allocation of just their size. A `buf` that still
+/// holds bytes (a frame not yet complete), or an empty one with `size` free bytes (data is
+/// flowing), is read into directly.
+pub(crate) fn poll_read_lazily<R: AsyncRead + ?Sized>(
+    reader: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    size: usize,
+) -> Poll<io::Result<usize>> {
+    let size = size.max(1);
+    if !buf.is_empty() {
+        if buf.capacity() - buf.len() < size {
+            buf.reserve(size);
+        }
+        return tokio_util::io::poll_read_buf(reader, cx, buf);
+    }
+    if buf.capacity() >= size {
+        let read = tokio_util::io::poll_read_buf(reader, cx, buf);
+        if read.is_pending() {
+            // Waiting with nothing held: give the buffer back.
+            *buf = BytesMut::new();
+        }
+        return read;
+    }
+    let read = with_scratch(|scratch| {
+        let mut read = ReadBuf::new(&mut scratch[..size.min(SCRATCH_LEN)]);
+        ready!(reader.poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    });
+    if read.is_pending() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+    read
+}
+
+/// [`poll_read_lazily`] as a future: cancel-safe (bytes are only ever appended to `buf`).
+pub(crate) async fn read_lazily<R: AsyncRead + ?Sized>(
+    mut reader: Pin<&mut R>,
+    buf: &mut BytesMut,
+    size: usize,
+) -> io::Result<usize> {
+    poll_fn(|cx| poll_read_lazily(reader.as_mut(), cx, buf, size)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn an_empty_buffer_is_given_back_while_waiting_and_bytes_arrive_whole() {
+        let (mut peer, mut ours) = tokio::io::duplex(1 << 20);
+        let mut buf = BytesMut::with_capacity(4096);
+        // Nothing to read: the read waits, and the buffer's memory is released.
+        let waited = poll_fn(|cx| {
+            Poll::Ready(poll_read_lazily(Pin::new(&mut ours), cx, &mut buf, 4096).is_pending())
+        })
+        .await;
+        assert!(waited);
+        assert_eq!(buf.capacity(), 0, "an idle read holds no buffer");
+        // Bytes arrive: they come through the scratch buffer into a buffer of their size.
+        peer.write_all(b"hello").await.unwrap();
+        let n = read_lazily(Pin::new(&mut ours), &mut buf, 4096).await.unwrap();
+        assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
+        assert!(buf.capacity() < 4096, "sized to what arrived: {}", buf.capacity());
+        // A buffer that holds bytes is read into directly and grows as asked.
+        let big = vec![7u8; 100_000];
+        peer.write_all(&big).await.unwrap();
+        let mut total = 5;
+        while total < 5 + big.len() {
+            total += read_lazily(Pin::new(&mut ours), &mut buf, 64 * 1024)
+                .await
+                .unwrap();
+        }
+        assert_eq!(&buf[..5], b"hello");
+        assert!(buf[5..].iter().all(|&b| b == 7));
+        assert_eq!(buf.len(), 5 + big.len());
+        // EOF reads as 0.
+        drop(peer);
+        let mut rest = BytesMut::new();
+        assert_eq!(
+            read_lazily(Pin::new(&mut ours), &mut rest, 10).await.unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_into_no_buffer_is_at_most_what_was_asked_and_the_scratch() {
+        let (mut peer, mut ours) = tokio::io::duplex(1 << 20);
+        peer.write_all(&vec![1u8; 200_000]).await.unwrap();
+        let mut buf = BytesMut::new();
+        let n = read_lazily(Pin::new(&mut ours), &mut buf, 10).await.unwrap();
+        assert_eq!(n, 10);
+        let mut other = BytesMut::new();
+        let n = read_lazily(Pin::new(&mut ours), &mut other, 1 << 20)
+            .await
+            .unwrap();
+        assert!(n <= SCRATCH_LEN, "{n}");
+    }
+}
