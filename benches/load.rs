@@ -125,11 +125,11 @@ fn main() {
     }
 }
 
-/// LOAD_ROWS=a,b runs only the rows whose name contains one of these (for profiling one
-/// path); unset runs all.
+/// LOAD_ROWS=a,b runs only the rows whose name starts with one of these (for profiling one
+/// path: "ws bridge new connections", "wss proxy", "ws", "flood"); unset runs all.
 fn rows_wanted(name: &str) -> bool {
     match std::env::var("LOAD_ROWS") {
-        Ok(rows) => rows.split(',').any(|r| name.contains(r.trim())),
+        Ok(rows) => rows.split(',').any(|r| name.starts_with(r.trim())),
         Err(_) => true,
     }
 }
@@ -309,17 +309,20 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             .collect()
     };
     // Memory from a fresh process each time: the median of `reps` fresh starts.
-    let fresh_memory = |start: &dyn Fn() -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>)| {
-        median(
-            (0..reps.max(1))
-                .map(|_| {
-                    let (rss, target, _process) = start();
-                    rt.block_on(idle_memory(&*rss, &target, idle))
-                })
-                .collect(),
-        )
-    };
-    let fresh_wsgate = |conf: std::path::PathBuf, tls_addr: Option<std::net::SocketAddr>, connector: TlsConnector| {
+    let fresh_memory =
+        |start: &dyn Fn() -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>)| {
+            median(
+                (0..reps.max(1))
+                    .map(|_| {
+                        let (rss, target, _process) = start();
+                        rt.block_on(idle_memory(&*rss, &target, idle))
+                    })
+                    .collect(),
+            )
+        };
+    let fresh_wsgate = |conf: std::path::PathBuf,
+                        tls_addr: Option<std::net::SocketAddr>,
+                        connector: TlsConnector| {
         move || -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>) {
             // The config's ports are taken by the running instance: a copy on new ones.
             let text = std::fs::read_to_string(&conf).unwrap();
@@ -352,64 +355,175 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
         row.print();
         rows.push(row);
     };
-    println!("phase {}s, {reps} runs each (median), order rotated; machine: {} cores; nginx: {}",
+    println!(
+        "phase {}s, {reps} runs each (median), order rotated; machine: {} cores; nginx: {}",
         phase.as_secs(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if nginx_installed { "Debian's nginx, 1 worker, proxy_buffer_size 64k, proxy_buffers 4 64k" } else { "not installed (its columns are empty)" });
+        if nginx_installed {
+            "Debian's nginx, 1 worker, proxy_buffer_size 64k, proxy_buffers 4 64k"
+        } else {
+            "not installed (its columns are empty)"
+        }
+    );
     println!("\n| path | measure | wsgate | plain relay | nginx | ratio | target |\n|---|---|---:|---:|---:|---:|---|");
 
     // -- ws bridge --
-    if rows_wanted("bridge throughput") {
+    if rows_wanted("ws bridge throughput") {
         let r = measure(&|t| rt.block_on(throughput(t, phase)), &[&g_ws, &raw]);
-        add(Row { path: "ws bridge", measure: "MB/s, 1 conn, 64 KiB messages".into(), wsgate: r[0].0, relay: Some(r[1].0), nginx: None, target: Goal::RelayAtLeast(1.0) });
-        add(Row { path: "ws bridge", measure: "CPU µs per MB".into(), wsgate: r[0].1, relay: Some(r[1].1), nginx: None, target: Goal::None });
+        add(Row {
+            path: "ws bridge",
+            measure: "MB/s, 1 conn, 64 KiB messages".into(),
+            wsgate: r[0].0,
+            relay: Some(r[1].0),
+            nginx: None,
+            target: Goal::RelayAtLeast(1.0),
+        });
+        add(Row {
+            path: "ws bridge",
+            measure: "CPU µs per MB".into(),
+            wsgate: r[0].1,
+            relay: Some(r[1].1),
+            nginx: None,
+            target: Goal::None,
+        });
     }
-    if rows_wanted("bridge round trips") {
+    if rows_wanted("ws bridge round trips") {
         let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &[&g_ws, &raw]);
-        add(Row { path: "ws bridge", measure: "round trips/s, 64 conns, 32 B".into(), wsgate: r[0].0, relay: Some(r[1].0), nginx: None, target: Goal::RelayAtLeast(1.0) });
-        add(Row { path: "ws bridge", measure: "CPU µs per round trip".into(), wsgate: r[0].1, relay: Some(r[1].1), nginx: None, target: Goal::RelayAtMost(1.0) });
+        add(Row {
+            path: "ws bridge",
+            measure: "round trips/s, 64 conns, 32 B".into(),
+            wsgate: r[0].0,
+            relay: Some(r[1].0),
+            nginx: None,
+            target: Goal::RelayAtLeast(1.0),
+        });
+        add(Row {
+            path: "ws bridge",
+            measure: "CPU µs per round trip".into(),
+            wsgate: r[0].1,
+            relay: Some(r[1].1),
+            nginx: None,
+            target: Goal::RelayAtMost(1.0),
+        });
     }
-    if rows_wanted("bridge new connections") {
+    if rows_wanted("ws bridge new connections") {
         let mut peers = vec![&g_ws, &raw];
         peers.extend(ng(0));
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
-        add(Row { path: "ws bridge", measure: "new connections/s (nginx: its ws proxy)".into(), wsgate: r[0].0, relay: Some(r[1].0), nginx: r.get(2).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
-        add(Row { path: "ws bridge", measure: "CPU µs per new connection".into(), wsgate: r[0].1, relay: Some(r[1].1), nginx: r.get(2).map(|x| x.1), target: Goal::None });
+        add(Row {
+            path: "ws bridge",
+            measure: "new connections/s (nginx: its ws proxy)".into(),
+            wsgate: r[0].0,
+            relay: Some(r[1].0),
+            nginx: r.get(2).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.5),
+        });
+        add(Row {
+            path: "ws bridge",
+            measure: "CPU µs per new connection".into(),
+            wsgate: r[0].1,
+            relay: Some(r[1].1),
+            nginx: r.get(2).map(|x| x.1),
+            target: Goal::None,
+        });
     }
-    if rows_wanted("bridge memory") {
+    if rows_wanted("ws bridge memory") {
         let g = fresh_memory(&fresh_wsgate(bridge_conf.clone(), None, full.clone()));
         let r = fresh_memory(&|| {
             let relay = Server::spawn_role("relay", Some(echo.addr));
             let pid = relay.child.id();
-            (Box::new(move || rss_kib_of(pid)), Target::raw(relay.addr), Box::new(relay))
+            (
+                Box::new(move || rss_kib_of(pid)),
+                Target::raw(relay.addr),
+                Box::new(relay),
+            )
         });
-        add(Row { path: "ws bridge", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: Some(r), nginx: None, target: Goal::AtMost(8.0) });
+        add(Row {
+            path: "ws bridge",
+            measure: format!("KiB per idle session ({idle} held, fresh process)"),
+            wsgate: g,
+            relay: Some(r),
+            nginx: None,
+            target: Goal::AtMost(8.0),
+        });
     }
     // -- ws proxy route --
     if let Some(nginx_ws) = ng(0) {
-        if rows_wanted("proxy throughput") {
+        if rows_wanted("ws proxy throughput") {
             let r = measure(&|t| rt.block_on(throughput(t, phase)), &[&p_ws, nginx_ws]);
-            add(Row { path: "ws proxy route", measure: "MB/s, 1 conn, 64 KiB messages".into(), wsgate: r[0].0, relay: None, nginx: Some(r[1].0), target: Goal::NginxAtLeast(1.0) });
+            add(Row {
+                path: "ws proxy route",
+                measure: "MB/s, 1 conn, 64 KiB messages".into(),
+                wsgate: r[0].0,
+                relay: None,
+                nginx: Some(r[1].0),
+                target: Goal::NginxAtLeast(1.0),
+            });
         }
-        if rows_wanted("proxy round trips") {
-            let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &[&p_ws, nginx_ws]);
-            add(Row { path: "ws proxy route", measure: "round trips/s, 64 conns, 32 B".into(), wsgate: r[0].0, relay: None, nginx: Some(r[1].0), target: Goal::NginxAtLeast(1.0) });
-            add(Row { path: "ws proxy route", measure: "CPU µs per round trip".into(), wsgate: r[0].1, relay: None, nginx: Some(r[1].1), target: Goal::NginxAtMost(1.0) });
+        if rows_wanted("ws proxy round trips") {
+            let r = measure(
+                &|t| rt.block_on(round_trips(t, 64, phase)),
+                &[&p_ws, nginx_ws],
+            );
+            add(Row {
+                path: "ws proxy route",
+                measure: "round trips/s, 64 conns, 32 B".into(),
+                wsgate: r[0].0,
+                relay: None,
+                nginx: Some(r[1].0),
+                target: Goal::NginxAtLeast(1.0),
+            });
+            add(Row {
+                path: "ws proxy route",
+                measure: "CPU µs per round trip".into(),
+                wsgate: r[0].1,
+                relay: None,
+                nginx: Some(r[1].1),
+                target: Goal::NginxAtMost(1.0),
+            });
         }
-        if rows_wanted("proxy new connections") {
-            let r = measure(&|t| rt.block_on(new_connections(t, phase)), &[&p_ws, nginx_ws]);
-            add(Row { path: "ws proxy route", measure: "new connections/s".into(), wsgate: r[0].0, relay: None, nginx: Some(r[1].0), target: Goal::NginxAtLeast(1.0) });
-            add(Row { path: "ws proxy route", measure: "CPU µs per new connection".into(), wsgate: r[0].1, relay: None, nginx: Some(r[1].1), target: Goal::NginxAtMost(1.0) });
+        if rows_wanted("ws proxy new connections") {
+            let r = measure(
+                &|t| rt.block_on(new_connections(t, phase)),
+                &[&p_ws, nginx_ws],
+            );
+            add(Row {
+                path: "ws proxy route",
+                measure: "new connections/s".into(),
+                wsgate: r[0].0,
+                relay: None,
+                nginx: Some(r[1].0),
+                target: Goal::NginxAtLeast(1.0),
+            });
+            add(Row {
+                path: "ws proxy route",
+                measure: "CPU µs per new connection".into(),
+                wsgate: r[0].1,
+                relay: None,
+                nginx: Some(r[1].1),
+                target: Goal::NginxAtMost(1.0),
+            });
         }
-        if rows_wanted("proxy memory") {
+        if rows_wanted("ws proxy memory") {
             let g = fresh_memory(&fresh_wsgate(proxy_conf.clone(), None, full.clone()));
             let k = fresh_memory(&|| {
-                let fresh = Nginx::start(&dir.join(format!("nginx-{}", free_addr().port())), app.addr, &dir);
+                let fresh = Nginx::start(
+                    &dir.join(format!("nginx-{}", free_addr().port())),
+                    app.addr,
+                    &dir,
+                );
                 let pid = fresh.worker();
                 let target = Target::ws(fresh.plain);
                 (Box::new(move || rss_kib_of(pid)), target, Box::new(fresh))
             });
-            add(Row { path: "ws proxy route", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: None, nginx: Some(k), target: Goal::NginxAtMost(1.0) });
+            add(Row {
+                path: "ws proxy route",
+                measure: format!("KiB per idle session ({idle} held, fresh process)"),
+                wsgate: g,
+                relay: None,
+                nginx: Some(k),
+                target: Goal::NginxAtMost(1.0),
+            });
         }
     }
     // -- wss --
@@ -417,40 +531,108 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
     wss_peers.extend(ng(1));
     if rows_wanted("wss bridge throughput") {
         let r = measure(&|t| rt.block_on(throughput(t, phase)), &wss_peers);
-        add(Row { path: "wss bridge", measure: "MB/s, 1 conn (nginx: its wss proxy)".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+        add(Row {
+            path: "wss bridge",
+            measure: "MB/s, 1 conn (nginx: its wss proxy)".into(),
+            wsgate: r[0].0,
+            relay: None,
+            nginx: r.get(1).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.5),
+        });
     }
     if rows_wanted("wss bridge new connections") {
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &wss_peers);
-        add(Row { path: "wss bridge", measure: "new connections/s, full TLS handshakes".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+        add(Row {
+            path: "wss bridge",
+            measure: "new connections/s, full TLS handshakes".into(),
+            wsgate: r[0].0,
+            relay: None,
+            nginx: r.get(1).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.5),
+        });
         let mut peers = vec![&g_wss_resumed];
         peers.extend(ng(2));
         RESUMED.store(0, Ordering::Relaxed);
         HANDSHAKES.store(0, Ordering::Relaxed);
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
-        let share = RESUMED.load(Ordering::Relaxed) as f64 / HANDSHAKES.load(Ordering::Relaxed).max(1) as f64;
-        add(Row { path: "wss bridge", measure: format!("new connections/s, returning clients ({:.0} % of all handshakes resumed)", share * 100.0), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.5) });
+        let share = RESUMED.load(Ordering::Relaxed) as f64
+            / HANDSHAKES.load(Ordering::Relaxed).max(1) as f64;
+        add(Row {
+            path: "wss bridge",
+            measure: format!(
+                "new connections/s, returning clients ({:.0} % of all handshakes resumed)",
+                share * 100.0
+            ),
+            wsgate: r[0].0,
+            relay: None,
+            nginx: r.get(1).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.5),
+        });
     }
     if rows_wanted("wss bridge memory") {
-        let g = fresh_memory(&fresh_wsgate(bridge_conf.clone(), Some(bridge_tls), full.clone()));
-        add(Row { path: "wss bridge", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: None, nginx: None, target: Goal::AtMost(16.0) });
+        let g = fresh_memory(&fresh_wsgate(
+            bridge_conf.clone(),
+            Some(bridge_tls),
+            full.clone(),
+        ));
+        add(Row {
+            path: "wss bridge",
+            measure: format!("KiB per idle session ({idle} held, fresh process)"),
+            wsgate: g,
+            relay: None,
+            nginx: None,
+            target: Goal::AtMost(16.0),
+        });
     }
     let mut pwss_peers = vec![&p_wss];
     pwss_peers.extend(ng(1));
     if rows_wanted("wss proxy throughput") {
         let r = measure(&|t| rt.block_on(throughput(t, phase)), &pwss_peers);
-        add(Row { path: "wss proxy route", measure: "MB/s, 1 conn".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.0) });
+        add(Row {
+            path: "wss proxy route",
+            measure: "MB/s, 1 conn".into(),
+            wsgate: r[0].0,
+            relay: None,
+            nginx: r.get(1).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.0),
+        });
     }
     if rows_wanted("wss proxy round trips") {
         let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &pwss_peers);
-        add(Row { path: "wss proxy route", measure: "round trips/s, 64 conns".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.0) });
+        add(Row {
+            path: "wss proxy route",
+            measure: "round trips/s, 64 conns".into(),
+            wsgate: r[0].0,
+            relay: None,
+            nginx: r.get(1).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.0),
+        });
     }
     if rows_wanted("wss proxy new connections") {
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &pwss_peers);
-        add(Row { path: "wss proxy route", measure: "new connections/s, full TLS handshakes".into(), wsgate: r[0].0, relay: None, nginx: r.get(1).map(|x| x.0), target: Goal::NginxAtLeast(1.0) });
+        add(Row {
+            path: "wss proxy route",
+            measure: "new connections/s, full TLS handshakes".into(),
+            wsgate: r[0].0,
+            relay: None,
+            nginx: r.get(1).map(|x| x.0),
+            target: Goal::NginxAtLeast(1.0),
+        });
     }
     if rows_wanted("wss proxy memory") {
-        let g = fresh_memory(&fresh_wsgate(proxy_conf.clone(), Some(proxy_tls), full.clone()));
-        add(Row { path: "wss proxy route", measure: format!("KiB per idle session ({idle} held, fresh process)"), wsgate: g, relay: None, nginx: None, target: Goal::AtMost(16.0) });
+        let g = fresh_memory(&fresh_wsgate(
+            proxy_conf.clone(),
+            Some(proxy_tls),
+            full.clone(),
+        ));
+        add(Row {
+            path: "wss proxy route",
+            measure: format!("KiB per idle session ({idle} held, fresh process)"),
+            wsgate: g,
+            relay: None,
+            nginx: None,
+            target: Goal::AtMost(16.0),
+        });
     }
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);

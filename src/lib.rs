@@ -26,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod files;
 pub mod forwarded;
+pub mod log_writer;
 pub mod params;
 pub mod protocol;
 pub mod proxy_protocol;

@@ -136,9 +136,12 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_level.into());
+    // Lines are buffered and written by a thread of their own (at most 100 ms later);
+    // `_flush` writes what is left when main returns.
+    let (writer, _flush) = wsgate::log_writer::buffered(std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false);
     match cli.log_format {
         LogFormat::Text => logs.init(),

@@ -100,9 +100,15 @@ mod tests {
         assert_eq!(buf.capacity(), 0, "an idle read holds no buffer");
         // Bytes arrive: they come through the scratch buffer into a buffer of their size.
         peer.write_all(b"hello").await.unwrap();
-        let n = read_lazily(Pin::new(&mut ours), &mut buf, 4096).await.unwrap();
+        let n = read_lazily(Pin::new(&mut ours), &mut buf, 4096)
+            .await
+            .unwrap();
         assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
-        assert!(buf.capacity() < 4096, "sized to what arrived: {}", buf.capacity());
+        assert!(
+            buf.capacity() < 4096,
+            "sized to what arrived: {}",
+            buf.capacity()
+        );
         // A buffer that holds bytes is read into directly and grows as asked.
         let big = vec![7u8; 100_000];
         peer.write_all(&big).await.unwrap();
@@ -119,7 +125,9 @@ mod tests {
         drop(peer);
         let mut rest = BytesMut::new();
         assert_eq!(
-            read_lazily(Pin::new(&mut ours), &mut rest, 10).await.unwrap(),
+            read_lazily(Pin::new(&mut ours), &mut rest, 10)
+                .await
+                .unwrap(),
             0
         );
     }
@@ -129,7 +137,9 @@ mod tests {
         let (mut peer, mut ours) = tokio::io::duplex(1 << 20);
         peer.write_all(&vec![1u8; 200_000]).await.unwrap();
         let mut buf = BytesMut::new();
-        let n = read_lazily(Pin::new(&mut ours), &mut buf, 10).await.unwrap();
+        let n = read_lazily(Pin::new(&mut ours), &mut buf, 10)
+            .await
+            .unwrap();
         assert_eq!(n, 10);
         let mut other = BytesMut::new();
         let n = read_lazily(Pin::new(&mut ours), &mut other, 1 << 20)

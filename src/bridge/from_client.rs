@@ -227,6 +227,12 @@ async fn finish(s: &Shared, mut client: BoxRead, backend: Option<BoxWrite>) {
         let _ = w.shutdown().await;
     }
     let _ = s.writer.lock().await.shutdown().await;
-    // Read and dropped until EOF (copy's buffer lives on the heap only while this runs).
-    let _ = tokio::io::copy(&mut client, &mut tokio::io::sink()).await;
+    // Read and dropped until EOF (usually the next read).
+    let mut rest = BytesMut::new();
+    while let Ok(n) = read_lazily(client.as_mut(), &mut rest, INITIAL_READ_BUF).await {
+        if n == 0 {
+            break;
+        }
+        rest.clear();
+    }
 }

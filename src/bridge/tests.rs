@@ -466,13 +466,29 @@ async fn zz_future_sizes() {
     let lim = limits();
     let stop = CancellationToken::new();
     let budget = MessageBudget::new(1 << 30);
-    let f = run(Box::pin(r), BytesMut::new(), Box::pin(w), None, &lim, &stop, SessionCounters::default(), &budget);
+    let f = run(
+        Box::pin(r),
+        BytesMut::new(),
+        Box::pin(w),
+        None,
+        &lim,
+        &stop,
+        SessionCounters::default(),
+        &budget,
+    );
     eprintln!("run future: {}", std::mem::size_of_val(&f));
     drop(f);
     let (a, _b) = tokio::io::duplex(10);
     let (c, _d) = tokio::io::duplex(10);
     let (mut a, mut c) = (a, c);
-    let f = crate::proxy::splice::splice(&mut a, &mut c, Duration::from_secs(1), &stop, Default::default(), Default::default());
+    let f = crate::proxy::splice::splice(
+        &mut a,
+        &mut c,
+        Duration::from_secs(1),
+        &stop,
+        Default::default(),
+        Default::default(),
+    );
     eprintln!("splice future: {}", std::mem::size_of_val(&f));
     drop(f);
     let started = Instant::now();

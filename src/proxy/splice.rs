@@ -241,9 +241,9 @@ where
         let up = this
             .up
             .poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.app))?;
-        let down = this
-            .down
-            .poll_copy(cx, Pin::new(&mut *this.app), Pin::new(&mut *this.client))?;
+        let down =
+            this.down
+                .poll_copy(cx, Pin::new(&mut *this.app), Pin::new(&mut *this.client))?;
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {

@@ -152,10 +152,22 @@ mod zz {
     fn zz_sizes() {
         eprintln!("Route {}", std::mem::size_of::<crate::route::Route>());
         eprintln!("Session {}", std::mem::size_of::<super::Session>());
-        eprintln!("SessionLimits {}", std::mem::size_of::<crate::bridge::SessionLimits>());
-        eprintln!("SessionBackend {}", std::mem::size_of::<super::SessionBackend>());
-        eprintln!("Upgraded {}", std::mem::size_of::<hyper::upgrade::Upgraded>());
-        eprintln!("SessionCounters {}", std::mem::size_of::<crate::metrics::SessionCounters>());
+        eprintln!(
+            "SessionLimits {}",
+            std::mem::size_of::<crate::bridge::SessionLimits>()
+        );
+        eprintln!(
+            "SessionBackend {}",
+            std::mem::size_of::<super::SessionBackend>()
+        );
+        eprintln!(
+            "Upgraded {}",
+            std::mem::size_of::<hyper::upgrade::Upgraded>()
+        );
+        eprintln!(
+            "SessionCounters {}",
+            std::mem::size_of::<crate::metrics::SessionCounters>()
+        );
         eprintln!("Summary {}", std::mem::size_of::<crate::bridge::Summary>());
     }
 }

@@ -108,6 +108,7 @@ async fn basic_auth_from_an_apache_htpasswd_file() {
     assert_eq!(connects.load(Ordering::SeqCst), 1);
 
     gate.wait_for_log("credentials_refused");
+    gate.wait_for_log_lines("upgraded", 1);
     let log = gate.log_text();
     for secret in ["s3cret-pw", "wrong-pw", &wrong[6..], &right[6..], "mallory"] {
         assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
@@ -186,6 +187,8 @@ async fn bearer_tokens_by_header_query_or_cookie() {
     );
     assert_eq!(connects.load(Ordering::SeqCst), 3);
 
+    // Every line up to the last session's is written before the log is searched.
+    gate.wait_for_log_lines("upgraded", 3);
     let log = gate.log_text();
     for secret in ["tok-", "access_token"] {
         assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");

@@ -195,6 +195,30 @@ impl GateProcess {
         }
     }
 
+    /// Waits (bounded by WAIT) until `n` log lines contain `needle`. wsgate writes its log
+    /// in order (buffered, at most 100 ms late), so once the line of the last thing a test
+    /// did is there, so is every line before it.
+    pub fn wait_for_log_lines(&self, needle: &str, n: usize) {
+        let until = std::time::Instant::now() + WAIT;
+        loop {
+            let seen = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count();
+            if seen >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{seen} of {n} log lines with {needle:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal by name (HUP, TERM) with kill(1).
     pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")

@@ -263,7 +263,9 @@ async fn token_files_choose_the_target_and_edits_apply_to_the_next_connection() 
     let echoed = within("the live session's echo", WAIT, live.next()).await;
     assert_eq!(echoed.unwrap().unwrap().into_data(), &b"still A"[..]);
 
-    // Neither the tokens nor the mapping reach the log.
+    // Neither the tokens nor the mapping reach the log (every line up to the last
+    // session's is written first).
+    gate.wait_for_log_lines("upgraded", 5);
     let log = gate.log_text();
     for secret in ["vnc-a", "vnc-b", "nope"] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
