@@ -145,29 +145,3 @@ fn split_upgraded(upgraded: Upgraded) -> (BoxRead, BytesMut, BoxWrite) {
         }
     }
 }
-
-#[cfg(test)]
-mod zz {
-    #[test]
-    fn zz_sizes() {
-        eprintln!("Route {}", std::mem::size_of::<crate::route::Route>());
-        eprintln!("Session {}", std::mem::size_of::<super::Session>());
-        eprintln!(
-            "SessionLimits {}",
-            std::mem::size_of::<crate::bridge::SessionLimits>()
-        );
-        eprintln!(
-            "SessionBackend {}",
-            std::mem::size_of::<super::SessionBackend>()
-        );
-        eprintln!(
-            "Upgraded {}",
-            std::mem::size_of::<hyper::upgrade::Upgraded>()
-        );
-        eprintln!(
-            "SessionCounters {}",
-            std::mem::size_of::<crate::metrics::SessionCounters>()
-        );
-        eprintln!("Summary {}", std::mem::size_of::<crate::bridge::Summary>());
-    }
-}
