@@ -1,20 +1,26 @@
-//! Load benchmark: the wsgate bridge against a plain TCP relay, in one run, on loopback, on
-//! the same TCP echo backend. Each server runs as its own process.
+//! Load benchmark: wsgate's bridge, proxy and wss paths beside the anchors, in one run, on
+//! loopback, with the same client and the same backends. Each server runs as its own
+//! process: a TCP echo (the bridge's backend), a plain tokio relay (`copy_bidirectional`,
+//! 64 KiB buffers) in front of it, a ws app (a wsgate echo route) behind wsgate's proxy
+//! route and behind Debian's nginx (a config the bench writes: one worker, 64 KiB proxy
+//! buffers, ws and wss; its columns stay empty when nginx is not installed).
 //!
-//! Run: `cargo bench --bench load` (LOAD_SECS=N sets each phase's length, default 2;
-//! LOAD_REPS=N how often each phase runs, alternating the two servers, default 3, the median
-//! is reported; LOAD_IDLE=N the idle sessions, default 1000).
+//! Run: `cargo bench --bench load` (LOAD_SECS=N each phase's length, default 2; LOAD_REPS=N
+//! how often each phase runs, the order of the servers rotated each time, default 3, the
+//! median is reported; LOAD_IDLE=N the idle sessions held for memory, default 1000;
+//! LOAD_ROWS=prefix,… only the rows whose name starts with one of these, e.g.
+//! "ws bridge new connections" or "wss").
 //!
-//! Measures: single-connection throughput (64 KiB messages echoed), round trips per second
-//! (32-byte messages; 1 and 64 connections), new connections per second (handshake, one
-//! message, close), and memory per idle session (RSS growth of the server process / N).
+//! Measures: single-connection throughput (64 KiB messages, every echoed byte checked
+//! against what was sent), round trips per second (32-byte messages, 64 connections, each
+//! echo checked), new connections per second (handshake, TLS for wss, one message, close),
+//! the server's CPU per unit, TLS handshakes with and without session resumption, and KiB per
+//! idle session (RSS growth / N, from a fresh process each time). One table, with the ratio
+//! and the target of each row.
 //! Then an over-capacity flood (LOAD_FLOOD=N connections, default 5000, 0 to skip) against
 //! max_connections = 100: admitted clients' handshake latency and wsgate's CPU, quiet and
 //! during the flood (LOAD_ONLY=flood runs only this). LOAD_ONLY=proxy_protocol compares new
 //! connections/s on a plain listener and on a proxy_protocol one (the PROXY parsing cost).
-//! LOAD_ONLY=nginx compares wsgate's proxy routes (ws and wss listeners, in front of a ws
-//! app) with Debian's nginx proxying to the same app (64 KiB buffers, one worker), when nginx
-//! is installed.
 //! LOAD_ONLY=deflate compares one text route (JSON lines, `framing = "lines"`) used by clients
 //! that offer permessage-deflate and by clients that do not: round trips/s, wsgate's CPU per
 //! round trip, bytes on the wire, and KiB per idle and per active session.
@@ -133,6 +139,10 @@ fn rows_wanted(name: &str) -> bool {
         Err(_) => true,
     }
 }
+
+/// A freshly started server for a memory figure: its RSS reader, where to connect, and the
+/// process (stopped when dropped).
+type Fresh = (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>);
 
 /// One measured server: where the client connects, and whose CPU is counted.
 struct Peer {
@@ -308,22 +318,21 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             .map(|(v, c)| (median(v), median(c)))
             .collect()
     };
-    // Memory from a fresh process each time: the median of `reps` fresh starts.
-    let fresh_memory =
-        |start: &dyn Fn() -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>)| {
-            median(
-                (0..reps.max(1))
-                    .map(|_| {
-                        let (rss, target, _process) = start();
-                        rt.block_on(idle_memory(&*rss, &target, idle))
-                    })
-                    .collect(),
-            )
-        };
+    // Memory from a fresh process each time: the median of `reps` (at most 3) fresh starts.
+    let fresh_memory = |start: &dyn Fn() -> Fresh| {
+        median(
+            (0..reps.clamp(1, 3))
+                .map(|_| {
+                    let (rss, target, _process) = start();
+                    rt.block_on(idle_memory(&*rss, &target, idle))
+                })
+                .collect(),
+        )
+    };
     let fresh_wsgate = |conf: std::path::PathBuf,
                         tls_addr: Option<std::net::SocketAddr>,
                         connector: TlsConnector| {
-        move || -> (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>) {
+        move || -> Fresh {
             // The config's ports are taken by the running instance: a copy on new ones.
             let text = std::fs::read_to_string(&conf).unwrap();
             let addrs: Vec<String> = text
