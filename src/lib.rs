@@ -15,8 +15,10 @@
 //!                 └─ proxy::splice  bytes both ways to a ws app
 //! ```
 //! Beside the path: `config` (TOML → Config; reads the PEM files through `tls`), `metrics`,
-//! `server::reload`, `server::admin`, and the leaf types `stream` (byte-stream halves) and
-//! `session_end` (how a session ended). `protocol`, `proxy_protocol`, `forwarded`, `route` and
+//! `server::reload`, `server::admin`, `log_writer` (buffered log lines), and the leaf types
+//! `stream` (byte-stream halves), `scratch` (reads that hold no buffer while a session is
+//! idle), `on_wake` (session timers polled only when woken) and `session_end` (how a session
+//! ended). `protocol`, `proxy_protocol`, `forwarded`, `route` and
 //! `proxy::headers` are pure (no I/O) and carry their unit tests. Tasks are spawned by
 //! `server` and, on the server's tracker, by `proxy::forward` (the app connection). Imports
 //! run one way: server → bridge/proxy → backend → protocol → route.
@@ -37,6 +39,7 @@ pub mod token_file;
 mod backend;
 mod bridge;
 mod metrics;
+mod on_wake;
 mod proxy;
 mod scratch;
 mod server;

@@ -27,6 +27,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SessionCounters;
+use crate::on_wake::OnWake;
 use crate::protocol::deflate::{Agreed, Deflater};
 use crate::protocol::writer::FrameWriter;
 use crate::route::{Framing, MessageMode};
@@ -239,7 +240,7 @@ pub(crate) async fn run(
                     (None, _) => {}
                 }
             },
-            watchdog::run(&shared, limits, shutdown)
+            OnWake::new(watchdog::run(&shared, limits, shutdown))
         )
     };
     tokio::select! {

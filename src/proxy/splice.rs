@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::on_wake::OnWake;
 use crate::scratch::with_scratch;
 use crate::session_end::SessionEnd;
 use crate::stream::{Observed, Observer, PendingSince};
@@ -114,10 +115,16 @@ where
             }
         }
     };
+    // The timers and the drain signal, polled only when one of them woke the task.
+    let timers = OnWake::new(async {
+        tokio::select! {
+            end = watch => end,
+            () = stop.cancelled() => SessionEnd::Shutdown,
+        }
+    });
     let end = tokio::select! {
         r = copy => if r.is_ok() { SessionEnd::Closed } else { SessionEnd::Error },
-        end = watch => end,
-        () = stop.cancelled() => SessionEnd::Shutdown,
+        end = timers => end,
     };
     Spliced {
         end,

@@ -1,0 +1,128 @@
+//! Polling a future only when it was woken: for the session timers that share a task with
+//! the data path.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+/// A future polled only when its own waker fired (or on its first poll).
+///
+/// A session's timers share its task with the data path, and `join!`/`select!` poll every
+/// branch whenever the task wakes, which is for every message. The timers' wait (a sleep,
+/// the closing signal, the drain token) has nothing new then, but polling it still takes the
+/// drain token's lock and re-registers wakers. Behind this gate it is polled only when one
+/// of those woke it.
+pub(crate) struct OnWake<F> {
+    inner: Pin<Box<F>>,
+    gate: Arc<Gate>,
+    waker: Waker,
+}
+
+struct Gate {
+    woken: AtomicBool,
+    /// The task's waker, woken in turn.
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(task) = &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl<F: Future> OnWake<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        let gate = Arc::new(Gate {
+            woken: AtomicBool::new(true),
+            task: Mutex::new(None),
+        });
+        OnWake {
+            inner: Box::pin(inner),
+            waker: Waker::from(gate.clone()),
+            gate,
+        }
+    }
+}
+
+impl<F: Future> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        {
+            let mut task = self.gate.task.lock().unwrap_or_else(|e| e.into_inner());
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        // Cleared before polling: a wake during the poll makes the next poll count.
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its polls and keeps the last waker it was given.
+    struct Probe {
+        polls: Arc<AtomicUsize>,
+        waker: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Probe {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// A waker that counts its wakes (the task's).
+    struct Task(AtomicUsize);
+    impl Wake for Task {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_inner_future_is_polled_only_after_its_own_wake() {
+        let (polls, waker) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+        let mut gated = Box::pin(OnWake::new(Probe {
+            polls: polls.clone(),
+            waker: waker.clone(),
+        }));
+        let task = Arc::new(Task(AtomicUsize::new(0)));
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        // The first poll reaches it; the task waking for other reasons does not.
+        for _ in 0..5 {
+            assert!(gated.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        // Its own wake wakes the task and lets the next poll through, once.
+        waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        for _ in 0..3 {
+            assert!(gated.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+}
