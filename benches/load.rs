@@ -559,6 +559,14 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             nginx: r.get(1).map(|x| x.0),
             target: Goal::NginxAtLeast(1.5),
         });
+        add(Row {
+            path: "wss bridge",
+            measure: "CPU µs per new connection, full TLS handshakes".into(),
+            wsgate: r[0].1,
+            relay: None,
+            nginx: r.get(1).map(|x| x.1),
+            target: Goal::None,
+        });
         let mut peers = vec![&g_wss_resumed];
         peers.extend(ng(2));
         RESUMED.store(0, Ordering::Relaxed);
@@ -576,6 +584,14 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             relay: None,
             nginx: r.get(1).map(|x| x.0),
             target: Goal::NginxAtLeast(1.5),
+        });
+        add(Row {
+            path: "wss bridge",
+            measure: "CPU µs per new connection, returning clients".into(),
+            wsgate: r[0].1,
+            relay: None,
+            nginx: r.get(1).map(|x| x.1),
+            target: Goal::None,
         });
     }
     if rows_wanted("wss bridge memory") {
