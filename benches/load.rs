@@ -140,6 +140,13 @@ fn rows_wanted(name: &str) -> bool {
     }
 }
 
+/// Worker threads of every tokio server the bench starts (wsgate, the relay, the backends):
+/// LOAD_WORKERS, default 1, as nginx runs here with one worker process, so every server has
+/// the same share of the machine.
+fn workers() -> String {
+    std::env::var("LOAD_WORKERS").unwrap_or_else(|_| "1".into())
+}
+
 /// A freshly started server for a memory figure: its RSS reader, where to connect, and the
 /// process (stopped when dropped).
 type Fresh = (Box<dyn Fn() -> f64>, Target, Box<dyn std::any::Any>);
@@ -365,9 +372,10 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
         rows.push(row);
     };
     println!(
-        "phase {}s, {reps} runs each (median), order rotated; machine: {} cores; nginx: {}",
+        "phase {}s, {reps} runs each (median), order rotated; machine: {} cores; wsgate and the relay: {} worker thread(s) (LOAD_WORKERS); nginx: {}",
         phase.as_secs(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        workers(),
         if nginx_installed {
             "Debian's nginx, 1 worker, proxy_buffer_size 64k, proxy_buffers 4 64k"
         } else {
@@ -731,7 +739,7 @@ struct Server {
 impl Server {
     fn spawn_role(role: &str, target: Option<SocketAddr>) -> Server {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.env(ROLE, role);
+        cmd.env(ROLE, role).env("TOKIO_WORKER_THREADS", workers());
         if let Some(t) = target {
             cmd.env("WSGATE_LOAD_TARGET", t.to_string());
         }
@@ -745,7 +753,9 @@ impl Server {
 
     fn spawn_wsgate(args: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        cmd.args(args).env("RUST_LOG", "warn,wsgate::server=info");
+        cmd.args(args)
+            .env("RUST_LOG", "warn,wsgate::server=info")
+            .env("TOKIO_WORKER_THREADS", workers());
         Server::start(cmd, "listening addr=")
     }
 

@@ -61,6 +61,11 @@ fn header(seen: &Seen, name: &str) -> Option<String> {
 
 /// An app that reads a request head and answers with `response` verbatim.
 async fn fixed_app(response: &'static str) -> std::net::SocketAddr {
+    fixed_app_bytes(response.as_bytes()).await
+}
+
+/// An app that reads a request head, answers with `response` in one write, and closes.
+async fn fixed_app_bytes(response: &'static [u8]) -> std::net::SocketAddr {
     backend(move |mut s| async move {
         let mut head = Vec::new();
         let mut b = [0u8; 1];
@@ -70,7 +75,7 @@ async fn fixed_app(response: &'static str) -> std::net::SocketAddr {
             }
             head.push(b[0]);
         }
-        let _ = s.write_all(response.as_bytes()).await;
+        let _ = s.write_all(response).await;
         let _ = s.shutdown().await;
     })
     .await
@@ -127,6 +132,19 @@ async fn wrong_accept_key_from_the_app_is_502_and_no_upgrade() {
     assert_eq!(r.status, 502, "{r:?}");
     assert!(r.body.contains("Accept"), "{r:?}");
     assert!(r.closed);
+}
+
+/// An app whose first frame travels in the same packet as its 101: the frame is not lost
+/// between reading the app's answer and splicing.
+#[tokio::test]
+async fn a_frame_right_behind_the_apps_101_reaches_the_client() {
+    let app = fixed_app_bytes(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x05hello").await;
+    let g = Gate::route("/", &format!("ws://{app}"), "", "").await;
+    let r = raw_request(g.addr, upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(r.status, 101, "{r:?}");
+    // 0x81 (a final text frame) shows as U+FFFD in the lossy text.
+    assert_eq!(r.body, "\u{FFFD}\u{5}hello", "{r:?}");
+    assert!(r.closed, "the app's EOF is passed on");
 }
 
 #[tokio::test]
