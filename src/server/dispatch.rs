@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{info_span, warn, Instrument};
 
 use super::balance::OnBackend;
 use super::client_limits::OverLimit;
@@ -145,15 +145,10 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         route,
     };
     state.tracker.spawn(
-        async move {
-            let _places = places;
-            match on_upgrade.await {
-                Ok(upgraded) => session.run(upgraded, backend).await,
-                Err(e) => debug!(error = %e, "upgrade failed"),
-            }
-        }
-        // The connection's own span, not nested in the handshake's (same id).
-        .instrument(info_span!(parent: None, "conn", id = conn.id)),
+        session
+            .start(on_upgrade, backend, places)
+            // The connection's own span, not nested in the handshake's (same id).
+            .instrument(info_span!(parent: None, "conn", id = conn.id)),
     );
     response
 }

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::keepalive::Watched;
 use super::State;
@@ -38,9 +38,25 @@ pub(super) enum SessionBackend {
 }
 
 impl Session {
+    /// Waits for the client's upgrade, then runs the session; `places` (the connection's
+    /// slots) are held until it ends. One future holds the session: `run` borrows it rather
+    /// than taking a second copy into its own state.
+    pub(super) async fn start<P: Send>(
+        self,
+        on_upgrade: OnUpgrade,
+        backend: SessionBackend,
+        places: P,
+    ) {
+        let _places = places;
+        match on_upgrade.await {
+            Ok(upgraded) => self.run(upgraded, backend).await,
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    }
+
     /// Runs the session to its end. Cancel-safe only in that dropping it drops both
     /// connections (the drain cancels sessions through `sessions_stop` instead).
-    pub(super) async fn run(self, upgraded: Upgraded, backend: SessionBackend) {
+    async fn run(&self, upgraded: Upgraded, backend: SessionBackend) {
         let m = &self.state.metrics;
         let route = &self.route.path;
         let label = Metrics::route(route);
