@@ -164,8 +164,7 @@ struct Row {
     wsgate: f64,
     relay: Option<f64>,
     nginx: Option<f64>,
-    /// What the target compares with, and the bound on wsgate / it (`None`: an absolute bound
-    /// in `limit`).
+    /// What the row is held to.
     target: Goal,
 }
 
@@ -384,142 +383,147 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
     );
     println!("\n| path | measure | wsgate | plain relay | nginx | ratio | target |\n|---|---|---:|---:|---:|---:|---|");
 
+    // Rows from one measurement: `r[0]` is wsgate, then the baselines in `peers`' order
+    // (`relay` / `nginx`: their index in `r`, when measured).
+    let row = |path: &'static str,
+               measure: &str,
+               value: f64,
+               relay: Option<f64>,
+               nginx: Option<f64>,
+               target: Goal| Row {
+        path,
+        measure: measure.to_string(),
+        wsgate: value,
+        relay,
+        nginx,
+        target,
+    };
+    let rate = |r: &[(f64, f64)], at: Option<usize>| at.and_then(|i| r.get(i)).map(|x| x.0);
+    let cpu = |r: &[(f64, f64)], at: Option<usize>| at.and_then(|i| r.get(i)).map(|x| x.1);
+    let held = format!("KiB per idle session ({idle} held, fresh process)");
+    let (relay_at, nginx_at) = (Some(1), Some(1));
+
     // -- ws bridge --
     if rows_wanted("ws bridge throughput") {
         let r = measure(&|t| rt.block_on(throughput(t, phase)), &[&g_ws, &raw]);
-        add(Row {
-            path: "ws bridge",
-            measure: "MB/s, 1 conn, 64 KiB messages".into(),
-            wsgate: r[0].0,
-            relay: Some(r[1].0),
-            nginx: None,
-            target: Goal::RelayAtLeast(1.0),
-        });
-        add(Row {
-            path: "ws bridge",
-            measure: "CPU µs per MB".into(),
-            wsgate: r[0].1,
-            relay: Some(r[1].1),
-            nginx: None,
-            target: Goal::None,
-        });
+        add(row(
+            "ws bridge",
+            "MB/s, 1 conn, 64 KiB messages",
+            r[0].0,
+            rate(&r, relay_at),
+            None,
+            Goal::RelayAtLeast(1.0),
+        ));
+        add(row(
+            "ws bridge",
+            "CPU µs per MB",
+            r[0].1,
+            cpu(&r, relay_at),
+            None,
+            Goal::None,
+        ));
     }
     if rows_wanted("ws bridge round trips") {
         let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &[&g_ws, &raw]);
-        add(Row {
-            path: "ws bridge",
-            measure: "round trips/s, 64 conns, 32 B".into(),
-            wsgate: r[0].0,
-            relay: Some(r[1].0),
-            nginx: None,
-            target: Goal::RelayAtLeast(1.0),
-        });
-        add(Row {
-            path: "ws bridge",
-            measure: "CPU µs per round trip".into(),
-            wsgate: r[0].1,
-            relay: Some(r[1].1),
-            nginx: None,
-            target: Goal::RelayAtMost(1.0),
-        });
+        add(row(
+            "ws bridge",
+            "round trips/s, 64 conns, 32 B",
+            r[0].0,
+            rate(&r, relay_at),
+            None,
+            Goal::RelayAtLeast(1.0),
+        ));
+        add(row(
+            "ws bridge",
+            "CPU µs per round trip",
+            r[0].1,
+            cpu(&r, relay_at),
+            None,
+            Goal::RelayAtMost(1.0),
+        ));
     }
     if rows_wanted("ws bridge new connections") {
         let mut peers = vec![&g_ws, &raw];
         peers.extend(ng(0));
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
-        add(Row {
-            path: "ws bridge",
-            measure: "new connections/s (nginx: its ws proxy)".into(),
-            wsgate: r[0].0,
-            relay: Some(r[1].0),
-            nginx: r.get(2).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.5),
-        });
-        add(Row {
-            path: "ws bridge",
-            measure: "CPU µs per new connection".into(),
-            wsgate: r[0].1,
-            relay: Some(r[1].1),
-            nginx: r.get(2).map(|x| x.1),
-            target: Goal::None,
-        });
+        add(row(
+            "ws bridge",
+            "new connections/s (nginx: its ws proxy)",
+            r[0].0,
+            rate(&r, relay_at),
+            rate(&r, Some(2)),
+            Goal::NginxAtLeast(1.5),
+        ));
+        add(row(
+            "ws bridge",
+            "CPU µs per new connection",
+            r[0].1,
+            cpu(&r, relay_at),
+            cpu(&r, Some(2)),
+            Goal::None,
+        ));
     }
     if rows_wanted("ws bridge memory") {
         let g = fresh_memory(&fresh_wsgate(bridge_conf.clone(), None, full.clone()));
         let r = fresh_memory(&|| {
             let relay = Server::spawn_role("relay", Some(echo.addr));
             let pid = relay.child.id();
-            (
-                Box::new(move || rss_kib_of(pid)),
-                Target::raw(relay.addr),
-                Box::new(relay),
-            )
+            let target = Target::raw(relay.addr);
+            (Box::new(move || rss_kib_of(pid)), target, Box::new(relay))
         });
-        add(Row {
-            path: "ws bridge",
-            measure: format!("KiB per idle session ({idle} held, fresh process)"),
-            wsgate: g,
-            relay: Some(r),
-            nginx: None,
-            target: Goal::AtMost(8.0),
-        });
+        add(row("ws bridge", &held, g, Some(r), None, Goal::AtMost(8.0)));
     }
-    // -- ws proxy route --
+    // -- ws proxy route (only with nginx to compare) --
     if let Some(nginx_ws) = ng(0) {
+        let peers = [&p_ws, nginx_ws];
         if rows_wanted("ws proxy throughput") {
-            let r = measure(&|t| rt.block_on(throughput(t, phase)), &[&p_ws, nginx_ws]);
-            add(Row {
-                path: "ws proxy route",
-                measure: "MB/s, 1 conn, 64 KiB messages".into(),
-                wsgate: r[0].0,
-                relay: None,
-                nginx: Some(r[1].0),
-                target: Goal::NginxAtLeast(1.0),
-            });
+            let r = measure(&|t| rt.block_on(throughput(t, phase)), &peers);
+            add(row(
+                "ws proxy route",
+                "MB/s, 1 conn, 64 KiB messages",
+                r[0].0,
+                None,
+                rate(&r, nginx_at),
+                Goal::NginxAtLeast(1.0),
+            ));
         }
         if rows_wanted("ws proxy round trips") {
-            let r = measure(
-                &|t| rt.block_on(round_trips(t, 64, phase)),
-                &[&p_ws, nginx_ws],
-            );
-            add(Row {
-                path: "ws proxy route",
-                measure: "round trips/s, 64 conns, 32 B".into(),
-                wsgate: r[0].0,
-                relay: None,
-                nginx: Some(r[1].0),
-                target: Goal::NginxAtLeast(1.0),
-            });
-            add(Row {
-                path: "ws proxy route",
-                measure: "CPU µs per round trip".into(),
-                wsgate: r[0].1,
-                relay: None,
-                nginx: Some(r[1].1),
-                target: Goal::NginxAtMost(1.0),
-            });
+            let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &peers);
+            add(row(
+                "ws proxy route",
+                "round trips/s, 64 conns, 32 B",
+                r[0].0,
+                None,
+                rate(&r, nginx_at),
+                Goal::NginxAtLeast(1.0),
+            ));
+            add(row(
+                "ws proxy route",
+                "CPU µs per round trip",
+                r[0].1,
+                None,
+                cpu(&r, nginx_at),
+                Goal::NginxAtMost(1.0),
+            ));
         }
         if rows_wanted("ws proxy new connections") {
-            let r = measure(
-                &|t| rt.block_on(new_connections(t, phase)),
-                &[&p_ws, nginx_ws],
-            );
-            add(Row {
-                path: "ws proxy route",
-                measure: "new connections/s".into(),
-                wsgate: r[0].0,
-                relay: None,
-                nginx: Some(r[1].0),
-                target: Goal::NginxAtLeast(1.0),
-            });
-            add(Row {
-                path: "ws proxy route",
-                measure: "CPU µs per new connection".into(),
-                wsgate: r[0].1,
-                relay: None,
-                nginx: Some(r[1].1),
-                target: Goal::NginxAtMost(1.0),
-            });
+            let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
+            add(row(
+                "ws proxy route",
+                "new connections/s",
+                r[0].0,
+                None,
+                rate(&r, nginx_at),
+                Goal::NginxAtLeast(1.0),
+            ));
+            add(row(
+                "ws proxy route",
+                "CPU µs per new connection",
+                r[0].1,
+                None,
+                cpu(&r, nginx_at),
+                Goal::NginxAtMost(1.0),
+            ));
         }
         if rows_wanted("ws proxy memory") {
             let g = fresh_memory(&fresh_wsgate(proxy_conf.clone(), None, full.clone()));
@@ -533,48 +537,48 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
                 let target = Target::ws(fresh.plain);
                 (Box::new(move || rss_kib_of(pid)), target, Box::new(fresh))
             });
-            add(Row {
-                path: "ws proxy route",
-                measure: format!("KiB per idle session ({idle} held, fresh process)"),
-                wsgate: g,
-                relay: None,
-                nginx: Some(k),
-                target: Goal::NginxAtMost(1.0),
-            });
+            add(row(
+                "ws proxy route",
+                &held,
+                g,
+                None,
+                Some(k),
+                Goal::NginxAtMost(1.0),
+            ));
         }
     }
-    // -- wss --
+    // -- wss (nginx: its wss proxy, when installed) --
     let mut wss_peers = vec![&g_wss];
     wss_peers.extend(ng(1));
     if rows_wanted("wss bridge throughput") {
         let r = measure(&|t| rt.block_on(throughput(t, phase)), &wss_peers);
-        add(Row {
-            path: "wss bridge",
-            measure: "MB/s, 1 conn (nginx: its wss proxy)".into(),
-            wsgate: r[0].0,
-            relay: None,
-            nginx: r.get(1).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.5),
-        });
+        add(row(
+            "wss bridge",
+            "MB/s, 1 conn (nginx: its wss proxy)",
+            r[0].0,
+            None,
+            rate(&r, nginx_at),
+            Goal::NginxAtLeast(1.5),
+        ));
     }
     if rows_wanted("wss bridge new connections") {
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &wss_peers);
-        add(Row {
-            path: "wss bridge",
-            measure: "new connections/s, full TLS handshakes".into(),
-            wsgate: r[0].0,
-            relay: None,
-            nginx: r.get(1).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.5),
-        });
-        add(Row {
-            path: "wss bridge",
-            measure: "CPU µs per new connection, full TLS handshakes".into(),
-            wsgate: r[0].1,
-            relay: None,
-            nginx: r.get(1).map(|x| x.1),
-            target: Goal::None,
-        });
+        add(row(
+            "wss bridge",
+            "new connections/s, full TLS handshakes",
+            r[0].0,
+            None,
+            rate(&r, nginx_at),
+            Goal::NginxAtLeast(1.5),
+        ));
+        add(row(
+            "wss bridge",
+            "CPU µs per new connection, full TLS handshakes",
+            r[0].1,
+            None,
+            cpu(&r, nginx_at),
+            Goal::None,
+        ));
         let mut peers = vec![&g_wss_resumed];
         peers.extend(ng(2));
         RESUMED.store(0, Ordering::Relaxed);
@@ -582,25 +586,26 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
         let share = RESUMED.load(Ordering::Relaxed) as f64
             / HANDSHAKES.load(Ordering::Relaxed).max(1) as f64;
-        add(Row {
-            path: "wss bridge",
-            measure: format!(
-                "new connections/s, returning clients ({:.0} % of all handshakes resumed)",
-                share * 100.0
-            ),
-            wsgate: r[0].0,
-            relay: None,
-            nginx: r.get(1).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.5),
-        });
-        add(Row {
-            path: "wss bridge",
-            measure: "CPU µs per new connection, returning clients".into(),
-            wsgate: r[0].1,
-            relay: None,
-            nginx: r.get(1).map(|x| x.1),
-            target: Goal::None,
-        });
+        let name = format!(
+            "new connections/s, returning clients ({:.0} % of all handshakes resumed)",
+            share * 100.0
+        );
+        add(row(
+            "wss bridge",
+            &name,
+            r[0].0,
+            None,
+            rate(&r, nginx_at),
+            Goal::NginxAtLeast(1.5),
+        ));
+        add(row(
+            "wss bridge",
+            "CPU µs per new connection, returning clients",
+            r[0].1,
+            None,
+            cpu(&r, nginx_at),
+            Goal::None,
+        ));
     }
     if rows_wanted("wss bridge memory") {
         let g = fresh_memory(&fresh_wsgate(
@@ -608,49 +613,42 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             Some(bridge_tls),
             full.clone(),
         ));
-        add(Row {
-            path: "wss bridge",
-            measure: format!("KiB per idle session ({idle} held, fresh process)"),
-            wsgate: g,
-            relay: None,
-            nginx: None,
-            target: Goal::AtMost(16.0),
-        });
+        add(row("wss bridge", &held, g, None, None, Goal::AtMost(16.0)));
     }
     let mut pwss_peers = vec![&p_wss];
     pwss_peers.extend(ng(1));
     if rows_wanted("wss proxy throughput") {
         let r = measure(&|t| rt.block_on(throughput(t, phase)), &pwss_peers);
-        add(Row {
-            path: "wss proxy route",
-            measure: "MB/s, 1 conn".into(),
-            wsgate: r[0].0,
-            relay: None,
-            nginx: r.get(1).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.0),
-        });
+        add(row(
+            "wss proxy route",
+            "MB/s, 1 conn",
+            r[0].0,
+            None,
+            rate(&r, nginx_at),
+            Goal::NginxAtLeast(1.0),
+        ));
     }
     if rows_wanted("wss proxy round trips") {
         let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &pwss_peers);
-        add(Row {
-            path: "wss proxy route",
-            measure: "round trips/s, 64 conns".into(),
-            wsgate: r[0].0,
-            relay: None,
-            nginx: r.get(1).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.0),
-        });
+        add(row(
+            "wss proxy route",
+            "round trips/s, 64 conns",
+            r[0].0,
+            None,
+            rate(&r, nginx_at),
+            Goal::NginxAtLeast(1.0),
+        ));
     }
     if rows_wanted("wss proxy new connections") {
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &pwss_peers);
-        add(Row {
-            path: "wss proxy route",
-            measure: "new connections/s, full TLS handshakes".into(),
-            wsgate: r[0].0,
-            relay: None,
-            nginx: r.get(1).map(|x| x.0),
-            target: Goal::NginxAtLeast(1.0),
-        });
+        add(row(
+            "wss proxy route",
+            "new connections/s, full TLS handshakes",
+            r[0].0,
+            None,
+            rate(&r, nginx_at),
+            Goal::NginxAtLeast(1.0),
+        ));
     }
     if rows_wanted("wss proxy memory") {
         let g = fresh_memory(&fresh_wsgate(
@@ -658,14 +656,14 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             Some(proxy_tls),
             full.clone(),
         ));
-        add(Row {
-            path: "wss proxy route",
-            measure: format!("KiB per idle session ({idle} held, fresh process)"),
-            wsgate: g,
-            relay: None,
-            nginx: None,
-            target: Goal::AtMost(16.0),
-        });
+        add(row(
+            "wss proxy route",
+            &held,
+            g,
+            None,
+            None,
+            Goal::AtMost(16.0),
+        ));
     }
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
