@@ -50,7 +50,7 @@ fn three_browsers_chat_through_a_line_route() {
 
     let chromium = chromium();
     let profile = TempDir::new();
-    let out = output_within(
+    let result = json_output(
         Command::new(python())
             .arg(format!("{ROOT}/tests/browser/chat_driver.py"))
             .arg(chromium)
@@ -58,13 +58,6 @@ fn three_browsers_chat_through_a_line_route() {
             .arg(format!("http://{}/", gate.addr)),
         Duration::from_secs(120),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "driver failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(result["long_utf8_bytes"].as_u64().unwrap() > 64 * 1024);
     let registered = serde_json::json!({"type": "system", "message": "Initial message received"});
     let usermsg = |name: &str, message: &str, color: &str| serde_json::json!({"type": "usermsg", "name": name, "message": message, "color": color});

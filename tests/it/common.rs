@@ -694,6 +694,19 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Runs a test driver (a peer script) with [`output_within`], asserts it succeeded (its
+/// output in the failure message), and returns the JSON report it printed on stdout.
+pub fn json_output(cmd: &mut Command, limit: Duration) -> serde_json::Value {
+    let out = output_within(cmd, limit);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
 /// Runs `cmd` to its end like `Command::output`, but for at most `limit`: a child still running
 /// then is killed and the test fails naming the command.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {

@@ -89,7 +89,7 @@ fn drive(cases: &[(String, &Xvnc, &str, (u32, u32))]) {
             serde_json::json!({"url": url, "display": x.display, "colour": colour, "at": [px, py]})
         })
         .collect();
-    let out = output_within(
+    let report = json_output(
         Command::new(python())
             .arg(format!("{ROOT}/tests/browser/novnc_driver.py"))
             .arg(chromium())
@@ -97,13 +97,7 @@ fn drive(cases: &[(String, &Xvnc, &str, (u32, u32))]) {
             .arg(serde_json::Value::Array(json).to_string()),
         Duration::from_secs(150),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "driver failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: Vec<serde_json::Value> = serde_json::from_str(stdout.trim()).unwrap();
+    let results = report.as_array().expect("a list of results");
     assert_eq!(results.len(), cases.len());
     for (r, (url, _, colour, (px, py))) in results.iter().zip(cases) {
         assert_eq!(r["error"], serde_json::Value::Null, "{url}: {r}");
