@@ -15,14 +15,22 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, ReadBuf};
+use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncRead;
 
 /// The largest single read: the per-direction bound of every session buffer.
 pub(crate) const SCRATCH_LEN: usize = 64 * 1024;
 
+/// Reads through [`LANDING`] at least this long are handed over without a copy.
+const HAND_OVER_AT: usize = 4 * 1024;
+
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+    /// Where [`poll_read_lazily`] lands a read for a session that holds no buffer. A read of
+    /// [`HAND_OVER_AT`] bytes or more is split off and handed to the session as it is (the
+    /// rest of the block lands the next reads); a shorter one is copied out, so a few bytes
+    /// never keep a whole block alive.
+    static LANDING: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 /// Runs `f` with this thread's scratch buffer (`SCRATCH_LEN` bytes).
@@ -36,8 +44,9 @@ pub(crate) fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
 /// unless at EOF, appended to what `buf` holds.
 ///
 /// While `buf` is empty the read does not hold on to its memory: if the read has to wait,
-/// `buf`'s allocation is released first, and the bytes that end the wait arrive through the
-/// scratch buffer and are copied into an allocation of just their size. A `buf` that still
+/// `buf`'s allocation is released first, and the bytes that end the wait land in a per-thread
+/// block: a short read is copied into an allocation of just its size, a long one (4 KiB or
+/// more) becomes `buf` itself. A `buf` that still
 /// holds bytes (a frame not yet complete), or an empty one with `size` free bytes (data is
 /// flowing), is read into directly.
 pub(crate) fn poll_read_lazily<R: AsyncRead + ?Sized>(
@@ -61,11 +70,25 @@ pub(crate) fn poll_read_lazily<R: AsyncRead + ?Sized>(
         }
         return read;
     }
-    let read = with_scratch(|scratch| {
-        let mut read = ReadBuf::new(&mut scratch[..size.min(SCRATCH_LEN)]);
-        ready!(reader.poll_read(cx, &mut read))?;
-        buf.extend_from_slice(read.filled());
-        Poll::Ready(Ok(read.filled().len()))
+    let size = size.min(SCRATCH_LEN);
+    let read = LANDING.with(|landing| {
+        let mut landing = landing.borrow_mut();
+        if landing.capacity() < size {
+            landing.reserve(SCRATCH_LEN);
+        }
+        ready!(tokio_util::io::poll_read_buf(
+            reader,
+            cx,
+            &mut (&mut *landing).limit(size)
+        ))?;
+        let n = landing.len();
+        if n >= HAND_OVER_AT {
+            *buf = landing.split();
+        } else {
+            buf.extend_from_slice(&landing);
+            landing.clear();
+        }
+        Poll::Ready(Ok(n))
     });
     if read.is_pending() && buf.capacity() > 0 {
         *buf = BytesMut::new();
@@ -130,6 +153,37 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    /// Long reads are handed over from the landing block, short ones copied out of it: either
+    /// way each session gets exactly its own bytes, read after read.
+    #[tokio::test]
+    async fn reads_landing_in_the_shared_block_stay_each_sessions_own() {
+        let mut sessions = Vec::new();
+        for i in 0..6u8 {
+            let (mut peer, ours) = tokio::io::duplex(1 << 20);
+            // Alternately long (handed over) and short (copied).
+            let len = if i % 2 == 0 { 20_000 } else { 100 };
+            peer.write_all(&vec![i; len]).await.unwrap();
+            sessions.push((peer, ours, BytesMut::new(), len));
+        }
+        for _ in 0..2 {
+            for (_, ours, buf, len) in sessions.iter_mut() {
+                let mut got = 0;
+                while got < *len {
+                    got += read_lazily(Pin::new(ours), buf, 64 * 1024).await.unwrap();
+                }
+            }
+            for (i, (peer, _, buf, len)) in sessions.iter_mut().enumerate() {
+                assert_eq!(buf.len(), *len);
+                assert!(
+                    buf.iter().all(|&b| b == i as u8),
+                    "session {i} got another's bytes"
+                );
+                buf.clear();
+                peer.write_all(&vec![i as u8; *len]).await.unwrap();
+            }
+        }
     }
 
     #[tokio::test]
