@@ -3,11 +3,13 @@
 //! An idle session waits in a read, and a read needs somewhere to put its bytes. If every
 //! session kept its own read buffer for that, 10,000 idle sessions would hold 10,000 empty
 //! buffers. Instead, a session that holds no unconsumed bytes gives its buffer back before it
-//! waits, and the read that wakes it lands in one scratch buffer per worker thread. Only then
-//! are the bytes copied into a buffer of the session's own, sized to what arrived.
+//! waits, and the read that wakes it lands in a block that belongs to the worker thread
+//! ([`poll_read_lazily`]); only then does the session get a buffer of its own. The proxy
+//! splice goes further: it reads into the thread's scratch buffer ([`with_scratch`]) and
+//! writes the bytes on at once, keeping only what the writer did not take.
 //!
-//! The scratch buffer is borrowed only inside a single poll, never across an `.await`, so a
-//! task that moves to another worker thread does not take it along.
+//! Both are borrowed only inside a single poll, never across an `.await`, so a task that
+//! moves to another worker thread does not take them along.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -44,11 +46,11 @@ pub(crate) fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
 /// unless at EOF, appended to what `buf` holds.
 ///
 /// While `buf` is empty the read does not hold on to its memory: if the read has to wait,
-/// `buf`'s allocation is released first, and the bytes that end the wait land in a per-thread
-/// block: a short read is copied into an allocation of just its size, a long one (4 KiB or
-/// more) becomes `buf` itself. A `buf` that still
-/// holds bytes (a frame not yet complete), or an empty one with `size` free bytes (data is
-/// flowing), is read into directly.
+/// `buf`'s allocation is released first, and the bytes that end the wait land in the
+/// thread's block: a short read is copied into an allocation of just its size, a long one
+/// (4 KiB or more) becomes `buf` itself. A `buf` that still holds bytes (a frame not yet
+/// complete), or an empty one with `size` free bytes (data is flowing), is read into
+/// directly.
 pub(crate) fn poll_read_lazily<R: AsyncRead + ?Sized>(
     reader: Pin<&mut R>,
     cx: &mut Context<'_>,
