@@ -39,12 +39,19 @@ impl<W: Write> Shared<W> {
         self.buffer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_out(&self) -> MutexGuard<'_, W> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Writes `bytes` out (errors are dropped: there is nowhere left to report them).
     fn write_out(&self, bytes: &[u8]) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
+        write_to(&mut *self.lock_out(), bytes);
     }
+}
+
+fn write_to<W: Write>(out: &mut W, bytes: &[u8]) {
+    let _ = out.write_all(bytes);
+    let _ = out.flush();
 }
 
 /// The handle log lines are written to (a `MakeWriter` for tracing-subscriber).
@@ -88,10 +95,15 @@ pub fn buffered<W: Write + Send + 'static>(out: W) -> (LogWriter<W>, Flusher<W>)
                 }
                 let bytes = std::mem::take(&mut buffer.bytes);
                 let closed = buffer.closed;
+                // The output is taken before the buffer is let go (the order every writer
+                // locks in), so a logging thread that writes out past HOLD_AT_MOST cannot put
+                // newer lines ahead of these.
+                let mut out = shared.lock_out();
                 drop(buffer);
                 if !bytes.is_empty() {
-                    shared.write_out(&bytes);
+                    write_to(&mut *out, &bytes);
                 }
+                drop(out);
                 if closed {
                     return;
                 }
