@@ -132,7 +132,8 @@ fn main() {
 }
 
 /// LOAD_ROWS=a,b runs only the rows whose name starts with one of these (for profiling one
-/// path: "ws bridge new connections", "wss proxy", "ws", "flood"); unset runs all.
+/// path: "ws bridge new connections", "wss bridge new connections (resumed)", "wss proxy",
+/// "ws", "flood"); no commas inside one; unset runs all.
 fn rows_wanted(name: &str) -> bool {
     match std::env::var("LOAD_ROWS") {
         Ok(rows) => rows.split(',').any(|r| name.starts_with(r.trim())),
@@ -561,7 +562,7 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             Goal::NginxAtLeast(1.5),
         ));
     }
-    if rows_wanted("wss bridge new connections") {
+    if rows_wanted("wss bridge new connections (full TLS)") {
         let r = measure(&|t| rt.block_on(new_connections(t, phase)), &wss_peers);
         add(row(
             "wss bridge",
@@ -579,6 +580,8 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
             cpu(&r, nginx_at),
             Goal::None,
         ));
+    }
+    if rows_wanted("wss bridge new connections (resumed)") {
         let mut peers = vec![&g_wss_resumed];
         peers.extend(ng(2));
         RESUMED.store(0, Ordering::Relaxed);

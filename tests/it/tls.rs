@@ -461,3 +461,59 @@ async fn returning_clients_resume_their_tls_session() {
         );
     }
 }
+
+/// wsgate's listeners choose AES-128-GCM when the client offers it, even listed after
+/// AES-256-GCM (as rustls and OpenSSL clients list them), in TLS 1.3 and 1.2; a client that
+/// offers only ChaCha20-Poly1305 still gets it.
+#[tokio::test]
+async fn listeners_prefer_aes_128_gcm_over_the_clients_order() {
+    use tokio_rustls::rustls::crypto::ring::{cipher_suite, default_provider};
+    use tokio_rustls::rustls::{version, CipherSuite};
+    let certs = Certs::new();
+    let dir = TempDir::new();
+    let path = dir.path().join("wsgate.toml");
+    let toml = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener("")
+    );
+    std::fs::write(&path, &toml).unwrap();
+    let gate = Gate::from_file(&path).await;
+    let cases = [
+        (&version::TLS13, None, CipherSuite::TLS13_AES_128_GCM_SHA256),
+        (
+            &version::TLS12,
+            None,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            &version::TLS13,
+            Some(cipher_suite::TLS13_CHACHA20_POLY1305_SHA256),
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+    ];
+    for (version, only, expected) in cases {
+        let mut provider = default_provider();
+        assert_eq!(
+            provider.cipher_suites[0].suite(),
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the client lists AES-256 first"
+        );
+        if let Some(only) = only {
+            provider.cipher_suites = vec![only];
+        }
+        let mut roots = RootCertStore::empty();
+        roots.add(certs.der("ca.crt").into()).unwrap();
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = TlsConnector::from(Arc::new(config));
+        let (mut ws, _) = wss(gate.addr, "localhost", &connector, "/").await.unwrap();
+        let chosen = ws.get_ref().get_ref().1.negotiated_cipher_suite();
+        assert_eq!(chosen.map(|s| s.suite()), Some(expected), "{version:?}");
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+        ws.close(None).await.unwrap();
+    }
+}
