@@ -52,6 +52,33 @@ fn bad_config_names_key_and_line_and_does_not_start() {
     }
 }
 
+/// RUST_LOG picks what is logged: per target ("info,wsgate::server::accept=debug"), by span
+/// ("info,[conn]=debug": debug lines of connections only), and a value wsgate cannot read is
+/// named on stderr and logging goes on at info.
+#[tokio::test]
+async fn rust_log_filters_by_target_and_by_span() {
+    let toml = "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 1\n\
+                [[route]]\npath = \"/\"\nbackend = \"echo\"\n";
+    // A target's debug lines: the second connection over max_connections.
+    let gate = GateProcess::start_logging(toml, &[], "info,wsgate::server::accept=debug");
+    let _held = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let (over, _) = upgrade_head(gate.addr, upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(over.status, 503);
+    gate.wait_for_log("over max_connections: refused at accept");
+    drop(gate);
+    // A span's debug lines: hyper's error for a request that is not HTTP, in the conn span.
+    let gate = GateProcess::start_logging(toml, &[], "info,[conn]=debug");
+    let refused = raw_request(gate.addr, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!(refused.status, 400);
+    let line = gate.wait_for_log("http connection error");
+    assert!(line.contains("conn{id="), "{line}");
+    drop(gate);
+    // Not understood: named, and info still logged (the listener line was waited for).
+    let gate = GateProcess::start_logging(toml, &[], "wsgate=[[");
+    let line = gate.wait_for_log("RUST_LOG");
+    assert!(line.contains("not understood"), "{line}");
+}
+
 #[test]
 fn help_describes_quick_mode() {
     let out = wsgate(&["--help"]);

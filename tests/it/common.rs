@@ -104,11 +104,19 @@ impl GateProcess {
     /// Starts `wsgate --config FILE ARGS…` and waits until it reports its listener (and its
     /// admin listener when the config has one).
     pub fn start_with(toml: &str, args: &[&str]) -> GateProcess {
+        GateProcess::start_logging(toml, args, "info")
+    }
+
+    /// As [`GateProcess::start_with`], with `RUST_LOG=rust_log`.
+    pub fn start_logging(toml: &str, args: &[&str], rust_log: &str) -> GateProcess {
         let dir = TempDir::new();
         let config_path = dir.path().join("wsgate.toml");
         std::fs::write(&config_path, toml).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        cmd.arg("--config").arg(&config_path).args(args);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env("RUST_LOG", rust_log);
         GateProcess::spawn(cmd, dir, config_path, toml.contains("[admin]"))
     }
 
@@ -127,8 +135,10 @@ impl GateProcess {
         config_path: std::path::PathBuf,
         wants_admin: bool,
     ) -> GateProcess {
+        if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         let mut child = cmd
-            .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
