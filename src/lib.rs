@@ -15,12 +15,14 @@
 //!                 └─ proxy::splice  bytes both ways to a ws app
 //! ```
 //! Beside the path: `config` (TOML → Config; reads the PEM files through `tls`), `metrics`,
-//! `server::reload`, `server::admin`, `log_writer` (buffered log lines), and the leaf types
+//! `server::reload`, `server::admin`, `log_writer` (buffered log lines), `log_time` (their
+//! timestamps), and the leaf types
 //! `stream` (byte-stream halves), `scratch` (reads that hold no buffer while a session is
 //! idle), `on_wake` (session timers polled only when woken) and `session_end` (how a session
 //! ended). `protocol`, `proxy_protocol`, `forwarded`, `route` and
 //! `proxy::headers` are pure (no I/O) and carry their unit tests. Tasks are spawned by
-//! `server` and, on the server's tracker, by `proxy::forward` (the app connection). Imports
+//! `server` (one per connection: its requests, then its session) and, on the server's
+//! tracker, by `proxy::forward` (the app connection). Imports
 //! run one way: server → bridge/proxy → backend → protocol → route.
 
 // Public: what the binary, the tests, the benches and the fuzz targets use.
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod config;
 pub mod files;
 pub mod forwarded;
+pub mod log_time;
 pub mod log_writer;
 pub mod params;
 pub mod protocol;

@@ -167,6 +167,7 @@ fn main() -> ExitCode {
     // `_flush` writes what is left when main returns.
     let (writer, _flush) = wsgate::log_writer::buffered(std::io::stderr());
     let logs = tracing_subscriber::fmt::layer()
+        .with_timer(wsgate::log_time::Timestamps)
         .with_writer(writer)
         .with_ansi(false);
     let registry = tracing_subscriber::registry().with(log_filter(default_level));

@@ -42,7 +42,7 @@ pub(super) async fn run(
                 let conn_state = state.clone();
                 let settings = settings.read().unwrap().clone();
                 state.tracker.spawn(
-                    conn::serve(conn_state, stream, peer, slot, id, settings)
+                    conn::serve(conn_state, stream, peer, slot, settings)
                         .instrument(info_span!("conn", id)),
                 );
             }

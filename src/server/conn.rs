@@ -18,6 +18,7 @@ use super::accept::ConnectionSlot;
 use super::client_limits::Held;
 use super::keepalive::{watched, Expired, KeepAlive};
 use super::reload::ListenerSettings;
+use super::session::Pending;
 use super::{dispatch, State};
 use crate::config::Config;
 use crate::metrics::ReasonLabel;
@@ -31,7 +32,6 @@ pub(super) struct Conn {
     pub(super) state: Arc<State>,
     /// The config at accept time.
     pub(super) config: Arc<Config>,
-    pub(super) id: u64,
     pub(super) peer: SocketAddr,
     /// Between requests: the handshake deadline stops at the first head, keep-alive after.
     pub(super) keepalive: Arc<KeepAlive>,
@@ -46,17 +46,38 @@ pub(super) struct Conn {
     /// The connection's place under the per-client and per-route limits, taken at its first
     /// request; moves into the session on upgrade.
     pub(super) held: Mutex<Option<Held>>,
+    /// The session its upgrade request agreed on, run by this connection's task after hyper.
+    pub(super) session: Mutex<Option<Pending>>,
 }
 
-/// Serves one accepted connection to its end. Cancel-safe: dropping it drops the connection.
+/// Serves one accepted connection to its end, in one task: its requests, then the session
+/// one of them upgraded to. Cancel-safe: dropping it drops the connection.
 pub(super) async fn serve(
     state: Arc<State>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
-    id: u64,
     settings: ListenerSettings,
 ) {
+    // Boxed: the HTTP part's state (hyper's connection, the TLS handshake) is freed when the
+    // connection is upgraded instead of being kept beside the session while it runs.
+    // (The session's future is made before it is awaited, so this task holds it alone.)
+    let session = match Box::pin(serve_requests(state, stream, peer, slot, settings)).await {
+        Some(upgraded) => upgraded.run(),
+        None => return,
+    };
+    session.await;
+}
+
+/// The connection until it closes or a request upgrades it: the PROXY header, the TLS
+/// handshake, then hyper. Returns the session an upgrade agreed on.
+async fn serve_requests(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    settings: ListenerSettings,
+) -> Option<Pending> {
     let config = state.config();
     // The PROXY header, the TLS handshake and the request head must all arrive within
     // handshake_timeout.
@@ -84,7 +105,7 @@ pub(super) async fn serve(
                     })
                     .inc();
                 info!(%peer, error = %e, "PROXY protocol header refused; closed");
-                return;
+                return None;
             }
         }
     }
@@ -93,9 +114,9 @@ pub(super) async fn serve(
         Arc::new(Conn {
             slot: Mutex::new(Some(slot)),
             held: Mutex::new(None),
+            session: Mutex::new(None),
             state: shared,
             config,
-            id,
             peer,
             keepalive: Arc::new(KeepAlive::new()),
             tls,
@@ -112,7 +133,7 @@ pub(super) async fn serve(
                 Ok(Ok(1)) => None,
                 _ => {
                     debug!(%peer, "closed before the first byte");
-                    return;
+                    return None;
                 }
             }
         }
@@ -136,11 +157,13 @@ pub(super) async fn serve(
                 Ok(Err(e)) => {
                     metrics.tls_failures.inc();
                     info!(%peer, error = %e, "TLS handshake failed; closed");
+                    None
                 }
                 Err(_) => {
                     metrics.tls_failures.inc();
                     metrics.handshake_timeouts.inc();
                     info!(%peer, "handshake timeout during TLS; closed");
+                    None
                 }
             }
         }
@@ -165,7 +188,7 @@ fn cert_names(chain: Option<&[CertificateDer<'_>]>) -> Vec<String> {
 /// Serves the HTTP/1.1 requests of a connection (plain or TLS): the first head must arrive by
 /// `deadline`; after a response, the next request is waited for `keepalive_timeout` and its
 /// head for `handshake_timeout` from its first byte.
-async fn serve_http<I>(conn: Arc<Conn>, io: I, deadline: Instant)
+async fn serve_http<I>(conn: Arc<Conn>, io: I, deadline: Instant) -> Option<Pending>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -200,6 +223,10 @@ where
             }
         }
     }
+    // After an upgrade hyper's future has ended with the connection handed over; the session
+    // goes on in this task (no second task to spawn and wake).
+    let upgraded = conn.session.lock().ok().and_then(|mut p| p.take());
+    upgraded
 }
 
 /// Why a PROXY header could not be read.

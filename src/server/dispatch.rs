@@ -2,6 +2,7 @@
 //! (and, on proxy routes, the app's 101 checked) **before** the client's 101, then the session
 //! handed to its own task. Every refusal goes through [`refuse`].
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,20 +11,19 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
-use tracing::{info_span, warn, Instrument};
+use tracing::warn;
 
 use super::balance::OnBackend;
 use super::client_limits::OverLimit;
 use super::conn::Conn;
 use super::keepalive::mark_end;
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
-use super::session::{Session, SessionBackend};
+use super::session::{Pending, Session, SessionBackend};
 use crate::auth::Presented;
 use crate::backend::{self, BackendConn, ClientAddrs};
 use crate::bridge::SessionLimits;
 use crate::files::StaticDir;
 use crate::forwarded::client_ip;
-use crate::metrics::Metrics;
 use crate::params::{cookie, query_param};
 use crate::protocol::deflate::{self, Agreed};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
@@ -108,10 +108,9 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         Ok(c) => c,
         Err(response) => return response,
     };
-    state
-        .metrics
+    let route_metrics = state.metrics.for_route(&route.path);
+    route_metrics
         .backend_connect_seconds
-        .get_or_create(&Metrics::route(&route.path))
         .observe(connect_started.elapsed().as_secs_f64());
     // permessage-deflate on bridge and echo routes; a proxy route has the app's answer.
     let deflate = match (route.compression, &proxy_accept) {
@@ -142,14 +141,19 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             framing: route.framing,
             deflate,
         },
-        route,
+        route_path: route.path.clone(),
+        backend_name: route.backend.clone(),
+        metrics: route_metrics,
     };
-    state.tracker.spawn(
-        session
-            .start(on_upgrade, backend, places)
-            // The connection's own span, not nested in the handshake's (same id).
-            .instrument(info_span!(parent: None, "conn", id = conn.id)),
-    );
+    // The connection's task runs it once hyper has handed the connection over.
+    if let Ok(mut pending) = conn.session.lock() {
+        *pending = Some(Pending {
+            session,
+            on_upgrade,
+            backend,
+            places,
+        });
+    }
     response
 }
 
@@ -351,25 +355,38 @@ fn over_limit(over: OverLimit) -> Rejection {
 /// A connected backend, ready for the 101: the route as attempted (its `backend` is the one
 /// that answered), what the session relays to, what the app's 101 carries over, and the
 /// session's place on that backend.
-type Connected = (Route, SessionBackend, Option<BackendAccept>, OnBackend);
+/// The route as tried (its `backend` the one that answered: borrowed unless failing over
+/// changed it), the session's backend side, a proxy app's 101, its place in the balancer.
+type Connected<'r> = (
+    Cow<'r, Route>,
+    SessionBackend,
+    Option<BackendAccept>,
+    OnBackend,
+);
 
 /// Tries the route's backends in the balancer's order until one connects (and, on proxy
 /// routes, answers the upgrade with a good 101). Every failure counts against its backend and
 /// moves on; when all fail the client gets the last failure's answer (502, 504, or a ws
 /// app's own refusal).
-async fn connect_with_failover(
+async fn connect_with_failover<'r>(
     conn: &Conn,
     req: &Request<Incoming>,
-    route: &Route,
+    route: &'r Route,
     addrs: ClientAddrs,
     forwarded_for: ForwardedFor,
-) -> Result<Connected, Response<Body>> {
+) -> Result<Connected<'r>, Response<Body>> {
     let state = &conn.state;
     let limits = &conn.config.limits;
     let mut last = None;
     for index in state.balancer.order(route) {
-        let mut attempt = route.clone();
-        attempt.backend = route.backends[index].clone();
+        // A copy of the route only when the backend tried is not its first.
+        let attempt = match &route.backends[index] {
+            first if *first == route.backend => Cow::Borrowed(route),
+            other => Cow::Owned(Route {
+                backend: other.clone(),
+                ..route.clone()
+            }),
+        };
         let failed = |e: &dyn std::fmt::Display| {
             let ejected = state.balancer.failed(route, index, &state.metrics);
             warn!(route = %route.path, backend = %attempt.backend, error = %e, ejected, "backend connect failed");

@@ -12,20 +12,27 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
+use super::accept::ConnectionSlot;
+use super::balance::OnBackend;
+use super::client_limits::Held;
 use super::keepalive::Watched;
 use super::State;
 use crate::bridge::{self, SessionLimits, Summary};
-use crate::metrics::{Metrics, SessionCounters};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::protocol::frame::close_code;
 use crate::proxy::splice::splice;
-use crate::route::Route;
+use crate::route::Backend;
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite};
 
 pub(super) struct Session {
     pub(super) state: Arc<State>,
     pub(super) peer: SocketAddr,
-    pub(super) route: Route,
+    /// The route's path (metrics labels, log lines) and the backend it connected to.
+    pub(super) route_path: String,
+    pub(super) backend_name: Backend,
+    /// The route's session metrics (found once, when the request was handled).
+    pub(super) metrics: Arc<RouteMetrics>,
     pub(super) limits: SessionLimits,
 }
 
@@ -37,36 +44,55 @@ pub(super) enum SessionBackend {
     Proxy(OnUpgrade),
 }
 
-impl Session {
-    /// Waits for the client's upgrade, then runs the session; `places` (the connection's
-    /// slots) are held until it ends. One future holds the session: `run` borrows it rather
-    /// than taking a second copy into its own state.
-    pub(super) async fn start<P: Send>(
-        self,
-        on_upgrade: OnUpgrade,
-        backend: SessionBackend,
-        places: P,
-    ) {
-        let _places = places;
-        match on_upgrade.await {
-            Ok(upgraded) => self.run(upgraded, backend).await,
-            Err(e) => debug!(error = %e, "upgrade failed"),
+/// The connection's places under its limits (the connection slot, the per-client and
+/// per-route places, the backend's count): held until the session ends.
+pub(super) type Places = (Option<ConnectionSlot>, Option<Held>, OnBackend);
+
+/// A session agreed on (its 101 is the request's answer), waiting for hyper to hand over the
+/// connection: the connection's own task runs it once hyper's part is done.
+pub(super) struct Pending {
+    pub(super) session: Session,
+    pub(super) on_upgrade: OnUpgrade,
+    pub(super) backend: SessionBackend,
+    pub(super) places: Places,
+}
+
+impl Pending {
+    /// Waits for the client's upgrade (already fulfilled once hyper's connection future has
+    /// ended), then runs the session; the places are held until it ends. One future holds the
+    /// session: `run` borrows it rather than taking a second copy into its own state.
+    /// (Not an `async fn`: the parts are moved into the future once, not kept twice in it.)
+    pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        let Pending {
+            session,
+            on_upgrade,
+            backend,
+            places,
+        } = self;
+        async move {
+            let _places = places;
+            match on_upgrade.await {
+                Ok(upgraded) => session.run(upgraded, backend).await,
+                Err(e) => debug!(error = %e, "upgrade failed"),
+            }
         }
     }
+}
 
+impl Session {
     /// Runs the session to its end. Cancel-safe only in that dropping it drops both
     /// connections (the drain cancels sessions through `sessions_stop` instead).
     async fn run(&self, upgraded: Upgraded, backend: SessionBackend) {
         let m = &self.state.metrics;
-        let route = &self.route.path;
-        let label = Metrics::route(route);
-        m.sessions_total.get_or_create(&label).inc();
-        m.sessions_open.get_or_create(&label).inc();
-        let mut counters = SessionCounters::for_route(m, route);
+        let route = &self.route_path;
+        let of_route = &self.metrics;
+        of_route.sessions_total.inc();
+        of_route.sessions_open.inc();
+        let mut counters = of_route.counters.clone();
         if self.limits.deflate.is_some() {
             counters = counters.with_deflate(m, route);
         }
-        info!(peer = %self.peer, route = %route, backend = %self.route.backend, "upgraded");
+        info!(peer = %self.peer, route = %route, backend = %self.backend_name, "upgraded");
         let started = Instant::now();
         let summary = match backend {
             SessionBackend::Bridge(backend) => {
@@ -104,10 +130,8 @@ impl Session {
             },
         };
         let duration = started.elapsed();
-        m.sessions_open.get_or_create(&label).dec();
-        m.session_seconds
-            .get_or_create(&label)
-            .observe(duration.as_secs_f64());
+        of_route.sessions_open.dec();
+        of_route.session_seconds.observe(duration.as_secs_f64());
         m.close_codes
             .get_or_create(&Metrics::close(route, "sent", summary.close_sent))
             .inc();
@@ -117,7 +141,7 @@ impl Session {
         info!(
             peer = %self.peer,
             route = %route,
-            backend = %self.route.backend,
+            backend = %self.backend_name,
             bytes_in = summary.bytes_from_client,
             bytes_out = summary.bytes_to_client,
             messages_in = summary.messages_from_client,
