@@ -13,17 +13,22 @@ use crate::protocol::handshake::{accept_key, header_tokens};
 use crate::route::{Backend, Route};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus those the
-/// Connection header names.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Connection header names. (Names, not strings: a string is parsed into a name again on
+/// every lookup.)
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
+const FORWARDED: HeaderName = header::FORWARDED;
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = header_tokens(headers, &header::CONNECTION)
@@ -88,21 +93,21 @@ pub(crate) fn backend_request<B>(
     let chain = forwarded_for(peer.ip(), &parts.headers, peer_trusted);
     if !peer_trusted {
         // Its own claims about earlier hops are not passed on.
-        headers.remove("forwarded");
+        headers.remove(FORWARDED);
     }
     if let Ok(v) = HeaderValue::from_str(&chain) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if client_tls { "https" } else { "http" }),
     );
     match original_host {
         Some(h) => {
-            headers.insert("x-forwarded-host", h);
+            headers.insert(X_FORWARDED_HOST, h);
         }
         None => {
-            headers.remove("x-forwarded-host");
+            headers.remove(X_FORWARDED_HOST);
         }
     }
     if upgrade {
