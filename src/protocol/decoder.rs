@@ -291,6 +291,7 @@ impl Decoder {
     /// Wraps the next piece of the current data frame into an event, finishing the frame (and
     /// the message) when its last byte has been delivered. A compressed message's piece goes
     /// to the inflater instead; `None` when it gave nothing yet.
+    #[inline(always)]
     fn data_piece(&mut self, payload: Bytes) -> Result<Option<Event>, Violation> {
         let State::Payload { remaining, fin, .. } = self.state else {
             unreachable!("data_piece outside a payload");
@@ -301,16 +302,7 @@ impl Decoder {
         let frame_done = remaining == 0;
         let message_done = frame_done && fin;
         if self.compressed {
-            if frame_done {
-                self.state = State::Header;
-            }
-            self.pending = Some(Pending {
-                input: payload,
-                message_fin: message_done,
-                tail_fed: false,
-                more: false,
-            });
-            return self.inflate_piece();
+            return self.compressed_piece(payload, frame_done, message_done);
         }
         if kind == MessageKind::Text {
             let bad = Violation::invalid_utf8("invalid UTF-8 in text message");
@@ -334,10 +326,32 @@ impl Decoder {
         }))
     }
 
+    /// A compressed message's piece: queued for the inflater, and its first output if any.
+    /// (Out of line, so that `data_piece` stays small enough to inline into `decode`.)
+    #[inline(never)]
+    fn compressed_piece(
+        &mut self,
+        payload: Bytes,
+        frame_done: bool,
+        message_done: bool,
+    ) -> Result<Option<Event>, Violation> {
+        if frame_done {
+            self.state = State::Header;
+        }
+        self.pending = Some(Pending {
+            input: payload,
+            message_fin: message_done,
+            tail_fed: false,
+            more: false,
+        });
+        self.inflate_piece()
+    }
+
     /// The next inflated piece of the compressed message in progress (at most
     /// [`INFLATE_PIECE`] bytes, and never more than one byte past `max_message_size`, so a
     /// bomb costs a bounded amount of memory and CPU before its 1009). `None` when the input
     /// so far is used up and the message has more frames to come.
+    #[inline(never)]
     fn inflate_piece(&mut self) -> Result<Option<Event>, Violation> {
         let bad = || Violation::protocol("invalid compressed data");
         let Some(kind) = self.message else {
