@@ -226,10 +226,20 @@ pub(crate) async fn run(
         None => (None, None),
         Some((read, write)) => (Some(read), Some(write)),
     };
+    // Each part is polled only when its own waker fired: a message wakes the task through
+    // one side's socket, and polling the other side (a read that is not ready) or the timers
+    // then would only re-register their wakers.
     let pumps = async {
         tokio::join!(
-            from_client::pump(&shared, client_read, initial, backend_write, limits, budget),
-            async {
+            OnWake::new(from_client::pump(
+                &shared,
+                client_read,
+                initial,
+                backend_write,
+                limits,
+                budget
+            )),
+            OnWake::new(async {
                 match (backend_read, limits.framing) {
                     (Some(read), Framing::Stream) => {
                         from_backend::pump(&shared, read, limits.message).await
@@ -239,13 +249,14 @@ pub(crate) async fn run(
                     }
                     (None, _) => {}
                 }
-            },
+            }),
             OnWake::new(watchdog::run(&shared, limits, shutdown))
         )
     };
     tokio::select! {
+        biased;
         _ = pumps => {}
-        () = shared.closing_deadline() => {
+        () = OnWake::new(shared.closing_deadline()) => {
             let _ = shared.end.set(SessionEnd::CloseTimeout);
         }
     }

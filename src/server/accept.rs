@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn};
 
 use super::reload::ListenerSettings;
 use super::{conn, State};
@@ -41,10 +41,10 @@ pub(super) async fn run(
                 let id = state.next_id.fetch_add(1, Ordering::Relaxed);
                 let conn_state = state.clone();
                 let settings = settings.read().unwrap().clone();
-                state.tracker.spawn(
-                    conn::serve(conn_state, stream, peer, slot, settings)
-                        .instrument(info_span!("conn", id)),
-                );
+                let span = info_span!("conn", id);
+                state
+                    .tracker
+                    .spawn(conn::serve(conn_state, stream, peer, slot, settings, span));
             }
             Err(e) if is_per_connection_error(&e) => debug!(error = %e, "accept"),
             Err(e) => {

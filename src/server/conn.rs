@@ -12,7 +12,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, Instrument, Span};
 
 use super::accept::ConnectionSlot;
 use super::client_limits::Held;
@@ -58,12 +58,14 @@ pub(super) async fn serve(
     peer: SocketAddr,
     slot: ConnectionSlot,
     settings: ListenerSettings,
+    span: Span,
 ) {
     // Boxed: the HTTP part's state (hyper's connection, the TLS handshake) is freed when the
     // connection is upgraded instead of being kept beside the session while it runs.
     // (The session's future is made before it is awaited, so this task holds it alone.)
-    let session = match Box::pin(serve_requests(state, stream, peer, slot, settings)).await {
-        Some(upgraded) => upgraded.run(),
+    let requests = serve_requests(state, stream, peer, slot, settings);
+    let session = match Box::pin(requests).instrument(span.clone()).await {
+        Some(upgraded) => upgraded.run(span),
         None => return,
     };
     session.await;

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info};
+use tracing::{debug, info, Span};
 
 use super::accept::ConnectionSlot;
 use super::balance::OnBackend;
@@ -62,7 +62,10 @@ impl Pending {
     /// ended), then runs the session; the places are held until it ends. One future holds the
     /// session: `run` borrows it rather than taking a second copy into its own state.
     /// (Not an `async fn`: the parts are moved into the future once, not kept twice in it.)
-    pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send {
+    ///
+    /// `span` is the connection's (`conn{id}`). It is entered around the session's log lines,
+    /// not on every poll of its data path: nothing in between logs.
+    pub(super) fn run(self, span: Span) -> impl std::future::Future<Output = ()> + Send {
         let Pending {
             session,
             on_upgrade,
@@ -72,8 +75,8 @@ impl Pending {
         async move {
             let _places = places;
             match on_upgrade.await {
-                Ok(upgraded) => session.run(upgraded, backend).await,
-                Err(e) => debug!(error = %e, "upgrade failed"),
+                Ok(upgraded) => session.run(upgraded, backend, &span).await,
+                Err(e) => span.in_scope(|| debug!(error = %e, "upgrade failed")),
             }
         }
     }
@@ -82,7 +85,7 @@ impl Pending {
 impl Session {
     /// Runs the session to its end. Cancel-safe only in that dropping it drops both
     /// connections (the drain cancels sessions through `sessions_stop` instead).
-    async fn run(&self, upgraded: Upgraded, backend: SessionBackend) {
+    async fn run(&self, upgraded: Upgraded, backend: SessionBackend, span: &Span) {
         let m = &self.state.metrics;
         let route = &self.route_path;
         let of_route = &self.metrics;
@@ -92,7 +95,9 @@ impl Session {
         if self.limits.deflate.is_some() {
             counters = counters.with_deflate(m, route);
         }
-        info!(peer = %self.peer, route = %route, backend = %self.backend_name, "upgraded");
+        span.in_scope(|| {
+            info!(peer = %self.peer, route = %route, backend = %self.backend_name, "upgraded");
+        });
         let started = Instant::now();
         let summary = match backend {
             SessionBackend::Bridge(backend) => {
@@ -138,20 +143,22 @@ impl Session {
         m.close_codes
             .get_or_create(&Metrics::close(route, "received", summary.close_received))
             .inc();
-        info!(
-            peer = %self.peer,
-            route = %route,
-            backend = %self.backend_name,
-            bytes_in = summary.bytes_from_client,
-            bytes_out = summary.bytes_to_client,
-            messages_in = summary.messages_from_client,
-            messages_out = summary.messages_to_client,
-            duration_ms = duration.as_millis() as u64,
-            close_sent = summary.close_sent.unwrap_or(0),
-            close_received = summary.close_received.unwrap_or(close_code::ABNORMAL),
-            end = summary.end.as_str(),
-            "session ended"
-        );
+        span.in_scope(|| {
+            info!(
+                peer = %self.peer,
+                route = %route,
+                backend = %self.backend_name,
+                bytes_in = summary.bytes_from_client,
+                bytes_out = summary.bytes_to_client,
+                messages_in = summary.messages_from_client,
+                messages_out = summary.messages_to_client,
+                duration_ms = duration.as_millis() as u64,
+                close_sent = summary.close_sent.unwrap_or(0),
+                close_received = summary.close_received.unwrap_or(close_code::ABNORMAL),
+                end = summary.end.as_str(),
+                "session ended"
+            );
+        });
     }
 }
 
