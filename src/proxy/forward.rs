@@ -87,12 +87,8 @@ pub(crate) async fn upgrade(
         .get(header::SEC_WEBSOCKET_KEY)
         .map(|k| k.as_bytes().trim_ascii().to_vec())
         .unwrap_or_default();
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = req.method().clone();
-    head.uri = req.uri().clone();
-    head.headers = req.headers().clone();
     let request = backend_request(
-        &head,
+        req,
         Empty::<Bytes>::new(),
         route,
         client.peer,
@@ -135,8 +131,9 @@ pub(crate) async fn http(
 ) -> Result<Response<Incoming>, ForwardError> {
     let mut sender = app_client(io, tracker).await?;
     let (parts, body) = req.into_parts();
+    let head = Request::from_parts(parts, ());
     let request = backend_request(
-        &parts,
+        &head,
         body,
         route,
         client.peer,

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::request::Parts;
 use hyper::{Request, StatusCode, Uri};
 
 use crate::forwarded::forwarded_for;
@@ -70,10 +69,11 @@ fn backend_path(route: &Route, uri: &Uri) -> String {
     }
 }
 
-/// Builds the request sent to the app from the client's request head. `peer_trusted`: the
-/// direct peer is a trusted proxy, so its X-Forwarded-For chain is kept and extended.
-pub(crate) fn backend_request<B>(
-    parts: &Parts,
+/// Builds the request sent to the app from the client's request head (`head`'s body is
+/// not touched, so the client's request itself can be passed). `peer_trusted`: the direct peer
+/// is a trusted proxy, so its X-Forwarded-For chain is kept and extended.
+pub(crate) fn backend_request<T, B>(
+    head: &Request<T>,
     body: B,
     route: &Route,
     peer: SocketAddr,
@@ -84,13 +84,13 @@ pub(crate) fn backend_request<B>(
     let Backend::Ws { authority, .. } = &route.backend else {
         unreachable!("only proxy routes forward requests");
     };
-    let mut headers = parts.headers.clone();
+    let mut headers = head.headers().clone();
     strip_hop_by_hop(&mut headers);
-    let original_host = parts.headers.get(header::HOST).cloned();
+    let original_host = head.headers().get(header::HOST).cloned();
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);
     }
-    let chain = forwarded_for(peer.ip(), &parts.headers, peer_trusted);
+    let chain = forwarded_for(peer.ip(), head.headers(), peer_trusted);
     if !peer_trusted {
         // Its own claims about earlier hops are not passed on.
         headers.remove(FORWARDED);
@@ -115,8 +115,8 @@ pub(crate) fn backend_request<B>(
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = backend_path(route, &parts.uri)
+    *request.method_mut() = head.method().clone();
+    *request.uri_mut() = backend_path(route, head.uri())
         .parse()
         .unwrap_or_else(|_| Uri::from_static("/"));
     *request.headers_mut() = headers;
@@ -224,10 +224,9 @@ mod tests {
             .header("x-forwarded-for", "10.0.0.1")
             .body(())
             .unwrap();
-        let (parts, ()) = req.into_parts();
         let r = route("/", "ws://127.0.0.1:3000", &[]);
         let out = backend_request(
-            &parts,
+            &req,
             (),
             &r,
             "192.0.2.7:5555".parse().unwrap(),
@@ -315,7 +314,6 @@ mod forwarded_tests {
             .header("forwarded", "for=6.6.6.6")
             .body(())
             .unwrap();
-        let (parts, ()) = req.into_parts();
         let r = Route::new(
             "/",
             Backend::parse("ws://127.0.0.1:3000", std::path::Path::new("/")).unwrap(),
@@ -324,7 +322,7 @@ mod forwarded_tests {
             MessageMode::Binary,
         );
         let out = backend_request(
-            &parts,
+            &req,
             (),
             &r,
             "192.0.2.7:1".parse().unwrap(),

@@ -4,49 +4,104 @@
 //!
 //! State is kept per route and backend *as written in the config*, so it survives reloads
 //! that keep a backend, and a session's open count stays with the backend it started on.
+//! It is found by the route's path and the backend itself, so a session's start formats and
+//! allocates nothing once its backend has been seen; a session's end takes no lock at all.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
 use crate::metrics::{BackendLabels, Metrics};
-use crate::route::{Balance, Route};
+use crate::route::{Backend, Balance, Route};
 
-#[derive(Debug, Default)]
+/// What the sessions on one backend share: their count, and its gauge.
+#[derive(Debug)]
+struct Open {
+    sessions: AtomicUsize,
+    gauge: Gauge,
+}
+
+#[derive(Debug)]
 struct Health {
     failures_in_a_row: u32,
     ejected_until: Option<Instant>,
-    open: usize,
+    open: Arc<Open>,
+}
+
+/// One route's state: whose turn it is (round robin), and its backends' health.
+#[derive(Debug, Default)]
+struct RouteState {
+    turn: usize,
+    backends: Vec<(Backend, Health)>,
+}
+
+impl RouteState {
+    fn get(&self, backend: &Backend) -> Option<&Health> {
+        self.backends
+            .iter()
+            .find(|(b, _)| b == backend)
+            .map(|(_, h)| h)
+    }
+
+    /// The backend's health, made on its first use (its gauge found once, here).
+    fn entry(&mut self, route: &Route, index: usize, metrics: &Metrics) -> &mut Health {
+        let backend = &route.backends[index];
+        let at = match self.backends.iter().position(|(b, _)| b == backend) {
+            Some(at) => at,
+            None => {
+                let gauge = metrics
+                    .backend_sessions_open
+                    .get_or_create(&labels(route, index))
+                    .clone();
+                let open = Arc::new(Open {
+                    sessions: AtomicUsize::new(0),
+                    gauge,
+                });
+                let health = Health {
+                    failures_in_a_row: 0,
+                    ejected_until: None,
+                    open,
+                };
+                self.backends.push((backend.clone(), health));
+                self.backends.len() - 1
+            }
+        };
+        &mut self.backends[at].1
+    }
 }
 
 #[derive(Default)]
 pub(super) struct Balancer {
-    health: Mutex<HashMap<(String, String), Health>>,
-    turns: Mutex<HashMap<String, usize>>,
+    routes: Mutex<HashMap<String, RouteState>>,
 }
 
 /// A session's place on its backend (its open count), given back when dropped.
 pub(super) struct OnBackend {
-    balancer: Arc<Balancer>,
-    key: (String, String),
-    metrics_gauge: prometheus_client::metrics::gauge::Gauge,
+    open: Arc<Open>,
 }
 
 impl Drop for OnBackend {
     fn drop(&mut self) {
-        if let Some(h) = self.balancer.health.lock().unwrap().get_mut(&self.key) {
-            h.open = h.open.saturating_sub(1);
-        }
-        self.metrics_gauge.dec();
+        self.open.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.open.gauge.dec();
     }
 }
 
-fn key(route: &Route, index: usize) -> (String, String) {
-    (route.path.clone(), route.backends[index].to_string())
-}
-
 impl Balancer {
+    fn route_state<'a>(
+        routes: &'a mut HashMap<String, RouteState>,
+        route: &Route,
+    ) -> &'a mut RouteState {
+        // Looked up by `&str` first: the path is copied only the first time.
+        if !routes.contains_key(&route.path) {
+            routes.insert(route.path.clone(), RouteState::default());
+        }
+        routes.get_mut(&route.path).expect("inserted above")
+    }
+
     /// The order in which to try the route's backends: those not ejected, by the balance
     /// mode, then the ejected ones (better a late try than no answer).
     pub(super) fn order(&self, route: &Route) -> Vec<usize> {
@@ -55,8 +110,9 @@ impl Balancer {
             return vec![0];
         }
         let now = Instant::now();
-        let health = self.health.lock().unwrap();
-        let get = |i: usize| health.get(&key(route, i));
+        let mut routes = self.routes.lock().unwrap();
+        let state = Self::route_state(&mut routes, route);
+        let get = |i: usize| state.get(&route.backends[i]);
         let ejected = |i: usize| {
             get(i)
                 .and_then(|h| h.ejected_until)
@@ -65,20 +121,21 @@ impl Balancer {
         let mut order: Vec<usize> = match route.balance {
             Balance::First => (0..n).collect(),
             Balance::RoundRobin => {
-                let mut turns = self.turns.lock().unwrap();
-                let turn = turns.entry(route.path.clone()).or_insert(0);
-                let start = *turn % n;
-                *turn = turn.wrapping_add(1);
+                let start = state.turn % n;
+                // `get` borrows `state`; the turn is moved on after the order is made.
                 (0..n).map(|i| (start + i) % n).collect()
             }
             Balance::LeastConnections => {
                 let mut v: Vec<usize> = (0..n).collect();
-                v.sort_by_key(|&i| get(i).map_or(0, |h| h.open));
+                v.sort_by_key(|&i| get(i).map_or(0, |h| h.open.sessions.load(Ordering::Relaxed)));
                 v
             }
         };
         // Stable: the healthy ones keep their order, the ejected ones go last.
         order.sort_by_key(|&i| ejected(i));
+        if route.balance == Balance::RoundRobin {
+            state.turn = state.turn.wrapping_add(1);
+        }
         order
     }
 
@@ -86,8 +143,8 @@ impl Balancer {
     pub(super) fn failed(&self, route: &Route, index: usize, metrics: &Metrics) -> bool {
         let labels = labels(route, index);
         metrics.backend_failures.get_or_create(&labels).inc();
-        let mut health = self.health.lock().unwrap();
-        let h = health.entry(key(route, index)).or_default();
+        let mut routes = self.routes.lock().unwrap();
+        let h = Self::route_state(&mut routes, route).entry(route, index, metrics);
         h.failures_in_a_row += 1;
         if h.failures_in_a_row >= route.eject_after {
             h.failures_in_a_row = 0;
@@ -99,30 +156,17 @@ impl Balancer {
     }
 
     /// A session started on backend `index`: it is healthy, and one more session is open.
-    pub(super) fn started(
-        self: &Arc<Self>,
-        route: &Route,
-        index: usize,
-        metrics: &Metrics,
-    ) -> OnBackend {
-        let key = key(route, index);
-        {
-            let mut health = self.health.lock().unwrap();
-            let h = health.entry(key.clone()).or_default();
+    pub(super) fn started(&self, route: &Route, index: usize, metrics: &Metrics) -> OnBackend {
+        let open = {
+            let mut routes = self.routes.lock().unwrap();
+            let h = Self::route_state(&mut routes, route).entry(route, index, metrics);
             h.failures_in_a_row = 0;
             h.ejected_until = None;
-            h.open += 1;
-        }
-        let gauge = metrics
-            .backend_sessions_open
-            .get_or_create(&labels(route, index))
-            .clone();
-        gauge.inc();
-        OnBackend {
-            balancer: self.clone(),
-            key,
-            metrics_gauge: gauge,
-        }
+            h.open.clone()
+        };
+        open.sessions.fetch_add(1, Ordering::Relaxed);
+        open.gauge.inc();
+        OnBackend { open }
     }
 }
 
