@@ -19,12 +19,12 @@ use crate::session_end::SessionEnd;
 use crate::stream::{Observed, Observer, PendingSince};
 
 /// One side of a splice as the timers see it: bytes read from it (counted into the route's
-/// metric and this session's total), when it last sent anything, and since when a write to it
-/// has been stalled.
+/// metric and this session's total), when it last sent anything (the client's side only: the
+/// idle timer watches the client), and since when a write to it has been stalled.
 struct Side {
     counter: Counter,
     total: u64,
-    heard: Arc<PendingSince>,
+    heard: Option<Arc<PendingSince>>,
     stalled: Arc<PendingSince>,
 }
 
@@ -32,7 +32,9 @@ impl Observer for Side {
     fn read(&mut self, n: usize) {
         self.counter.inc_by(n as u64);
         self.total += n as u64;
-        self.heard.reset();
+        if let Some(heard) = &self.heard {
+            heard.reset();
+        }
     }
 
     fn write_blocked(&mut self, blocked: bool) {
@@ -78,7 +80,7 @@ where
         observer: Side {
             counter: from_client,
             total: 0,
-            heard: heard.clone(),
+            heard: Some(heard.clone()),
             stalled: client_stalled.clone(),
         },
     };
@@ -87,7 +89,7 @@ where
         observer: Side {
             counter: to_client,
             total: 0,
-            heard: clock(),
+            heard: None,
             stalled: app_stalled.clone(),
         },
     };
