@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Where a route's sessions go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// Built in: echoes each message with its type.
     Echo,
@@ -30,7 +30,7 @@ pub enum Backend {
     TokenFile(TokenSource),
 }
 
-/// A token file (or directory) and what was last read from it; compared by path.
+/// A token file (or directory) and what was last read from it; compared (and hashed) by path.
 #[derive(Debug, Clone)]
 pub struct TokenSource(pub std::sync::Arc<crate::token_file::TokenFile>);
 
@@ -41,6 +41,12 @@ impl PartialEq for TokenSource {
 }
 
 impl Eq for TokenSource {}
+
+impl std::hash::Hash for TokenSource {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.source().hash(state);
+    }
+}
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -31,45 +31,36 @@ struct Health {
     open: Arc<Open>,
 }
 
-/// One route's state: whose turn it is (round robin), and its backends' health.
+/// One route's state: whose turn it is (round robin), and its backends' health. (A route
+/// whose backend comes from a token file has an entry for each target its tokens named.)
 #[derive(Debug, Default)]
 struct RouteState {
     turn: usize,
-    backends: Vec<(Backend, Health)>,
+    backends: HashMap<Backend, Health>,
 }
 
 impl RouteState {
-    fn get(&self, backend: &Backend) -> Option<&Health> {
-        self.backends
-            .iter()
-            .find(|(b, _)| b == backend)
-            .map(|(_, h)| h)
-    }
-
     /// The backend's health, made on its first use (its gauge found once, here).
     fn entry(&mut self, route: &Route, index: usize, metrics: &Metrics) -> &mut Health {
         let backend = &route.backends[index];
-        let at = match self.backends.iter().position(|(b, _)| b == backend) {
-            Some(at) => at,
-            None => {
-                let gauge = metrics
-                    .backend_sessions_open
-                    .get_or_create(&labels(route, index))
-                    .clone();
-                let open = Arc::new(Open {
-                    sessions: AtomicUsize::new(0),
-                    gauge,
-                });
-                let health = Health {
-                    failures_in_a_row: 0,
-                    ejected_until: None,
-                    open,
-                };
-                self.backends.push((backend.clone(), health));
-                self.backends.len() - 1
-            }
-        };
-        &mut self.backends[at].1
+        // Looked up by reference first: the backend is copied only the first time.
+        if !self.backends.contains_key(backend) {
+            let gauge = metrics
+                .backend_sessions_open
+                .get_or_create(&labels(route, index))
+                .clone();
+            let open = Arc::new(Open {
+                sessions: AtomicUsize::new(0),
+                gauge,
+            });
+            let health = Health {
+                failures_in_a_row: 0,
+                ejected_until: None,
+                open,
+            };
+            self.backends.insert(backend.clone(), health);
+        }
+        self.backends.get_mut(backend).expect("inserted above")
     }
 }
 
@@ -112,7 +103,7 @@ impl Balancer {
         let now = Instant::now();
         let mut routes = self.routes.lock().unwrap();
         let state = Self::route_state(&mut routes, route);
-        let get = |i: usize| state.get(&route.backends[i]);
+        let get = |i: usize| state.backends.get(&route.backends[i]);
         let ejected = |i: usize| {
             get(i)
                 .and_then(|h| h.ejected_until)
