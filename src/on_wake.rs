@@ -16,6 +16,13 @@ use std::task::{Context, Poll, Wake, Waker};
 /// of those woke it.
 pub(crate) struct OnWake<F> {
     inner: Pin<Box<F>>,
+    gate: WakeGate,
+}
+
+/// The gate of [`OnWake`], for a future that polls parts of itself by hand (the proxy
+/// splice's two directions): a waker for one part, and whether it fired since that part was
+/// last polled.
+pub(crate) struct WakeGate {
     gate: Arc<Gate>,
     waker: Waker,
 }
@@ -39,16 +46,44 @@ impl Wake for Gate {
     }
 }
 
-impl<F: Future> OnWake<F> {
-    pub(crate) fn new(inner: F) -> Self {
+impl WakeGate {
+    /// A gate that lets the first poll through.
+    pub(crate) fn new() -> Self {
         let gate = Arc::new(Gate {
             woken: AtomicBool::new(true),
             task: Mutex::new(None),
         });
-        OnWake {
-            inner: Box::pin(inner),
+        WakeGate {
             waker: Waker::from(gate.clone()),
             gate,
+        }
+    }
+
+    /// Takes note of the task's waker (from `cx`) and says whether the part is to be polled
+    /// now: its waker fired since the last time this said yes (or this is the first time).
+    /// Poll it with [`WakeGate::waker`], not the task's.
+    pub(crate) fn open(&self, cx: &Context<'_>) -> bool {
+        {
+            let mut task = self.gate.task.lock().unwrap_or_else(|e| e.into_inner());
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        // Cleared before the part is polled: a wake during that poll makes the next count.
+        self.gate.woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// The part's own waker.
+    pub(crate) fn waker(&self) -> &Waker {
+        &self.waker
+    }
+}
+
+impl<F: Future> OnWake<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        OnWake {
+            inner: Box::pin(inner),
+            gate: WakeGate::new(),
         }
     }
 }
@@ -57,20 +92,13 @@ impl<F: Future> Future for OnWake<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        {
-            let mut task = self.gate.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
-        // Cleared before polling: a wake during the poll makes the next poll count.
-        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+        if !self.gate.open(cx) {
             return Poll::Pending;
         }
         let this = &mut *self;
         this.inner
             .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
+            .poll(&mut Context::from_waker(this.gate.waker()))
     }
 }
 

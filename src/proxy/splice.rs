@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::on_wake::OnWake;
+use crate::on_wake::{OnWake, WakeGate};
 use crate::scratch::with_scratch;
 use crate::session_end::SessionEnd;
 use crate::stream::{Observed, Observer, PendingSince};
@@ -98,6 +98,8 @@ where
         app: &mut app,
         up: Direction::default(),
         down: Direction::default(),
+        up_gate: WakeGate::new(),
+        down_gate: WakeGate::new(),
     };
     // Nothing from the client for `idle`, or a write to either side stalled for `idle`.
     let watch = async {
@@ -152,6 +154,15 @@ struct Direction {
 }
 
 impl Direction {
+    /// Where a direction that was not polled stands.
+    fn state(&self) -> Poll<()> {
+        if self.done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Moves bytes until the reader has nothing (Pending), the writer is full (Pending), or
     /// the reader's EOF has been passed on as the writer's shutdown (Ready).
     fn poll_copy<R, W>(
@@ -230,12 +241,17 @@ impl Direction {
 }
 
 /// Both directions until both are done (each reader's EOF passed on as a shutdown), or the
-/// first error.
+/// first error. Each direction is polled only when its own waker fired: a message one way
+/// wakes the task through one socket, and polling the other direction then would only
+/// re-register its wakers. (Safe because the two never wait on the same waker slot: up
+/// reads the client and writes the app, down reads the app and writes the client.)
 struct Both<'a, C: ?Sized, A: ?Sized> {
     client: &'a mut C,
     app: &'a mut A,
     up: Direction,
     down: Direction,
+    up_gate: WakeGate,
+    down_gate: WakeGate,
 }
 
 impl<C, A> Future for Both<'_, C, A>
@@ -247,12 +263,20 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let up = this
-            .up
-            .poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.app))?;
-        let down =
+        let up = if this.up_gate.open(cx) {
+            let cx = &mut Context::from_waker(this.up_gate.waker());
+            this.up
+                .poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.app))?
+        } else {
+            this.up.state()
+        };
+        let down = if this.down_gate.open(cx) {
+            let cx = &mut Context::from_waker(this.down_gate.waker());
             this.down
-                .poll_copy(cx, Pin::new(&mut *this.app), Pin::new(&mut *this.client))?;
+                .poll_copy(cx, Pin::new(&mut *this.app), Pin::new(&mut *this.client))?
+        } else {
+            this.down.state()
+        };
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {
