@@ -46,9 +46,9 @@ impl Wake for Gate {
     }
 }
 
-impl WakeGate {
+impl Default for WakeGate {
     /// A gate that lets the first poll through.
-    pub(crate) fn new() -> Self {
+    fn default() -> Self {
         let gate = Arc::new(Gate {
             woken: AtomicBool::new(true),
             task: Mutex::new(None),
@@ -58,7 +58,9 @@ impl WakeGate {
             gate,
         }
     }
+}
 
+impl WakeGate {
     /// Takes note of the task's waker (from `cx`) and says whether the part is to be polled
     /// now: its waker fired since the last time this said yes (or this is the first time).
     /// Poll it with [`WakeGate::waker`], not the task's.
@@ -83,7 +85,7 @@ impl<F: Future> OnWake<F> {
     pub(crate) fn new(inner: F) -> Self {
         OnWake {
             inner: Box::pin(inner),
-            gate: WakeGate::new(),
+            gate: WakeGate::default(),
         }
     }
 }

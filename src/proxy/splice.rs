@@ -98,8 +98,8 @@ where
         app: &mut app,
         up: Direction::default(),
         down: Direction::default(),
-        up_gate: WakeGate::new(),
-        down_gate: WakeGate::new(),
+        up_gate: WakeGate::default(),
+        down_gate: WakeGate::default(),
     };
     // Nothing from the client for `idle`, or a write to either side stalled for `idle`.
     let watch = async {
@@ -154,10 +154,24 @@ struct Direction {
 }
 
 impl Direction {
-    /// Where a direction that was not polled stands.
-    fn state(&self) -> Poll<()> {
-        if self.done {
-            Poll::Ready(())
+    /// [`Direction::poll_copy`] with the direction's own waker (`gate`'s), if that fired since
+    /// it was last polled; otherwise where it stands.
+    #[inline]
+    fn poll_gated<R, W>(
+        &mut self,
+        gate: &WakeGate,
+        cx: &Context<'_>,
+        reader: Pin<&mut R>,
+        writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if gate.open(cx) {
+            self.poll_copy(&mut Context::from_waker(gate.waker()), reader, writer)
+        } else if self.done {
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
@@ -263,20 +277,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let up = if this.up_gate.open(cx) {
-            let cx = &mut Context::from_waker(this.up_gate.waker());
-            this.up
-                .poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.app))?
-        } else {
-            this.up.state()
-        };
-        let down = if this.down_gate.open(cx) {
-            let cx = &mut Context::from_waker(this.down_gate.waker());
-            this.down
-                .poll_copy(cx, Pin::new(&mut *this.app), Pin::new(&mut *this.client))?
-        } else {
-            this.down.state()
-        };
+        let (client, app) = (&mut *this.client, &mut *this.app);
+        let up = this.up.poll_gated(
+            &this.up_gate,
+            cx,
+            Pin::new(&mut *client),
+            Pin::new(&mut *app),
+        )?;
+        let down = this
+            .down
+            .poll_gated(&this.down_gate, cx, Pin::new(app), Pin::new(client))?;
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {
