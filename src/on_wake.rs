@@ -1,5 +1,7 @@
-//! Polling a future only when it was woken: for the session timers that share a task with
-//! the data path.
+//! Polling a future only when it was woken: for the parts of a session that share its one
+//! task (the bridge's two pumps and its timers, the proxy splice's two directions and its
+//! timers), so a message that wakes the task through one socket polls only the part waiting
+//! on that socket.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,11 +11,10 @@ use std::task::{Context, Poll, Wake, Waker};
 
 /// A future polled only when its own waker fired (or on its first poll).
 ///
-/// A session's timers share its task with the data path, and `join!`/`select!` poll every
-/// branch whenever the task wakes, which is for every message. The timers' wait (a sleep,
-/// the closing signal, the drain token) has nothing new then, but polling it still takes the
-/// drain token's lock and re-registers wakers. Behind this gate it is polled only when one
-/// of those woke it.
+/// `join!`/`select!` poll every branch whenever the task wakes, which is for every message.
+/// A branch with nothing new (the timers' sleep and drain token, the pump of the other
+/// side) still re-registers its wakers, and the drain token takes a lock for it. Behind this
+/// gate a branch is polled only when one of its own wakers fired.
 pub(crate) struct OnWake<F> {
     inner: Pin<Box<F>>,
     gate: WakeGate,
