@@ -103,6 +103,11 @@ impl Balancer {
         let now = Instant::now();
         let mut routes = self.routes.lock().unwrap();
         let state = Self::route_state(&mut routes, route);
+        // Round robin: this session's turn, and the next session's.
+        let start = state.turn % n;
+        if route.balance == Balance::RoundRobin {
+            state.turn = state.turn.wrapping_add(1);
+        }
         let get = |i: usize| state.backends.get(&route.backends[i]);
         let ejected = |i: usize| {
             get(i)
@@ -111,11 +116,7 @@ impl Balancer {
         };
         let mut order: Vec<usize> = match route.balance {
             Balance::First => (0..n).collect(),
-            Balance::RoundRobin => {
-                let start = state.turn % n;
-                // `get` borrows `state`; the turn is moved on after the order is made.
-                (0..n).map(|i| (start + i) % n).collect()
-            }
+            Balance::RoundRobin => (0..n).map(|i| (start + i) % n).collect(),
             Balance::LeastConnections => {
                 let mut v: Vec<usize> = (0..n).collect();
                 v.sort_by_key(|&i| get(i).map_or(0, |h| h.open.sessions.load(Ordering::Relaxed)));
@@ -124,9 +125,6 @@ impl Balancer {
         };
         // Stable: the healthy ones keep their order, the ejected ones go last.
         order.sort_by_key(|&i| ejected(i));
-        if route.balance == Balance::RoundRobin {
-            state.turn = state.turn.wrapping_add(1);
-        }
         order
     }
 
