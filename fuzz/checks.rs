@@ -196,3 +196,23 @@ pub fn proxy_header(data: &[u8]) {
         }
     }
 }
+
+/// Arbitrary bytes as a request path: never a panic; a canonical form is canonical again
+/// unchanged, merges slashes, holds no dot segment, and no escape in it decodes to a
+/// separator, a control byte or a dot.
+pub fn request_path(data: &[u8]) {
+    use wsgate::edge::path::canonical;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(c) = canonical(text) {
+        let again = canonical(&c).expect("a canonical path is canonical");
+        assert_eq!(again, c);
+        assert!(c.starts_with('/') && !c.contains("//"));
+        assert!(c.split('/').all(|s| s != "." && s != ".."));
+        let upper = c.to_ascii_uppercase();
+        for hidden in ["%2F", "%5C", "%00", "%2E", "%7F", "%252E", "%252F"] {
+            assert!(!upper.contains(hidden), "{c:?} holds {hidden}");
+        }
+    }
+}

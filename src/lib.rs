@@ -28,6 +28,7 @@
 // Public: what the binary, the tests, the benches and the fuzz targets use.
 pub mod auth;
 pub mod config;
+pub mod edge;
 pub mod files;
 pub mod forwarded;
 pub mod log_time;

@@ -22,6 +22,7 @@ use super::session::{Pending, Session, SessionBackend};
 use crate::auth::Presented;
 use crate::backend::{self, BackendConn, ClientAddrs};
 use crate::bridge::SessionLimits;
+use crate::edge::path::{canonical, PathError};
 use crate::files::StaticDir;
 use crate::forwarded::client_ip;
 use crate::params::{cookie, query_param};
@@ -34,6 +35,14 @@ use crate::route::{Backend, Route, TokenSource};
 pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let last_request = conn.keepalive.request_started();
     let state = &conn.state;
+    // One canonical path from here on: the route, auth, limits, files and the app all see it.
+    if let Err(e) = canonicalize_target(&mut req) {
+        return refuse(
+            &conn,
+            None,
+            Rejection::new(StatusCode::BAD_REQUEST, "path", e.as_str()),
+        );
+    }
     let Some(route) = conn.config.routes.find(req.uri().path()) else {
         return refuse(
             &conn,
@@ -155,6 +164,22 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         });
     }
     response
+}
+
+/// Replaces the request's target with its canonical path (and its query, unchanged); an
+/// absolute-form target keeps only those.
+fn canonicalize_target<B>(req: &mut Request<B>) -> Result<(), PathError> {
+    let uri = req.uri();
+    let path = match canonical(uri.path())? {
+        Cow::Borrowed(_) if uri.scheme().is_none() => return Ok(()),
+        path => path,
+    };
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    *req.uri_mut() = target.parse().map_err(|_| PathError::BadEscape)?;
+    Ok(())
 }
 
 /// The client's 101: the accept key, and the subprotocol (and, on proxy routes, the

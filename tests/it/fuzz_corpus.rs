@@ -47,3 +47,8 @@ fn proxy_header_corpus() {
 fn inflate_corpus() {
     replay("inflate", checks::inflate);
 }
+
+#[test]
+fn request_path_corpus() {
+    replay("request_path", checks::request_path);
+}

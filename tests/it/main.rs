@@ -27,5 +27,6 @@ mod proxy_protocol;
 mod python_peer;
 mod relay;
 mod scale_out;
+mod security;
 mod tls;
 mod websockify;
