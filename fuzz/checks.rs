@@ -216,3 +216,43 @@ pub fn request_path(data: &[u8]) {
         }
     }
 }
+
+/// Arbitrary bytes as a token file: never a panic; every target found is `host:port` with a
+/// port, and the lines reported bad are numbered inside the file.
+pub fn token_file(data: &[u8]) {
+    let mut targets = std::collections::HashMap::new();
+    let bad = wsgate::token_file::parse(data, &mut targets);
+    let lines = data.split(|&b| b == b'\n').count();
+    assert!(
+        bad.iter().all(|&n| n >= 1 && n <= lines),
+        "{bad:?} of {lines}"
+    );
+    for target in targets.values() {
+        let (host, port) = target.rsplit_once(':').expect("host:port");
+        assert!(
+            !host.is_empty() && port.parse::<u16>().is_ok(),
+            "{target:?}"
+        );
+    }
+}
+
+/// Arbitrary bytes as htpasswd and bearer files: never a panic; a refusal names a line
+/// inside the file.
+pub fn auth_files(data: &[u8]) {
+    use wsgate::auth::{AuthFileError, BearerTokens, Htpasswd};
+    let lines = data.split(|&b| b == b'\n').count();
+    for err in [Htpasswd::parse(data).err(), BearerTokens::parse(data).err()]
+        .into_iter()
+        .flatten()
+    {
+        let line = match &err {
+            AuthFileError::NotUserHash { line }
+            | AuthFileError::NotUtf8 { line }
+            | AuthFileError::BadToken { line }
+            | AuthFileError::NotBcrypt { line, .. }
+            | AuthFileError::DuplicateUser { line, .. } => *line,
+            AuthFileError::Empty => 1,
+        };
+        assert!(line >= 1 && line <= lines, "{err} of {lines}");
+    }
+}

@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 
 use crate::params::{cookie, query_param};
 use crate::protocol::handshake::Rejection;
+use crate::token_file::operator_lines;
 
 /// A route's auth.
 #[derive(Debug, Clone)]
@@ -50,6 +51,8 @@ impl Eq for Auth {}
 pub enum AuthFileError {
     #[error("line {line}: not `user:hash`")]
     NotUserHash { line: usize },
+    #[error("line {line}: not UTF-8")]
+    NotUtf8 { line: usize },
     #[error(
         "line {line}: user {user:?} has a hash that is not bcrypt (make it with `htpasswd -B`)"
     )]
@@ -71,14 +74,12 @@ pub struct Htpasswd {
 }
 
 impl Htpasswd {
-    pub fn parse(text: &str) -> Result<Htpasswd, AuthFileError> {
+    /// Reads an htpasswd file. Checks every hash (bcrypt at its cost): call it off the async
+    /// workers.
+    pub fn parse(bytes: &[u8]) -> Result<Htpasswd, AuthFileError> {
         let mut users: Vec<(String, String)> = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let n = n + 1;
+        for (n, line) in operator_lines(bytes) {
+            let line = line.ok_or(AuthFileError::NotUtf8 { line: n })?;
             let (user, hash) = line
                 .split_once(':')
                 .filter(|(u, h)| !u.is_empty() && !h.is_empty())
@@ -99,14 +100,15 @@ impl Htpasswd {
             }
             users.push((user.to_owned(), hash.to_owned()));
         }
-        let Some((_, first)) = users.first() else {
+        // Unknown users cost what the dearest known one costs: the highest cost in the file.
+        let Some(cost) = users
+            .iter()
+            .filter_map(|(_, h)| h.get(4..6).and_then(|c| c.parse::<u32>().ok()))
+            .max()
+        else {
             return Err(AuthFileError::Empty);
         };
-        let cost = first
-            .get(4..6)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(bcrypt::DEFAULT_COST);
-        let random: [u8; 16] = std::array::from_fn(|i| (first.len() * 31 + i * 7) as u8);
+        let random: [u8; 16] = std::array::from_fn(|i| (users.len() * 31 + i * 7) as u8);
         let dummy = bcrypt::hash(random, cost).map_err(|_| AuthFileError::Empty)?;
         Ok(Htpasswd { users, dummy })
     }
@@ -128,15 +130,12 @@ pub struct BearerTokens {
 }
 
 impl BearerTokens {
-    pub fn parse(text: &str) -> Result<BearerTokens, AuthFileError> {
+    pub fn parse(bytes: &[u8]) -> Result<BearerTokens, AuthFileError> {
         let mut tokens = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (n, line) in operator_lines(bytes) {
+            let line = line.ok_or(AuthFileError::NotUtf8 { line: n })?;
             if !line.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(AuthFileError::BadToken { line: n + 1 });
+                return Err(AuthFileError::BadToken { line: n });
             }
             tokens.push(line.to_owned());
         }
@@ -260,7 +259,7 @@ mod tests {
     #[test]
     fn htpasswd_takes_bcrypt_only() {
         let hash = bcrypt::hash("secret", 4).unwrap();
-        let users = Htpasswd::parse(&format!("# users\nalice:{hash}\n\n")).unwrap();
+        let users = Htpasswd::parse(format!("# users\nalice:{hash}\n\n").as_bytes()).unwrap();
         assert!(users.verify("alice", "secret"));
         assert!(!users.verify("alice", "Secret"));
         assert!(!users.verify("bob", "secret"));
@@ -296,20 +295,20 @@ mod tests {
             ),
             ("# nobody".to_owned(), AuthFileError::Empty),
         ] {
-            assert_eq!(Htpasswd::parse(&text).unwrap_err(), err, "{text}");
+            assert_eq!(Htpasswd::parse(text.as_bytes()).unwrap_err(), err, "{text}");
         }
-        assert!(Htpasswd::parse("x:$2y$10$tooshort").is_err());
+        assert!(Htpasswd::parse(b"x:$2y$10$tooshort").is_err());
     }
 
     #[test]
     fn bearer_tokens() {
-        let tokens = BearerTokens::parse("# t\nabc123\n\nxyz-789\n").unwrap();
+        let tokens = BearerTokens::parse(b"# t\nabc123\n\nxyz-789\n").unwrap();
         assert!(tokens.accepts("abc123"));
         assert!(tokens.accepts("xyz-789"));
         assert!(!tokens.accepts("abc12"));
         assert!(!tokens.accepts(""));
         assert_eq!(
-            BearerTokens::parse("a b").unwrap_err(),
+            BearerTokens::parse(b"a b").unwrap_err(),
             AuthFileError::BadToken { line: 1 }
         );
         let mut h = HeaderMap::new();

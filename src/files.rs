@@ -8,8 +8,9 @@
 //!   prefixes again, and every open is checked against DIR after symlinks are resolved;
 //! - a directory listing (a directory without `index.html` is 404);
 //! - dot files and dot directories (`.htpasswd`, `.git/`);
-//! - the files wsgate itself reads (the config, token, auth and key files) when they lie in
-//!   DIR: the config names them and they are hidden by their resolved path.
+//! - the files wsgate itself reads (the config, token, auth and key files, and everything
+//!   below a token directory) when they lie in DIR: the config names them and they are
+//!   hidden by their resolved path, so a symlink to one is hidden too.
 
 use std::future::Future;
 use std::io;
@@ -45,13 +46,15 @@ impl Eq for StaticDir {}
 struct Confined {
     /// Canonical (symlinks resolved) path of DIR.
     root: Arc<Path>,
-    /// Canonical paths of files in DIR that are never served.
+    /// Canonical paths of files and directories in DIR that are never served (nor anything
+    /// below them).
     hidden: Arc<[PathBuf]>,
 }
 
 impl StaticDir {
-    /// DIR must exist and be a directory. `hidden` lists the files wsgate reads itself; those
-    /// inside DIR are never served (those outside cannot be anyway).
+    /// DIR must exist and be a directory. `hidden` lists the files (and token directories)
+    /// wsgate reads itself; those inside DIR, or holding it, are never served (those outside
+    /// cannot be anyway).
     pub fn new(dir: &Path, hidden: &[PathBuf]) -> io::Result<StaticDir> {
         let root = std::fs::canonicalize(dir)?;
         if !root.is_dir() {
@@ -63,7 +66,7 @@ impl StaticDir {
         let hidden = hidden
             .iter()
             .filter_map(|p| std::fs::canonicalize(p).ok())
-            .filter(|p| p.starts_with(&root))
+            .filter(|p| p.starts_with(&root) || root.starts_with(p))
             .collect();
         Ok(StaticDir {
             inner: Confined {
@@ -195,7 +198,8 @@ impl Confined {
             return Err(not_found());
         }
         let real = tokio::fs::canonicalize(path).await?;
-        if !real.starts_with(&self.root) || self.hidden.contains(&real) {
+        let hidden = self.hidden.iter().any(|h| real.starts_with(h));
+        if !real.starts_with(&self.root) || hidden {
             return Err(not_found());
         }
         Ok(real)

@@ -210,7 +210,12 @@ fn main() -> ExitCode {
                 }
             };
         }
-        (None, Ok(Some(args))) => args.to_config(),
+        (None, Ok(Some(args))) => {
+            if args.cafile.is_some() && !args.ssl_only {
+                eprintln!("wsgate: --verify-client implies --ssl-only: plain ws:// clients are refused (they have no certificate)");
+            }
+            args.to_config()
+        }
         (None, Ok(None)) => {
             eprintln!("wsgate: give --config FILE, or [SOURCE_ADDR:]SOURCE_PORT and a target (see --help)");
             return ExitCode::from(2);

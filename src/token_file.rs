@@ -1,8 +1,10 @@
 //! Token targets, compatible with websockify's `TokenFile` plugin: `backend =
 //! "token-file:PATH"`, where PATH is a file, or a directory of files, with lines
 //! `token: host:port`. Blank lines and lines starting with `#` are skipped; a line that is
-//! not `token: host:port` is skipped with a warning naming its file and line (never its
-//! text, which holds a token).
+//! not `token: host:port` (or not UTF-8) is skipped with a warning naming its file and line
+//! (never its text, which holds a token), and the file's other lines still count. CRLF line
+//! ends and a UTF-8 byte order mark are taken as editors write them. In a directory, a file
+//! that cannot be read is skipped with a warning; the others still answer.
 //!
 //! Like websockify's `TokenFile` (not `ReadOnlyTokenFile`), edits are seen by the next
 //! connection without a restart: each lookup checks the files' modification times and sizes
@@ -66,16 +68,25 @@ impl TokenFile {
                 )
             })
             .collect();
-        let mut loaded = self.loaded.lock().unwrap();
+        // A panic elsewhere while the lock was held must not make every later lookup fail.
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = loaded.as_ref() {
             if l.stamp == stamp {
                 return Ok(l.targets.clone());
             }
         }
         let mut targets = HashMap::new();
+        let single = !self.source.is_dir();
         for f in &files {
-            let text = std::fs::read_to_string(f)?;
-            for line in parse(&text, &mut targets) {
+            let bytes = match std::fs::read(f) {
+                Ok(b) => b,
+                Err(e) if single => return Err(e),
+                Err(e) => {
+                    warn!(file = %f.display(), error = %e, "token file cannot be read; skipped");
+                    continue;
+                }
+            };
+            for line in parse(&bytes, &mut targets) {
                 warn!(file = %f.display(), line, "token file: not `token: host:port`; line skipped");
             }
         }
@@ -106,39 +117,48 @@ impl TokenFile {
     }
 }
 
-/// Adds the `token: host:port` lines of `text` to `targets`; returns the numbers of the lines
-/// that are neither that, blank nor a comment.
-fn parse(text: &str, targets: &mut HashMap<String, String>) -> Vec<usize> {
+/// Adds the `token: host:port` lines of `bytes` to `targets`; returns the numbers of the
+/// lines that are neither that, blank nor a comment (lines that are not UTF-8 included).
+pub fn parse(bytes: &[u8], targets: &mut HashMap<String, String>) -> Vec<usize> {
     let mut bad = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        match parse_line(line) {
-            Some((token, target)) => {
+    for (n, line) in operator_lines(bytes) {
+        match line.map(parse_line) {
+            Some(Some((token, target))) => {
                 targets.insert(token.to_owned(), target.to_owned());
             }
-            None => bad.push(n + 1),
+            _ => bad.push(n),
         }
     }
     bad
 }
 
+/// The lines of a file an operator wrote (token files, htpasswd, bearer tokens), numbered
+/// from 1, trimmed, without blank lines and `#` comments; `None` for a line that is not
+/// UTF-8. A leading byte order mark and CRLF line ends are taken as editors write them.
+pub(crate) fn operator_lines(bytes: &[u8]) -> impl Iterator<Item = (usize, Option<&str>)> {
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(n, line)| (n + 1, std::str::from_utf8(line).ok().map(str::trim)))
+        .filter(|(_, line)| !line.is_some_and(|l| l.is_empty() || l.starts_with('#')))
+}
+
 /// `token: host:port` (the separator is a colon and one whitespace character, as websockify
-/// splits it; exactly one separator per line).
+/// splits it; exactly one separator per line). Indices are taken from the characters
+/// themselves: a separator such as U+00A0 or U+3000 is more than one byte.
 fn parse_line(line: &str) -> Option<(&str, &str)> {
     let mut seps = line
         .char_indices()
         .zip(line.chars().skip(1))
         .filter(|((_, c), next)| *c == ':' && next.is_whitespace())
-        .map(|((i, _), _)| i);
-    let sep = seps.next()?;
+        .map(|((i, _), next)| (i, i + 1 + next.len_utf8()));
+    let (sep, after) = seps.next()?;
     if seps.next().is_some() {
         return None;
     }
     let token = &line[..sep];
-    let target = line[sep + 2..].trim();
+    let target = line[after..].trim();
     let (host, port) = target.rsplit_once(':')?;
     if token.is_empty() || host.is_empty() || port.parse::<u16>().is_err() {
         return None;
@@ -154,13 +174,51 @@ mod tests {
     fn websockify_format() {
         let mut t = HashMap::new();
         let bad = parse(
-            "# comment\n\nvnc1: 127.0.0.1:5901\n  vnc2:\t[::1]:5902  \nbroken\nno-port: host\nx: a: b:1\n",
+            b"# comment\n\nvnc1: 127.0.0.1:5901\n  vnc2:\t[::1]:5902  \nbroken\nno-port: host\nx: a: b:1\n",
             &mut t,
         );
         assert_eq!(t.get("vnc1").map(String::as_str), Some("127.0.0.1:5901"));
         assert_eq!(t.get("vnc2").map(String::as_str), Some("[::1]:5902"));
         assert_eq!(t.len(), 2);
         assert_eq!(bad, vec![5, 6, 7]);
+    }
+
+    /// Regression: `vm1:<U+00A0>127.0.0.1:5900` sliced a character in two and panicked (with
+    /// the line in the message), poisoning the lock for every later lookup.
+    #[test]
+    fn odd_bytes_in_a_token_file_never_panic_nor_break_good_lines() {
+        let mut t = HashMap::new();
+        let text =
+            "\u{feff}good: 127.0.0.1:1\r\nvm1:\u{a0}127.0.0.1:5900\nvm2:\u{3000}127.0.0.1:5901\n\
+                    \u{3000}:\u{3000}\nx:\u{a0}\n";
+        let mut bytes = text.as_bytes().to_vec();
+        bytes.extend_from_slice(b"bad\xff\xfe: 127.0.0.1:2\n");
+        bytes.extend_from_slice(&[b'a'; 100_000]);
+        bytes.extend_from_slice(b"\nlast: 127.0.0.1:3");
+        let bad = parse(&bytes, &mut t);
+        assert_eq!(t.get("good").map(String::as_str), Some("127.0.0.1:1"));
+        assert_eq!(t.get("vm1").map(String::as_str), Some("127.0.0.1:5900"));
+        assert_eq!(t.get("vm2").map(String::as_str), Some("127.0.0.1:5901"));
+        assert_eq!(t.get("last").map(String::as_str), Some("127.0.0.1:3"));
+        assert_eq!(bad, vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_file_with_invalid_utf8_in_a_folder_breaks_no_other_token() {
+        let dir = std::env::temp_dir().join(format!("wsgate-tokens-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a"), "one: 127.0.0.1:1\n").unwrap();
+        std::fs::write(dir.join("b"), b"\xff\xfe\x00garbage\ntwo: 127.0.0.1:2\n").unwrap();
+        let tokens = TokenFile::open(&dir).unwrap();
+        assert_eq!(
+            tokens.lookup("one").unwrap().as_deref(),
+            Some("127.0.0.1:1")
+        );
+        assert_eq!(
+            tokens.lookup("two").unwrap().as_deref(),
+            Some("127.0.0.1:2")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

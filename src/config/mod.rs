@@ -359,6 +359,12 @@ impl Config {
                     "listen.allow_plain is for listeners with tls".into(),
                 ));
             }
+            if allow_plain && tls.as_ref().is_some_and(|t| t.files.client_ca.is_some()) {
+                return Err(invalid(
+                    l.allow_plain.as_ref().map(|a| a.span()),
+                    "listen.allow_plain with tls.client_ca would let plain clients in without a certificate: give one or the other".into(),
+                ));
+            }
             listen.push(Listener {
                 addr,
                 tls,
@@ -681,7 +687,7 @@ fn load_auth(
 ) -> Result<(Auth, Vec<PathBuf>), String> {
     let read = |file: &str| {
         let path = base.join(file);
-        std::fs::read_to_string(&path)
+        std::fs::read(&path)
             .map(|text| (text, path.clone()))
             .map_err(|e| format!("cannot read {}: {e}", path.display()))
     };

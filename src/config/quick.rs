@@ -84,7 +84,10 @@ impl QuickArgs {
                 toml += &format!(", client_ca = {}", quote(ca));
             }
             toml += " }\n";
-            if !self.ssl_only {
+            if self.cafile.is_some() && !self.ssl_only {
+                // No certificate, no session: plain ws:// would skip the client check.
+                toml += "# --verify-client implies --ssl-only (plain ws:// has no client certificate)\n";
+            } else if !self.ssl_only {
                 toml += "allow_plain = true\n";
             }
         }

@@ -64,6 +64,16 @@ pub(super) struct Held {
     limits: Arc<ClientLimits>,
     client: Option<IpAddr>,
     route: Option<String>,
+    /// Whom and which route it was taken for (a keep-alive connection's next request for
+    /// another client or route takes a place of its own).
+    taken_for: (IpAddr, String),
+}
+
+impl Held {
+    /// Whether this place is the one a request from `client` to `route` needs.
+    pub(super) fn is_for(&self, client: IpAddr, route: &str) -> bool {
+        self.taken_for.0 == client && self.taken_for.1 == route
+    }
 }
 
 impl Drop for Held {
@@ -137,33 +147,32 @@ impl ClientLimits {
         }
     }
 
-    /// Takes a place for `client` (unless `client` is `None`: the connection already holds
-    /// one) and for `route` under their connection limits.
+    /// Takes a place for `client` and for `route` under their connection limits.
     pub(super) fn hold(
         self: &Arc<Self>,
-        client: Option<IpAddr>,
-        route: &str,
+        ip: IpAddr,
+        route_path: &str,
         route_max: Option<usize>,
         limits: &Limits,
     ) -> Result<Held, OverLimit> {
         let mut t = self.tables.lock().unwrap();
-        let client = match (client, limits.max_connections_per_ip) {
-            (Some(ip), Some(max)) => {
+        let client = match limits.max_connections_per_ip {
+            Some(max) => {
                 let key = client_key(ip, limits.per_ip_ipv6_prefix);
                 if t.per_client.get(&key).copied().unwrap_or(0) >= max {
                     return Err(OverLimit::ClientConnections);
                 }
                 Some(key)
             }
-            _ => None,
+            None => None,
         };
         let route = match route_max {
             Some(max) => {
-                if t.per_route.get(route).copied().unwrap_or(0) >= max {
+                if t.per_route.get(route_path).copied().unwrap_or(0) >= max {
                     return Err(OverLimit::RouteConnections);
                 }
-                *t.per_route.entry(route.to_owned()).or_insert(0) += 1;
-                Some(route.to_owned())
+                *t.per_route.entry(route_path.to_owned()).or_insert(0) += 1;
+                Some(route_path.to_owned())
             }
             None => None,
         };
@@ -174,6 +183,7 @@ impl ClientLimits {
             limits: self.clone(),
             client,
             route,
+            taken_for: (ip, route_path.to_owned()),
         })
     }
 }
@@ -209,17 +219,17 @@ mod tests {
     fn connections_per_client_and_route_are_released() {
         let l = Arc::new(ClientLimits::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let one = l.hold(Some(ip), "/a", Some(3), &limits()).unwrap();
-        let two = l.hold(Some(ip), "/a", Some(3), &limits()).unwrap();
+        let one = l.hold(ip, "/a", Some(3), &limits()).unwrap();
+        let two = l.hold(ip, "/a", Some(3), &limits()).unwrap();
         assert_eq!(
-            l.hold(Some(ip), "/a", Some(3), &limits()).err(),
+            l.hold(ip, "/a", Some(3), &limits()).err(),
             Some(OverLimit::ClientConnections)
         );
         let other = l
-            .hold(Some("192.0.2.2".parse().unwrap()), "/a", Some(3), &limits())
+            .hold("192.0.2.2".parse().unwrap(), "/a", Some(3), &limits())
             .unwrap();
         assert_eq!(
-            l.hold(Some("192.0.2.3".parse().unwrap()), "/a", Some(3), &limits())
+            l.hold("192.0.2.3".parse().unwrap(), "/a", Some(3), &limits())
                 .err(),
             Some(OverLimit::RouteConnections)
         );

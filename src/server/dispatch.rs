@@ -28,7 +28,7 @@ use crate::forwarded::client_ip;
 use crate::params::{cookie, query_param};
 use crate::protocol::deflate::{self, Agreed};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
-use crate::proxy::forward::{self, ForwardedFor};
+use crate::proxy::forward::{self, ForwardError, ForwardedFor};
 use crate::proxy::headers::BackendAccept;
 use crate::route::{Backend, Route, TokenSource};
 
@@ -328,8 +328,10 @@ async fn token_target(
     Ok(resolved)
 }
 
-/// Checks the request against the per-client rate (when `rated`), and (at a connection's
-/// first request) takes its place under the per-client and per-route connection limits.
+/// Checks the request against the per-client rate (when `rated`), and takes its place under
+/// the per-client and per-route connection limits. Every request on a keep-alive connection
+/// is judged: one for another client (a trusted proxy's next request) or another route gives
+/// the connection's place back and takes its own.
 fn within_client_limits(
     conn: &Conn,
     client: SocketAddr,
@@ -342,13 +344,14 @@ fn within_client_limits(
         counts.handshake(client.ip(), limits)?;
     }
     let mut held = conn.held.lock().unwrap();
-    if held.is_none() {
-        *held = Some(counts.hold(
-            Some(client.ip()),
-            &route.path,
-            route.max_connections,
-            limits,
-        )?);
+    if !held
+        .as_ref()
+        .is_some_and(|h| h.is_for(client.ip(), &route.path))
+    {
+        // The connection's previous request is over (HTTP/1.1 answers in order): its place
+        // goes back before this one's is taken.
+        *held = None;
+        *held = Some(counts.hold(client.ip(), &route.path, route.max_connections, limits)?);
     }
     Ok(())
 }
@@ -441,6 +444,15 @@ async fn connect_with_failover<'r>(
                 .await;
                 match forwarded {
                     Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
+                    // A 4xx is the app's answer to this client, not a failure of the app: it
+                    // is passed on, with no failover and nothing counted against the app.
+                    Err(ForwardError::AppRefused(r)) if r.status().is_client_error() => {
+                        return Err(forward_failed(
+                            conn,
+                            &route.path,
+                            ForwardError::AppRefused(r),
+                        ));
+                    }
                     Err(e) => {
                         failed(&"the app did not answer the upgrade with a good 101");
                         last = Some(forward_failed(conn, &route.path, e));

@@ -74,11 +74,12 @@ async fn when_every_backend_fails_the_client_gets_502() {
     assert_eq!(failures(&m, &a) + failures(&m, &b), 2.0);
 }
 
-/// Proxy routes: an app that refuses the upgrade (403) or does not answer within
+/// Proxy routes: an app that fails the upgrade (503) or does not answer within
 /// connect_timeout is failed over to the next app.
 #[tokio::test]
 async fn ws_apps_that_refuse_or_time_out_are_failed_over() {
-    let refusing = fixed_reply(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n").await;
+    let refusing =
+        fixed_reply(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n").await;
     let silent = backend(|s| async move {
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(s);
@@ -117,6 +118,35 @@ async fn ws_apps_that_refuse_or_time_out_are_failed_over() {
     let m = parse_metrics(&http_get(gate.admin.unwrap(), "/metrics").await.1);
     assert_eq!(failures(&m, &format!("ws://{refusing}")), 1.0);
     assert_eq!(failures(&m, &format!("ws://{silent}")), 1.0);
+}
+
+/// An app's 4xx is its answer to this client: passed on, no failover, nothing counted against
+/// the app, so bad upgrades from a client cannot eject healthy apps.
+#[tokio::test]
+async fn an_apps_4xx_is_passed_on_and_never_ejects_it() {
+    let refusing = fixed_reply(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope").await;
+    let (other, _seen) = (echo_backend().await, ());
+    let gate = Gate::start(&gate_toml(
+        &[format!("ws://{refusing}"), format!("ws://{other}")],
+        "balance = \"first\"\neject_after = 1",
+        "",
+    ))
+    .await;
+    for _ in 0..3 {
+        let r = raw_request(gate.addr, upgrade_request("/", "").as_bytes()).await;
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.body, "nope");
+    }
+    let m = parse_metrics(&http_get(gate.admin.unwrap(), "/metrics").await.1);
+    assert_eq!(failures(&m, &format!("ws://{refusing}")), 0.0);
+    assert_eq!(
+        m.get(&format!(
+            "wsgate_backend_ejections_total{{route=\"/\",backend=\"ws://{refusing}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0),
+        0.0
+    );
 }
 
 /// An app whose only answer is a fixed byte string.

@@ -52,3 +52,13 @@ fn inflate_corpus() {
 fn request_path_corpus() {
     replay("request_path", checks::request_path);
 }
+
+#[test]
+fn token_file_corpus() {
+    replay("token_file", checks::token_file);
+}
+
+#[test]
+fn auth_files_corpus() {
+    replay("auth_files", checks::auth_files);
+}

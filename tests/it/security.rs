@@ -178,3 +178,150 @@ async fn a_proxy_route_sends_the_app_the_path_its_rules_judged() {
         ["GET /ok/~A%3B?q=%2F&r=//x HTTP/1.1"]
     );
 }
+
+#[tokio::test]
+async fn a_token_directory_and_links_into_it_are_never_served() {
+    let dir = TempDir::new();
+    let web = dir.path().join("web");
+    std::fs::create_dir_all(web.join("tokens")).unwrap();
+    std::fs::write(web.join("index.html"), "public").unwrap();
+    std::fs::write(web.join("tokens/a.cfg"), "vm1: 127.0.0.1:5901\n").unwrap();
+    std::fs::write(dir.path().join("outside.cfg"), "vm2: 127.0.0.1:5902\n").unwrap();
+    std::os::unix::fs::symlink(web.join("tokens/a.cfg"), web.join("link.cfg")).unwrap();
+    std::os::unix::fs::symlink(web.join("tokens"), web.join("tok")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("outside.cfg"), web.join("out.cfg")).unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/\"\nstatic = \"web\"\nbackend = \"token-file:web/tokens\"\n\
+         [[route]]\npath = \"/other\"\nbackend = \"token-file:outside.cfg\"\n",
+    )
+    .await;
+    assert_eq!(get(gate.addr, "/index.html", "").await.status, 200);
+    for target in [
+        "/tokens/a.cfg",
+        "//tokens/a.cfg",
+        "/%74okens/a.cfg",
+        "/tokens/",
+        "/link.cfg",
+        "/tok/a.cfg",
+        "/out.cfg",
+    ] {
+        let r = get(gate.addr, target, "").await;
+        assert_eq!(r.status, 404, "{target}: {r:?}");
+        assert!(!r.body.contains("127.0.0.1"), "{target} leaked: {r:?}");
+    }
+    // A file added to the token directory later is hidden too.
+    std::fs::write(web.join("tokens/b.cfg"), "vm3: 127.0.0.1:5903\n").unwrap();
+    assert_eq!(get(gate.addr, "/tokens/b.cfg", "").await.status, 404);
+}
+
+#[tokio::test]
+async fn a_page_request_then_an_upgrade_on_one_connection_takes_the_routes_place() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("web")).unwrap();
+    std::fs::write(dir.path().join("web/index.html"), "page").unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/\"\nbackend = \"echo\"\nstatic = \"web\"\n\
+         [[route]]\npath = \"/full\"\nbackend = \"echo\"\nmax_connections = 1\n",
+    )
+    .await;
+    let (first, _held) = upgrade_head(gate.addr, upgrade_request("/full", "").as_bytes()).await;
+    assert_eq!(first.status, 101);
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    let page = b"GET /index.html HTTP/1.1\r\nHost: test\r\n\r\n";
+    s.write_all(page).await.unwrap();
+    s.write_all(upgrade_request("/full", "").as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    within("the page and the refusal", WAIT, s.read_to_end(&mut all))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/1.1 503"), "the route is full: {text}");
+    assert!(!text.contains("101 Switching"), "{text}");
+}
+
+#[tokio::test]
+async fn the_client_behind_a_trusted_proxy_is_judged_per_request() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("web")).unwrap();
+    std::fs::write(dir.path().join("web/index.html"), "page").unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections_per_ip = 1\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[route]]\npath = \"/\"\nbackend = \"echo\"\nstatic = \"web\"\n",
+    )
+    .await;
+    let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
+    let (held, _s) = upgrade_head(
+        gate.addr,
+        upgrade_request("/", &xff("192.0.2.9")).as_bytes(),
+    )
+    .await;
+    assert_eq!(held.status, 101);
+    // One proxy connection: a request for another client, then one for the client that
+    // already holds its one place.
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    let plain = format!("GET / HTTP/1.1\r\nHost: test\r\n{}\r\n", xff("192.0.2.1"));
+    s.write_all(plain.as_bytes()).await.unwrap();
+    s.write_all(upgrade_request("/", &xff("192.0.2.9")).as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    within("both answers", WAIT, s.read_to_end(&mut all))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("HTTP/1.1 503"),
+        "192.0.2.9 is at its limit: {text}"
+    );
+}
+
+#[test]
+fn a_client_ca_listener_never_takes_plain_clients() {
+    let dir = TempDir::new();
+    gen_certs(dir.path(), "ec", "srv", "localhost");
+    let ca = dir.path().join("ca.crt");
+    assert!(ca.exists(), "gen_certs makes the CA");
+    let toml = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"srv.crt\", key = \"srv.key\", client_ca = \"ca.crt\" }}\nallow_plain = true\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n"
+    );
+    let err = wsgate::Config::parse(&toml, "mtls.toml", dir.path())
+        .err()
+        .expect("client_ca with allow_plain is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("allow_plain") && text.contains("client_ca"),
+        "{text}"
+    );
+    assert!(text.contains("line 4"), "{text}");
+    // websockify's --verify-client without --ssl-only: TLS only, and it says so.
+    let out = output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args([
+                "--print-config",
+                "--cert",
+                "srv.crt",
+                "--key",
+                "srv.key",
+                "--verify-client",
+                "--cafile",
+                "ca.crt",
+                "6080",
+                "127.0.0.1:5900",
+            ])
+            .current_dir(dir.path()),
+        WAIT,
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    assert!(!printed.contains("allow_plain = true"), "{printed}");
+    assert!(printed.contains("implies --ssl-only"), "{printed}");
+}
