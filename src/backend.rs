@@ -48,6 +48,15 @@ impl ConnectError {
         }
     }
 
+    /// The fixed text the client is told (the OS's words stay in the log).
+    pub(crate) fn client_text(&self) -> &'static str {
+        match self {
+            ConnectError::Unreachable(_) => "the backend cannot be reached",
+            ConnectError::Tls(_) => "the backend's TLS handshake failed",
+            ConnectError::Timeout => "the backend did not answer in time",
+        }
+    }
+
     /// The HTTP status the client gets: 504 for a timeout, 502 for everything else.
     pub(crate) fn status(&self) -> StatusCode {
         match self {

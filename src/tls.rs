@@ -13,7 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
 use tokio_rustls::rustls::server::{
-    ClientHello, ProducesTickets, ResolvesServerCert, WebPkiClientVerifier,
+    ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert, WebPkiClientVerifier,
 };
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{
@@ -179,10 +179,20 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsEr
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.ignore_client_order = true;
-    // Returning clients skip the full handshake: TLS 1.3 tickets (and TLS 1.2 session
-    // tickets) from one process-wide ticketer, so they stay valid across reloads; its keys
-    // rotate every 6 hours. TLS 1.2 session IDs use rustls's in-memory cache.
-    config.ticketer = ticketer()?;
+    if files.client_ca.is_some() {
+        // No resumption where client certificates are checked: rustls does not compare
+        // client-auth settings when it resumes, so a ticket from a listener without
+        // client_ca (or from before a reload that replaced it) would skip the check. Every
+        // handshake here is a full one, verified against the CA loaded now.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    } else {
+        // Returning clients skip the full handshake: TLS 1.3 tickets (and TLS 1.2 session
+        // tickets) from one process-wide ticketer, so they stay valid across reloads; its
+        // keys rotate every 6 hours. TLS 1.2 session IDs use rustls's in-memory cache. The
+        // ticketer is shared only by listeners that check no client certificate.
+        config.ticketer = ticketer()?;
+    }
     Ok(Arc::new(config))
 }
 

@@ -42,11 +42,13 @@ pub(crate) enum ForwardError {
     AppRefused(Response<Incoming>),
 }
 
+/// The app's HTTP failed: the detail goes to the log, the client gets a fixed text.
 fn http_failed(error: impl std::fmt::Display) -> ForwardError {
+    tracing::warn!(error = %error, "HTTP exchange with the app failed");
     ForwardError::Refused(Rejection::new(
         StatusCode::BAD_GATEWAY,
         "backend_http",
-        format!("backend HTTP failed: {error}"),
+        "the backend's HTTP answer failed",
     ))
 }
 
@@ -99,13 +101,7 @@ pub(crate) async fn upgrade(
     let response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(http_failed(e)),
-        Err(_) => {
-            return Err(ForwardError::Refused(Rejection::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "backend_timeout",
-                "backend did not answer the upgrade in time",
-            )))
-        }
+        Err(_) => return Err(app_timeout()),
     };
     match check_backend_101(response.status(), response.headers(), &key, &offered, route) {
         Ok(accept) => Ok((hyper::upgrade::on(response), accept)),
@@ -121,12 +117,13 @@ pub(crate) async fn upgrade(
 }
 
 /// Forwards a plain HTTP request (both bodies streamed) over `io` and returns the app's
-/// answer.
+/// answer, which must begin within `timeout` (504 otherwise).
 pub(crate) async fn http(
     req: Request<Incoming>,
     route: &Route,
     io: Box<dyn Io>,
     client: ForwardedFor,
+    timeout: Duration,
     tracker: &TaskTracker,
 ) -> Result<Response<Incoming>, ForwardError> {
     let mut sender = app_client(io, tracker).await?;
@@ -141,5 +138,16 @@ pub(crate) async fn http(
         client.tls,
         false,
     );
-    sender.send_request(request).await.map_err(http_failed)
+    match tokio::time::timeout(timeout, sender.send_request(request)).await {
+        Ok(answer) => answer.map_err(http_failed),
+        Err(_) => Err(app_timeout()),
+    }
+}
+
+fn app_timeout() -> ForwardError {
+    ForwardError::Refused(Rejection::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "backend_timeout",
+        "the backend did not answer in time",
+    ))
 }

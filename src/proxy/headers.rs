@@ -28,6 +28,7 @@ const FORWARDED: HeaderName = header::FORWARDED;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = header_tokens(headers, &header::CONNECTION)
@@ -71,7 +72,10 @@ fn backend_path(route: &Route, uri: &Uri) -> String {
 
 /// Builds the request sent to the app from the client's request head (`head`'s body is
 /// not touched, so the client's request itself can be passed). `peer_trusted`: the direct peer
-/// is a trusted proxy, so its X-Forwarded-For chain is kept and extended.
+/// is a trusted proxy, so its X-Forwarded-For chain is kept and extended and what it says of
+/// the original request (X-Forwarded-Proto/-Host, `Forwarded`, X-Real-IP) is passed on as it
+/// said it, as nginx and Envoy do behind a trusted balancer. From anyone else every such
+/// header is dropped and replaced by what wsgate saw itself.
 pub(crate) fn backend_request<T, B>(
     head: &Request<T>,
     body: B,
@@ -92,22 +96,33 @@ pub(crate) fn backend_request<T, B>(
     }
     let chain = forwarded_for(peer.ip(), head.headers(), peer_trusted);
     if !peer_trusted {
-        // Its own claims about earlier hops are not passed on.
+        // Its own claims about earlier hops are not passed on: every X-Forwarded-* header,
+        // Forwarded and X-Real-IP go, and wsgate says what it saw.
+        let claimed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-forwarded-"))
+            .cloned()
+            .collect();
+        for name in claimed {
+            headers.remove(name);
+        }
         headers.remove(FORWARDED);
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+            headers.insert(X_REAL_IP, v);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if client_tls { "https" } else { "http" }),
-    );
-    match original_host {
-        Some(h) => {
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if client_tls { "https" } else { "http" }),
+        );
+    }
+    if !headers.contains_key(X_FORWARDED_HOST) {
+        if let Some(h) = original_host {
             headers.insert(X_FORWARDED_HOST, h);
-        }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
         }
     }
     if upgrade {
@@ -243,6 +258,47 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "public.example");
         assert_eq!(h["sec-websocket-protocol"], "chat");
         assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    }
+
+    /// Regression: a TLS-terminating balancer's X-Forwarded-Proto was overwritten (the app
+    /// saw `http`), and an untrusted client's X-Real-IP and X-Forwarded-Host passed through.
+    #[test]
+    fn what_a_trusted_proxy_says_is_kept_and_anyone_elses_claims_are_replaced() {
+        let claims = || {
+            Request::builder()
+                .uri("/x")
+                .header("host", "internal:8080")
+                .header("x-forwarded-for", "10.0.0.1")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "public.example")
+                .header("x-forwarded-port", "443")
+                .header("forwarded", "for=10.0.0.1;proto=https;host=public.example")
+                .header("x-real-ip", "10.0.0.1")
+                .body(())
+                .unwrap()
+        };
+        let r = route("/", "ws://127.0.0.1:3000", &[]);
+        let peer = "192.0.2.7:5555".parse().unwrap();
+        let trusted = backend_request(&claims(), (), &r, peer, true, false, false);
+        let h = trusted.headers();
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "public.example");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.0.0.1;proto=https;host=public.example"
+        );
+        assert_eq!(h["x-real-ip"], "10.0.0.1");
+
+        let untrusted = backend_request(&claims(), (), &r, peer, false, false, false);
+        let h = untrusted.headers();
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "internal:8080");
+        assert!(h.get("x-forwarded-port").is_none());
+        assert!(h.get("forwarded").is_none());
+        assert_eq!(h["x-real-ip"], "192.0.2.7");
     }
 
     #[test]

@@ -88,7 +88,14 @@ async fn serve_requests(
     let mut peer = peer;
     let mut local = stream.local_addr().unwrap_or(peer);
     if settings.proxy_protocol {
-        let read = tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await;
+        // With trusted_proxies set, only those may name the client (as HAProxy's
+        // `accept-proxy` is paired with a source ACL): anyone else could pick any address.
+        let trusted = &config.limits.trusted_proxies;
+        let read = if trusted.0.is_empty() || trusted.contains(peer.ip()) {
+            tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await
+        } else {
+            Ok(Err(ProxyReadError::Untrusted))
+        };
         match read.unwrap_or(Err(ProxyReadError::Timeout)) {
             Ok(ProxyHeader::Proxied {
                 source,
@@ -150,6 +157,14 @@ async fn serve_requests(
         Some(acceptor) => {
             let metrics = &state.metrics;
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream))
+                    if settings.client_ca && stream.get_ref().1.peer_certificates().is_none() =>
+                {
+                    // No certificate, no session (resumed or not).
+                    metrics.tls_failures.inc();
+                    info!(%peer, "TLS handshake without a client certificate on a client_ca listener; closed");
+                    None
+                }
                 Ok(Ok(stream)) => {
                     let names = cert_names(stream.get_ref().1.peer_certificates());
                     let conn = conn(true, names);
@@ -240,6 +255,8 @@ enum ProxyReadError {
     Truncated,
     #[error("PROXY header not complete within handshake_timeout")]
     Timeout,
+    #[error("the peer is not in trusted_proxies")]
+    Untrusted,
 }
 
 impl ProxyReadError {
@@ -248,6 +265,7 @@ impl ProxyReadError {
             ProxyReadError::Header(e) => e.label(),
             ProxyReadError::Truncated => "truncated",
             ProxyReadError::Timeout => "timeout",
+            ProxyReadError::Untrusted => "untrusted_peer",
         }
     }
 }

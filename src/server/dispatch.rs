@@ -238,14 +238,16 @@ async fn proxy_http(
         Ok(BackendConn::Proxy(io)) => io,
         Ok(_) => unreachable!("proxy routes connect to proxy backends"),
         Err(e) => {
+            warn!(route = %route.path, backend = %route.backend, error = %e, "backend connect failed");
             return refuse(
                 conn,
                 Some(&route.path),
-                Rejection::new(e.status(), e.label(), e.to_string()),
+                Rejection::new(e.status(), e.label(), e.client_text()),
             );
         }
     };
-    match forward::http(req, route, io, client, &conn.state.tracker).await {
+    let timeout = limits.connect_timeout;
+    match forward::http(req, route, io, client, timeout, &conn.state.tracker).await {
         Ok(response) => passthrough(response),
         Err(e) => forward_failed(conn, &route.path, e),
     }
@@ -426,7 +428,7 @@ async fn connect_with_failover<'r>(
                 last = Some(refuse(
                     conn,
                     Some(&route.path),
-                    Rejection::new(e.status(), e.label(), e.to_string()),
+                    Rejection::new(e.status(), e.label(), e.client_text()),
                 ));
                 continue;
             }

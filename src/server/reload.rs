@@ -45,6 +45,9 @@ pub(super) struct ListenerSettings {
     pub(super) proxy_protocol: bool,
     /// TLS listeners: plain connections are taken too (told apart by the first byte).
     pub(super) allow_plain: bool,
+    /// The listener checks client certificates (`client_ca`): a handshake that ends without
+    /// one is closed, whatever rustls decided.
+    pub(super) client_ca: bool,
 }
 
 impl ListenerSettings {
@@ -56,6 +59,10 @@ impl ListenerSettings {
                 .map(|t| TlsAcceptor::from(t.server.clone())),
             proxy_protocol: listener.proxy_protocol,
             allow_plain: listener.allow_plain,
+            client_ca: listener
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.files.client_ca.is_some()),
         }
     }
 }

@@ -18,6 +18,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A wsgate running in this process; stops (drains) when dropped.
 pub struct Gate {
     pub addr: SocketAddr,
+    /// Every listener's address, in the config's order.
+    pub addrs: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     /// For reloads (a gate started from a file) and the metrics page.
     pub handle: wsgate::Handle,
@@ -40,7 +42,8 @@ impl Gate {
     }
 
     fn run(server: Server) -> Gate {
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs().to_vec();
+        let addr = addrs[0];
         let handle = server.handle();
         let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
@@ -49,6 +52,7 @@ impl Gate {
         }));
         Gate {
             addr,
+            addrs,
             admin,
             handle,
             stop: Some(tx),

@@ -339,3 +339,21 @@ async fn haproxy_accepts_the_header_wsgate_sends() {
         b"through haproxy"
     );
 }
+
+/// Regression: with `trusted_proxies` set, any peer could still send a PROXY header and pick
+/// its own address (one inside `trusted_proxies` included). Now only a trusted peer may.
+#[tokio::test]
+async fn a_proxy_header_from_a_peer_outside_trusted_proxies_is_refused() {
+    let (app, seen) = app().await;
+    let elsewhere = gate(app, "trusted_proxies = [\"10.0.0.0/8\"]").await;
+    let spoof = encode_v1("10.1.2.3:5555".parse().unwrap(), elsewhere.addr);
+    assert_eq!(upgrade_behind(&elsewhere, &spoof).await, 0, "closed");
+    let m = parse_metrics(&http_get(elsewhere.admin.unwrap(), "/metrics").await.1);
+    assert_eq!(failures(&m, "untrusted_peer"), 1.0);
+    assert!(seen.lock().unwrap().is_empty());
+
+    let here = gate(app, "trusted_proxies = [\"127.0.0.1/32\"]").await;
+    let named = encode_v1("192.0.2.7:5555".parse().unwrap(), here.addr);
+    assert_eq!(upgrade_behind(&here, &named).await, 101);
+    assert_eq!(*seen.lock().unwrap(), ["192.0.2.7"]);
+}

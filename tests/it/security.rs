@@ -325,3 +325,22 @@ fn a_client_ca_listener_never_takes_plain_clients() {
     assert!(!printed.contains("allow_plain = true"), "{printed}");
     assert!(printed.contains("implies --ssl-only"), "{printed}");
 }
+
+/// Regression: refusal bodies carried the OS's words ("Connection refused (os error 111)");
+/// the client gets a fixed text and the detail stays in the log.
+#[tokio::test]
+async fn refusals_carry_fixed_texts_not_the_systems_words() {
+    let dead = unused_addr();
+    for backend in [format!("tcp://{dead}"), format!("ws://{dead}")] {
+        let gate = Gate::route("/", &backend, "", "").await;
+        let r = raw_request(gate.addr, upgrade_request("/", "").as_bytes()).await;
+        assert_eq!(r.status, 502, "{r:?}");
+        assert_eq!(r.body, "the backend cannot be reached\n", "{backend}");
+    }
+    let gate = Gate::route("/", &format!("ws://{dead}"), "", "").await;
+    let r = get(gate.addr, "/page", "").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (502, "the backend cannot be reached\n")
+    );
+}

@@ -517,3 +517,60 @@ async fn listeners_prefer_aes_128_gcm_over_the_clients_order() {
         ws.close(None).await.unwrap();
     }
 }
+
+/// Regression: a ticket from a listener without client_ca resumed on a client_ca listener and
+/// got 101 with no client certificate (one ticketer for every listener, and rustls does not
+/// compare client-auth settings on resumption). Now client_ca listeners never resume, in TLS
+/// 1.3 and 1.2, so every session there was verified against the CA loaded now.
+#[tokio::test]
+async fn a_ticket_from_another_listener_never_skips_the_client_certificate() {
+    use tokio_rustls::rustls::HandshakeKind;
+    let certs = Certs::new();
+    let gate = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n[[listen]]\naddr = \"127.0.0.2:0\"\n{}\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        certs.listener(""),
+        certs.listener(&format!(", client_ca = \"{}\"", certs.p("ca.crt"))),
+    ))
+    .await;
+    let (open, mtls) = (gate.addrs[0], gate.addrs[1]);
+    for version in [
+        &tokio_rustls::rustls::version::TLS13,
+        &tokio_rustls::rustls::version::TLS12,
+    ] {
+        let mut roots = RootCertStore::empty();
+        roots.add(certs.der("ca.crt").into()).unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots);
+        let chain = vec![CertificateDer::from_pem_file(certs.path("client.crt")).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(certs.path("client.key")).unwrap();
+        let with_cert = TlsConnector::from(Arc::new(
+            builder.clone().with_client_auth_cert(chain, key).unwrap(),
+        ));
+        let without = TlsConnector::from(Arc::new(builder.with_no_client_auth()));
+        // A ticket from the open listener (read after a round trip)...
+        let (mut ws, _) = wss(open, "localhost", &without, "/").await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+        ws.close(None).await.unwrap();
+        // ...gets no session on the client_ca listener.
+        let refused = wss(mtls, "localhost", &without, "/").await;
+        assert!(refused.is_err(), "{version:?}: resumed past client_ca");
+        // A client with a certificate gets in, by a full handshake every time.
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (mut ws, _) = wss(mtls, "localhost", &with_cert, "/").await.unwrap();
+            kinds.push(ws.get_ref().get_ref().1.handshake_kind());
+            ws.send(Message::text("hi")).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+            ws.close(None).await.unwrap();
+        }
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Full)],
+            "{version:?}"
+        );
+    }
+}
