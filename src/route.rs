@@ -233,6 +233,10 @@ pub struct Route {
     pub auth: Option<crate::auth::Auth>,
     /// Bridge and echo routes answer permessage-deflate offers (default true).
     pub compression: bool,
+    /// Set on a copy whose `backend` was looked up from a token source: that source as the
+    /// config names it. Metrics and the balancer count the session under it, so what a token
+    /// file names never becomes a label (their number is bounded by the config).
+    pub looked_up_from: Option<Backend>,
 }
 
 /// How a bridge route maps messages to the backend's byte stream.
@@ -299,6 +303,7 @@ impl Route {
             static_dir: None,
             auth: None,
             compression: true,
+            looked_up_from: None,
         }
     }
 

@@ -32,7 +32,8 @@ struct Health {
 }
 
 /// One route's state: whose turn it is (round robin), and its backends' health. (A route
-/// whose backend comes from a token file has an entry for each target its tokens named.)
+/// whose backend comes from a token file has one entry, its token source: the targets its
+/// tokens name are neither labels nor kept here, so neither grows with the file.)
 #[derive(Debug, Default)]
 struct RouteState {
     turn: usize,
@@ -42,7 +43,7 @@ struct RouteState {
 impl RouteState {
     /// The backend's health, made on its first use (its gauge found once, here).
     fn entry(&mut self, route: &Route, index: usize, metrics: &Metrics) -> &mut Health {
-        let backend = &route.backends[index];
+        let backend = counted_as(route, index);
         // Looked up by reference first: the backend is copied only the first time.
         if !self.backends.contains_key(backend) {
             let gauge = metrics
@@ -108,7 +109,7 @@ impl Balancer {
         if route.balance == Balance::RoundRobin {
             state.turn = state.turn.wrapping_add(1);
         }
-        let get = |i: usize| state.backends.get(&route.backends[i]);
+        let get = |i: usize| state.backends.get(counted_as(route, i));
         let ejected = |i: usize| {
             get(i)
                 .and_then(|h| h.ejected_until)
@@ -159,9 +160,18 @@ impl Balancer {
     }
 }
 
+/// The backend a session is counted under: as the config names it (a token source, not the
+/// target one of its tokens named).
+fn counted_as(route: &Route, index: usize) -> &Backend {
+    route
+        .looked_up_from
+        .as_ref()
+        .unwrap_or(&route.backends[index])
+}
+
 fn labels(route: &Route, index: usize) -> BackendLabels {
     BackendLabels {
         route: route.path.clone(),
-        backend: route.backends[index].to_string(),
+        backend: counted_as(route, index).to_string(),
     }
 }

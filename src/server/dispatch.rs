@@ -327,6 +327,7 @@ async fn token_target(
     let mut resolved = route.clone();
     resolved.backend = Backend::Tcp(target);
     resolved.backends = vec![resolved.backend.clone()];
+    resolved.looked_up_from = Some(route.backend.clone());
     Ok(resolved)
 }
 

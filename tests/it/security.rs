@@ -344,3 +344,47 @@ async fn refusals_carry_fixed_texts_not_the_systems_words() {
         (502, "the backend cannot be reached\n")
     );
 }
+
+/// Regression: every target a token file named became two metric series
+/// (`backend_connect_failures`, `backend_sessions_open`), never freed. Sessions are counted
+/// under the token source as the config names it.
+#[tokio::test]
+async fn what_a_token_file_names_never_becomes_a_metric_label() {
+    let dir = TempDir::new();
+    let echo = echo_backend().await;
+    let mut tokens = format!("good: {echo}\n");
+    for i in 0..40 {
+        tokens += &format!("t{i}: {}\n", unused_addr());
+    }
+    std::fs::write(dir.path().join("tokens"), tokens).unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"token-file:tokens\"\n",
+    )
+    .await;
+    for i in 0..40 {
+        let r = raw_request(
+            gate.addr,
+            upgrade_request(&format!("/?token=t{i}"), "").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 502, "{r:?}");
+    }
+    let (open, _s) = upgrade_head(gate.addr, upgrade_request("/?token=good", "").as_bytes()).await;
+    assert_eq!(open.status, 101);
+    let (_, text) = http_get(gate.admin.unwrap(), "/metrics").await;
+    let by_target: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("backend=\"tcp://"))
+        .collect();
+    assert!(by_target.is_empty(), "{by_target:#?}");
+    let source = format!(
+        "backend=\"token-file:{}\"",
+        dir.path().join("tokens").display()
+    );
+    let m = parse_metrics(&text);
+    let failures = format!("wsgate_backend_connect_failures_total{{route=\"/\",{source}}}");
+    let open_now = format!("wsgate_backend_sessions_open{{route=\"/\",{source}}}");
+    assert_eq!(m.get(&failures), Some(&40.0), "{text}");
+    assert_eq!(m.get(&open_now), Some(&1.0), "{text}");
+}
