@@ -5,17 +5,28 @@
 //! - **basic**: Apache htpasswd lines `user:hash`, bcrypt hashes only (`$2y$`, `$2b$`,
 //!   `$2a$`, as `htpasswd -B` writes them). Any other kind of hash stops the config load:
 //!   MD5-crypt, SHA-1 and crypt(3) are too weak to offer. An unknown user is checked against
-//!   a dummy hash, so the answer takes as long as for a known one.
+//!   a dummy hash at the highest cost in the file, so the answer takes as long as for a known
+//!   one. bcrypt is slow on purpose, so it must cost an attacker more than us:
+//!   - it runs on a pool as large as the machine's cores, with a queue of four checks per
+//!     core; past that the request gets 503 with Retry-After at once, and a check still
+//!     queued when its client leaves is never run;
+//!   - a header that passed is remembered for [`REMEMBER_FOR`] by an HMAC of it under a key
+//!     made at start (never the header itself), so a page load of dozens of files costs one
+//!     bcrypt. A reload reads the file again and forgets them all.
 //! - **bearer**: one token per line (blank lines and `#` comments skipped), presented as
 //!   `Authorization: Bearer T`, or, because a browser cannot set headers on a WebSocket, as an
-//!   `access_token` query parameter or cookie. Compared in constant time against every token.
+//!   `access_token` query parameter or cookie. SHA-256 digests are compared in constant time
+//!   against every token, so neither a token's text nor its length shows in the timing.
 //! - **client_cert_names**: on mTLS listeners, the client certificate's subject common name
 //!   must be one of the list (websockify's `ClientCertCNAuth`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::StatusCode;
 use subtle::ConstantTimeEq;
 
@@ -65,12 +76,131 @@ pub enum AuthFileError {
     Empty,
 }
 
+/// How long a Basic header that passed is taken without running bcrypt again.
+pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
+
+/// At most this many headers are remembered; past it, expired ones are dropped, and a new
+/// one is not remembered until there is room.
+const REMEMBER_AT_MOST: usize = 4096;
+
 /// Users and their bcrypt hashes.
 #[derive(Debug)]
 pub struct Htpasswd {
     users: Vec<(String, String)>,
-    /// A hash of a random password at the first user's cost, checked for an unknown user.
+    /// A hash of a random password at the highest cost in the file, checked for an unknown
+    /// user.
     dummy: String,
+    /// HMACs of Authorization headers that passed, with when they stop counting.
+    remembered: Mutex<HashMap<[u8; 32], Instant>>,
+    /// bcrypt checks run so far (what remembering and the pool save shows here).
+    checks_run: AtomicUsize,
+}
+
+/// The key remembered headers are MACed with, made at start.
+fn remember_key() -> &'static ring::hmac::Key {
+    static KEY: OnceLock<ring::hmac::Key> = OnceLock::new();
+    KEY.get_or_init(|| {
+        ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("the system's random numbers")
+    })
+}
+
+/// The HMAC a header is remembered by.
+fn remembered_as(header: &[u8]) -> [u8; 32] {
+    let tag = ring::hmac::sign(remember_key(), header);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// The checks bcrypt may run at once (the cores) and how many may wait (four per core).
+struct BcryptPool {
+    running: tokio::sync::Semaphore,
+    admitted: AtomicUsize,
+    limit: usize,
+}
+
+fn bcrypt_pool() -> &'static BcryptPool {
+    static POOL: OnceLock<BcryptPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        BcryptPool {
+            running: tokio::sync::Semaphore::new(cores),
+            admitted: AtomicUsize::new(0),
+            limit: cores * 5,
+        }
+    })
+}
+
+/// A place in the bcrypt pool (running or queued), given back when dropped.
+struct Admitted(&'static BcryptPool);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The pool is full: the client gets 503 and Retry-After at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+impl Htpasswd {
+    /// Whether the Basic header `header` (its `user:password` already decoded) passes:
+    /// remembered, or checked by bcrypt on the bounded pool. Cancel-safe: dropped while
+    /// queued, the check never runs.
+    async fn check(
+        self: &Arc<Self>,
+        header: &[u8],
+        user: String,
+        password: String,
+    ) -> Result<bool, Busy> {
+        let key = remembered_as(header);
+        if self.is_remembered(&key) {
+            return Ok(true);
+        }
+        let pool = bcrypt_pool();
+        if pool.admitted.fetch_add(1, Ordering::AcqRel) >= pool.limit {
+            pool.admitted.fetch_sub(1, Ordering::AcqRel);
+            return Err(Busy);
+        }
+        let _admitted = Admitted(pool);
+        let permit = pool.running.acquire().await.map_err(|_| Busy)?;
+        let users = self.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _running = permit;
+            users.verify(&user, &password)
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            self.remember(key);
+        }
+        Ok(ok)
+    }
+
+    /// How many bcrypt checks ran.
+    pub fn checks_run(&self) -> usize {
+        self.checks_run.load(Ordering::Relaxed)
+    }
+
+    fn is_remembered(&self, key: &[u8; 32]) -> bool {
+        let remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        remembered
+            .get(key)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let now = Instant::now();
+        let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if remembered.len() >= REMEMBER_AT_MOST {
+            remembered.retain(|_, until| *until > now);
+        }
+        if remembered.len() < REMEMBER_AT_MOST {
+            remembered.insert(key, now + REMEMBER_FOR);
+        }
+    }
 }
 
 impl Htpasswd {
@@ -110,12 +240,18 @@ impl Htpasswd {
         };
         let random: [u8; 16] = std::array::from_fn(|i| (users.len() * 31 + i * 7) as u8);
         let dummy = bcrypt::hash(random, cost).map_err(|_| AuthFileError::Empty)?;
-        Ok(Htpasswd { users, dummy })
+        Ok(Htpasswd {
+            users,
+            dummy,
+            remembered: Mutex::new(HashMap::new()),
+            checks_run: AtomicUsize::new(0),
+        })
     }
 
     /// Whether `password` is `user`'s. Slow on purpose (bcrypt): call it off the async
     /// workers.
     pub fn verify(&self, user: &str, password: &str) -> bool {
+        self.checks_run.fetch_add(1, Ordering::Relaxed);
         let known = self.users.iter().find(|(u, _)| u == user);
         let hash = known.map_or(self.dummy.as_str(), |(_, h)| h.as_str());
         let matches = bcrypt::verify(password, hash).unwrap_or(false);
@@ -123,10 +259,17 @@ impl Htpasswd {
     }
 }
 
-/// Accepted bearer tokens.
+/// Accepted bearer tokens, as SHA-256 digests (fixed length, so comparing them shows
+/// nothing of a token's length).
 #[derive(Debug)]
 pub struct BearerTokens {
-    tokens: Vec<String>,
+    digests: Vec<[u8; 32]>,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 impl BearerTokens {
@@ -137,19 +280,21 @@ impl BearerTokens {
             if !line.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(AuthFileError::BadToken { line: n });
             }
-            tokens.push(line.to_owned());
+            tokens.push(sha256(line.as_bytes()));
         }
         if tokens.is_empty() {
             return Err(AuthFileError::Empty);
         }
-        Ok(BearerTokens { tokens })
+        Ok(BearerTokens { digests: tokens })
     }
 
-    /// Whether `token` is one of the file's, comparing against every one in constant time.
+    /// Whether `token` is one of the file's: its digest compared against every one in
+    /// constant time.
     pub fn accepts(&self, token: &str) -> bool {
+        let presented = sha256(token.as_bytes());
         let mut found = subtle::Choice::from(0);
-        for t in &self.tokens {
-            found |= t.as_bytes().ct_eq(token.as_bytes());
+        for t in &self.digests {
+            found |= t.ct_eq(&presented);
         }
         found.into()
     }
@@ -164,8 +309,9 @@ pub struct Presented<'a> {
 }
 
 impl Auth {
-    /// Checks the request; `Err` is the refusal (401 with a challenge, or 403). Basic auth
-    /// runs bcrypt on the blocking pool.
+    /// Checks the request; `Err` is the refusal (401 with a challenge, 403, or 503 when
+    /// the bcrypt pool is full). Basic auth runs bcrypt on the bounded pool unless the header
+    /// passed within [`REMEMBER_FOR`]. Cancel-safe.
     pub async fn check(&self, presented: Presented<'_>) -> Result<(), Rejection> {
         match self {
             Auth::Basic(users) => {
@@ -174,14 +320,19 @@ impl Auth {
                 let Some((user, password)) = basic_credentials(presented.headers) else {
                     return Err(unauthorized("credentials_missing", challenge));
                 };
-                let users = users.clone();
-                let ok = tokio::task::spawn_blocking(move || users.verify(&user, &password))
-                    .await
-                    .unwrap_or(false);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(unauthorized("credentials_refused", challenge))
+                let header = presented
+                    .headers
+                    .get(AUTHORIZATION)
+                    .map_or(&b""[..], HeaderValue::as_bytes);
+                match users.check(header, user, password).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(unauthorized("credentials_refused", challenge)),
+                    Err(Busy) => Err(Rejection::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "auth_busy",
+                        "too many credential checks at once; try again later",
+                    )
+                    .with_header(RETRY_AFTER, HeaderValue::from_static("1"))),
                 }
             }
             Auth::Bearer(tokens) => match bearer_token(&presented) {
@@ -298,6 +449,122 @@ mod tests {
             assert_eq!(Htpasswd::parse(text.as_bytes()).unwrap_err(), err, "{text}");
         }
         assert!(Htpasswd::parse(b"x:$2y$10$tooshort").is_err());
+    }
+
+    fn basic(user_password: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let value = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        );
+        h.insert(AUTHORIZATION, HeaderValue::from_str(&value).unwrap());
+        h
+    }
+
+    fn check_basic(
+        auth: &Auth,
+        headers: &HeaderMap,
+    ) -> impl std::future::Future<Output = Result<(), Rejection>> + Send + 'static {
+        let auth = auth.clone();
+        let headers = headers.clone();
+        async move {
+            auth.check(Presented {
+                headers: &headers,
+                query: None,
+                cert_names: &[],
+            })
+            .await
+        }
+    }
+
+    /// A page load of dozens of files with the same good header costs one bcrypt; a wrong
+    /// password is never remembered.
+    async fn a_header_that_passed_is_remembered_not_checked_again() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = Arc::new(Htpasswd::parse(format!("alice:{hash}\n").as_bytes()).unwrap());
+        let auth = Auth::Basic(users.clone());
+        let good = basic("alice:pw");
+        for _ in 0..30 {
+            assert!(check_basic(&auth, &good).await.is_ok());
+        }
+        assert_eq!(users.checks_run(), 1);
+        let bad = basic("alice:wrong");
+        for _ in 0..3 {
+            assert_eq!(check_basic(&auth, &bad).await.unwrap_err().status, 401);
+        }
+        assert_eq!(users.checks_run(), 4);
+    }
+
+    /// Past the pool and its queue, checks are refused at once (503), and checks still queued
+    /// when their client leaves never run. (One test with the remembering one: the pool is
+    /// the process's, and flooding it would refuse a test running beside it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bcrypt_is_remembered_bounded_and_dropped_with_its_client() {
+        a_header_that_passed_is_remembered_not_checked_again().await;
+        let hash = bcrypt::hash("pw", 10).unwrap();
+        let users = Arc::new(Htpasswd::parse(format!("alice:{hash}\n").as_bytes()).unwrap());
+        let auth = Auth::Basic(users.clone());
+        let tasks: Vec<_> = (0..200)
+            .map(|i| tokio::spawn(check_basic(&auth, &basic(&format!("alice:bad{i}")))))
+            .collect();
+        // The pool admits cores × 5; the rest are refused without waiting for bcrypt.
+        let limit = bcrypt_pool().limit;
+        let started = Instant::now();
+        while tasks.iter().filter(|t| t.is_finished()).count() < 200 - limit {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the refusals come at once"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut busy = 0;
+        let mut pending = Vec::new();
+        for t in tasks {
+            if t.is_finished() {
+                let r = t.await.unwrap();
+                if r.as_ref().is_err_and(|e| e.status == 503) {
+                    busy += 1;
+                }
+            } else {
+                pending.push(t);
+            }
+        }
+        // Clients that leave: abort what is still queued or running.
+        for t in &pending {
+            t.abort();
+        }
+        for t in pending {
+            if let Ok(r) = t.await {
+                if r.is_err_and(|e| e.status == 503) {
+                    busy += 1;
+                }
+            }
+        }
+        assert!(busy >= 200 - limit, "{busy} refused, limit {limit}");
+        // Give the pool's running checks time to finish: at most the cores ran (and a few
+        // that had started before the abort), never the queued ones.
+        let started = Instant::now();
+        while bcrypt_pool().admitted.load(Ordering::Acquire) > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the pool drains"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert!(
+            users.checks_run() <= cores * 2,
+            "{} ran",
+            users.checks_run()
+        );
+    }
+
+    #[test]
+    fn unknown_users_cost_the_dearest_hash() {
+        let cheap = bcrypt::hash("a", 4).unwrap();
+        let dear = bcrypt::hash("b", 6).unwrap();
+        let users = Htpasswd::parse(format!("a:{cheap}\nb:{dear}\n").as_bytes()).unwrap();
+        assert_eq!(&users.dummy[4..6], "06");
     }
 
     #[test]

@@ -147,6 +147,20 @@ impl ClientLimits {
         }
     }
 
+    /// Gives back a token [`ClientLimits::handshake`] took (a credential check that passed
+    /// on a page request: good credentials never run out).
+    pub(super) fn give_back(&self, client: IpAddr, limits: &Limits) {
+        let Some(rate) = limits.handshakes_per_ip_per_second else {
+            return;
+        };
+        let burst = f64::from(limits.handshakes_per_ip_burst.unwrap_or(rate).max(1));
+        let key = client_key(client, limits.per_ip_ipv6_prefix);
+        let mut t = self.tables.lock().unwrap();
+        if let Some(bucket) = t.buckets.get_mut(&key) {
+            bucket.tokens = (bucket.tokens + 1.0).min(burst);
+        }
+    }
+
     /// Takes a place for `client` and for `route` under their connection limits.
     pub(super) fn hold(
         self: &Arc<Self>,

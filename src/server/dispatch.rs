@@ -58,7 +58,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     // A page's files are not handshakes: only upgrades and proxied requests count against
-    // the per-client handshake rate.
+    // the per-client handshake rate (and, below, credential checks on any request).
     let rated = is_upgrade || route.static_dir.is_none();
     if let Err(over) = within_client_limits(&conn, client, route, rated) {
         return refuse(&conn, Some(&route.path), over_limit(over));
@@ -73,6 +73,18 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         listener: conn.local,
     };
     if let Some(auth) = &route.auth {
+        // Every credential check costs a token of the client's handshake rate: a page request
+        // (not rated above) takes one now and gives it back when its check passes, so a burst
+        // of bad attempts costs at most the burst in checks, and good ones never run out.
+        let lent = !rated;
+        if lent {
+            if let Err(over) = state
+                .client_limits
+                .handshake(client.ip(), &conn.config.limits)
+            {
+                return refuse(&conn, Some(&route.path), over_limit(over));
+            }
+        }
         let presented = Presented {
             headers: req.headers(),
             query: req.uri().query(),
@@ -80,6 +92,11 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         };
         if let Err(rejection) = auth.check(presented).await {
             return refuse(&conn, Some(&route.path), rejection);
+        }
+        if lent {
+            state
+                .client_limits
+                .give_back(client.ip(), &conn.config.limits);
         }
     }
     if !is_upgrade && (route.backend.is_proxy() || route.static_dir.is_some()) {

@@ -27,6 +27,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bind(#[from] std::io::Error),
+    #[error("loading the config failed")]
+    LoadFailed,
 }
 
 /// One listening address: its accept loop and the TLS settings new connections get.
@@ -111,9 +113,16 @@ impl Handle {
         let Some(path) = self.state.config_path.lock().unwrap().clone() else {
             return Err(ReloadError::NoConfigFile);
         };
-        let result = match Config::load(&path) {
-            Ok(config) => self.apply(config).await,
-            Err(e) => Err(e.into()),
+        // Off the async workers: loading checks every htpasswd hash (bcrypt) and reads the
+        // TLS and token files, which would stall every session on this worker meanwhile.
+        let load = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load(&path))
+        };
+        let result = match load.await {
+            Ok(Ok(config)) => self.apply(config).await,
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ReloadError::LoadFailed),
         };
         let m = &self.state.metrics;
         let label = ResultLabel {

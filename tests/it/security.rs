@@ -388,3 +388,125 @@ async fn what_a_token_file_names_never_becomes_a_metric_label() {
     assert_eq!(m.get(&failures), Some(&40.0), "{text}");
     assert_eq!(m.get(&open_now), Some(&1.0), "{text}");
 }
+
+fn htpasswd_line(user: &str, password: &str, cost: &str) -> String {
+    let out = output_within(
+        std::process::Command::new("htpasswd").args(["-nbB", "-C", cost, user, password]),
+        WAIT,
+    );
+    assert!(
+        out.status.success(),
+        "htpasswd (apache2-utils; scripts/test installs it)"
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn basic(user_password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(user_password)
+    )
+}
+
+/// Regression: page requests skipped the per-client rate, so a few hundred bad Basic
+/// attempts on pages took every core. Now each credential check takes a token of the rate:
+/// good credentials give theirs back, a burst of bad ones costs at most the burst in checks
+/// and the rest get 429 at once.
+#[tokio::test]
+async fn bad_credentials_on_pages_cost_the_clients_rate_good_ones_never_run_out() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("web")).unwrap();
+    std::fs::write(dir.path().join("web/index.html"), "page").unwrap();
+    std::fs::write(
+        dir.path().join("users"),
+        htpasswd_line("alice", "pw", "4") + "\n",
+    )
+    .unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nhandshakes_per_ip_per_second = 1\nhandshakes_per_ip_burst = 3\n\
+         [[route]]\npath = \"/\"\nbackend = \"echo\"\nstatic = \"web\"\nauth = { basic = \"users\" }\n",
+    )
+    .await;
+    for _ in 0..10 {
+        let r = get(gate.addr, "/index.html", &basic("alice:pw")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let bad: Vec<_> = (0..12)
+        .map(|i| {
+            let addr = gate.addr;
+            tokio::spawn(
+                async move { get(addr, "/index.html", &basic(&format!("alice:x{i}"))).await },
+            )
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in bad {
+        statuses.push(
+            within("a bad attempt's answer", WAIT, t)
+                .await
+                .unwrap()
+                .status,
+        );
+    }
+    let checked = statuses.iter().filter(|&&s| s == 401).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(checked <= 3 && checked + limited == 12, "{statuses:?}");
+}
+
+/// Regression: a reload with 16 cost-12 htpasswd users checked every hash on the async
+/// workers and stalled every session for seconds. Loading runs off them now: echo round trips
+/// during the reload stay under 250 ms. (One async worker, as `TOKIO_WORKER_THREADS=1` runs
+/// wsgate: whatever blocks it stalls every session.)
+#[tokio::test]
+async fn a_reload_with_costly_hashes_never_stalls_sessions() {
+    let dir = TempDir::new();
+    let hash = htpasswd_line("u", "pw", "12");
+    let hash = hash.split_once(':').unwrap().1;
+    let users: String = (0..16).map(|i| format!("user{i}:{hash}\n")).collect();
+    std::fs::write(dir.path().join("users"), users).unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n\
+         [[route]]\npath = \"/private\"\nbackend = \"echo\"\nauth = { basic = \"users\" }\n",
+    )
+    .await;
+    let (mut ws, _) = within(
+        "the echo session",
+        WAIT,
+        tokio_tungstenite::connect_async(gate.url("/")),
+    )
+    .await
+    .unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    let handle = gate.handle.clone();
+    let reload = tokio::spawn(async move { handle.reload().await });
+    let mut slowest = std::time::Duration::ZERO;
+    let mut rounds = 0;
+    let started = std::time::Instant::now();
+    while !reload.is_finished() {
+        assert!(started.elapsed() < 4 * WAIT, "the reload ends");
+        let sent = std::time::Instant::now();
+        ws.send(tokio_tungstenite::tungstenite::Message::binary(
+            b"x".to_vec(),
+        ))
+        .await
+        .unwrap();
+        within("the echo", WAIT, ws.next()).await.unwrap().unwrap();
+        slowest = slowest.max(sent.elapsed());
+        rounds += 1;
+    }
+    within("the reload", WAIT, reload)
+        .await
+        .unwrap()
+        .expect("reload");
+    assert!(
+        rounds > 10,
+        "the reload took {rounds} round trips: too short to judge"
+    );
+    assert!(
+        slowest < std::time::Duration::from_millis(250),
+        "slowest round trip during the reload: {slowest:?}"
+    );
+}
