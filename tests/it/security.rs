@@ -29,12 +29,11 @@ fn public_and_private(dir: &TempDir) -> String {
     std::fs::write(web.join("pub/index.html"), "pub index").unwrap();
     std::fs::write(web.join("private/secret.html"), "SECRET-page").unwrap();
     std::fs::write(dir.path().join("bearer.txt"), "good-token\n").unwrap();
-    format!(
-        "[[listen]]\naddr = \"127.0.0.1:0\"\n\
+    "[[listen]]\naddr = \"127.0.0.1:0\"\n\
          [[route]]\npath = \"/\"\nbackend = \"echo\"\nstatic = \"web\"\n\
          [[route]]\npath = \"/pub\"\nbackend = \"echo\"\nstatic = \"web/pub\"\n\
-         [[route]]\npath = \"/private\"\nbackend = \"echo\"\nstatic = \"web/private\"\nauth = {{ bearer = \"bearer.txt\" }}\n"
-    )
+         [[route]]\npath = \"/private\"\nbackend = \"echo\"\nstatic = \"web/private\"\nauth = { bearer = \"bearer.txt\" }\n"
+        .to_owned()
 }
 
 async fn gate_in(dir: &TempDir, toml: &str) -> Gate {
@@ -290,12 +289,10 @@ fn a_client_ca_listener_never_takes_plain_clients() {
     gen_certs(dir.path(), "ec", "srv", "localhost");
     let ca = dir.path().join("ca.crt");
     assert!(ca.exists(), "gen_certs makes the CA");
-    let toml = format!(
-        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"srv.crt\", key = \"srv.key\", client_ca = \"ca.crt\" }}\nallow_plain = true\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n"
-    );
-    let err = wsgate::Config::parse(&toml, "mtls.toml", dir.path())
-        .err()
-        .expect("client_ca with allow_plain is refused");
+    let toml = "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"srv.crt\", key = \"srv.key\", client_ca = \"ca.crt\" }\nallow_plain = true\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n";
+    let Err(err) = wsgate::Config::parse(toml, "mtls.toml", dir.path()) else {
+        panic!("client_ca with allow_plain is refused");
+    };
     let text = err.to_string();
     assert!(
         text.contains("allow_plain") && text.contains("client_ca"),
