@@ -101,6 +101,7 @@ pub(crate) struct Metrics {
     pub backend_connect_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub handshake_timeouts: Counter,
+    pub send_timeouts: Counter,
     pub tls_failures: Counter,
     /// Per backend of a route: failed connects, ejections, open sessions.
     pub backend_failures: Family<BackendLabels, Counter>,
@@ -150,6 +151,7 @@ impl Metrics {
             backend_connect_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             session_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             handshake_timeouts: Counter::default(),
+            send_timeouts: Counter::default(),
             tls_failures: Counter::default(),
             proxy_header_failures: Family::default(),
             backend_failures: Family::default(),
@@ -215,6 +217,11 @@ impl Metrics {
             "handshake_timeouts",
             "Connections closed because the request did not arrive within handshake_timeout",
             m.handshake_timeouts.clone(),
+        );
+        registry.register(
+            "send_timeouts",
+            "Connections closed because a request body or a response made no progress within send_timeout, or a body came slower than 1 KiB/s",
+            m.send_timeouts.clone(),
         );
         registry.register(
             "tls_handshake_failures",

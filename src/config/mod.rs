@@ -79,6 +79,10 @@ pub struct Limits {
     /// After a response on a kept-alive connection (plain HTTP on proxy routes), how long
     /// the next request may take to start (default 60 s).
     pub keepalive_timeout: Duration,
+    /// A request body or a response that makes no progress this long closes the connection,
+    /// and a request body averaging under 1 KiB/s once this long has passed is cut (nginx's
+    /// name; default 60 s).
+    pub send_timeout: Duration,
     /// Connections from one client address at once (IPv6: per `per_ip_ipv6_prefix`; default
     /// off); over → 503.
     pub max_connections_per_ip: Option<usize>,
@@ -128,6 +132,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             message_buffer_budget: 256 << 20,
             keepalive_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             trusted_proxies: TrustedProxies::default(),
             max_connections_per_ip: None,
             handshakes_per_ip_per_second: None,
@@ -220,6 +225,7 @@ struct RawLimits {
     drain_timeout: Option<Dur>,
     message_buffer_budget: Option<Size>,
     keepalive_timeout: Option<Dur>,
+    send_timeout: Option<Dur>,
     #[serde(default)]
     trusted_proxies: Vec<toml::Spanned<String>>,
     max_connections_per_ip: Option<usize>,
@@ -422,6 +428,7 @@ impl Config {
                 .message_buffer_budget
                 .map_or(d.message_buffer_budget, |x| x.0),
             keepalive_timeout: r.keepalive_timeout.map_or(d.keepalive_timeout, |x| x.0),
+            send_timeout: r.send_timeout.map_or(d.send_timeout, |x| x.0),
             trusted_proxies: TrustedProxies(trusted),
             max_connections_per_ip: r.max_connections_per_ip,
             handshakes_per_ip_per_second: r.handshakes_per_ip_per_second,
@@ -480,6 +487,7 @@ impl Config {
             ("ping_interval", limits.ping_interval),
             ("close_timeout", limits.close_timeout),
             ("keepalive_timeout", limits.keepalive_timeout),
+            ("send_timeout", limits.send_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(

@@ -118,14 +118,18 @@ pub(crate) async fn upgrade(
 
 /// Forwards a plain HTTP request (both bodies streamed) over `io` and returns the app's
 /// answer, which must begin within `timeout` (504 otherwise).
-pub(crate) async fn http(
-    req: Request<Incoming>,
+pub(crate) async fn http<B>(
+    req: Request<B>,
     route: &Route,
     io: Box<dyn Io>,
     client: ForwardedFor,
     timeout: Duration,
     tracker: &TaskTracker,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<Incoming>, ForwardError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut sender = app_client(io, tracker).await?;
     let (parts, body) = req.into_parts();
     let head = Request::from_parts(parts, ());

@@ -226,7 +226,7 @@ where
                 debug!(%peer, error = %e, "http connection error");
             }
         }
-        expired = conn.keepalive.expired(deadline, limits.keepalive_timeout, limits.handshake_timeout) => {
+        expired = conn.keepalive.expired(deadline, limits.keepalive_timeout, limits.handshake_timeout, limits.send_timeout) => {
             match expired {
                 Expired::FirstHead => {
                     conn.state.metrics.handshake_timeouts.inc();
@@ -236,6 +236,14 @@ where
                 Expired::SlowHead => {
                     conn.state.metrics.handshake_timeouts.inc();
                     info!(%peer, "handshake timeout: next request not complete in time; closed");
+                }
+                Expired::SendStalled => {
+                    conn.state.metrics.send_timeouts.inc();
+                    info!(%peer, "send timeout: no progress with the client within send_timeout; closed");
+                }
+                Expired::SlowBody => {
+                    conn.state.metrics.send_timeouts.inc();
+                    info!(%peer, "send timeout: request body slower than 1 KiB/s; closed");
                 }
             }
         }

@@ -16,7 +16,7 @@ use tracing::warn;
 use super::balance::OnBackend;
 use super::client_limits::OverLimit;
 use super::conn::Conn;
-use super::keepalive::mark_end;
+use super::keepalive::{mark_end, WatchedBody};
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
 use super::session::{Pending, Session, SessionBackend};
 use crate::auth::Presented;
@@ -264,6 +264,8 @@ async fn proxy_http(
         }
     };
     let timeout = limits.connect_timeout;
+    // The body is watched: send_timeout cuts one that stalls or trickles.
+    let req = req.map(|body| WatchedBody::new(body, conn.keepalive.clone()));
     match forward::http(req, route, io, client, timeout, &conn.state.tracker).await {
         Ok(response) => passthrough(response),
         Err(e) => forward_failed(conn, &route.path, e),

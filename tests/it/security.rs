@@ -507,3 +507,108 @@ async fn a_reload_with_costly_hashes_never_stalls_sessions() {
         "slowest round trip during the reload: {slowest:?}"
     );
 }
+
+/// Regression: a 20 MB page to a client that never reads held its connection (and its
+/// `max_connections` place) forever, whatever the timeouts. A write blocked for
+/// `send_timeout` closes the connection now, and its place is free again.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_page_is_cut_at_send_timeout() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path().join("web")).unwrap();
+    std::fs::write(dir.path().join("web/big.bin"), vec![7u8; 20 << 20]).unwrap();
+    std::fs::write(dir.path().join("web/index.html"), "page").unwrap();
+    let gate = gate_in(
+        &dir,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
+         [limits]\nsend_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nkeepalive_timeout = \"2s\"\nmax_connections = 1\n\
+         [[route]]\npath = \"/\"\nbackend = \"echo\"\nstatic = \"web\"\n",
+    )
+    .await;
+    let admin = gate.admin.unwrap();
+    let mut stuck = TcpStream::connect(gate.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /big.bin HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let sent = std::time::Instant::now();
+    eventually("the stalled response to be cut", 3 * WAIT / 2, || async {
+        metric(admin, "wsgate_send_timeouts_total").await == 1.0
+    })
+    .await;
+    let took = sent.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1000)
+            && took < std::time::Duration::from_millis(1800),
+        "cut after {took:?}, send_timeout is 1s"
+    );
+    // Its place under max_connections = 1 is free again.
+    let r = get(gate.addr, "/index.html", "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    drop(stuck);
+}
+
+/// A request body to an app that trickles (under 1 KiB/s) or stalls is cut once
+/// `send_timeout` has passed, as Apache's mod_reqtimeout MinRate does; nginx's per-read timer
+/// would let the trickle hold its place forever.
+#[tokio::test]
+async fn a_trickled_or_stalled_request_body_is_cut_at_send_timeout() {
+    let app = backend(|mut s| async move {
+        // Reads everything and never answers (connect_timeout is longer than the test).
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let dir = TempDir::new();
+    let gate = gate_in(
+        &dir,
+        &format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
+             [limits]\nsend_timeout = \"1s\"\nconnect_timeout = \"10s\"\n\
+             [[route]]\npath = \"/\"\nbackend = \"ws://{app}\"\n"
+        ),
+    )
+    .await;
+    let admin = gate.admin.unwrap();
+    for (case, trickle) in [("trickled at 500 B/s", true), ("stalled", false)] {
+        let before = metric(admin, "wsgate_send_timeouts_total").await;
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&[b'x'; 100]).await.unwrap();
+        let sent = std::time::Instant::now();
+        // Bounded: 50 pieces of 100 bytes, 200 ms apart, or until the gate closes.
+        let mut closed_after = None;
+        for _ in 0..50 {
+            let mut b = [0u8; 1];
+            match tokio::time::timeout(std::time::Duration::from_millis(200), s.read(&mut b)).await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed_after = Some(sent.elapsed());
+                    break;
+                }
+                Ok(Ok(_)) => panic!("{case}: no answer was expected before the cut"),
+                Err(_) => {}
+            }
+            if trickle && s.write_all(&[b'x'; 100]).await.is_err() {
+                closed_after = Some(sent.elapsed());
+                break;
+            }
+        }
+        let took = closed_after.unwrap_or_else(|| panic!("{case}: never cut"));
+        assert!(
+            took >= std::time::Duration::from_millis(1000)
+                && took < std::time::Duration::from_millis(1800),
+            "{case}: cut after {took:?}, send_timeout is 1s"
+        );
+        assert_eq!(
+            metric(admin, "wsgate_send_timeouts_total").await,
+            before + 1.0,
+            "{case}"
+        );
+    }
+}
