@@ -18,6 +18,9 @@ use crate::scratch::read_lazily;
 use crate::session_end::SessionEnd;
 use crate::stream::{BoxRead, BoxWrite};
 
+/// With permessage-deflate, the pump yields after a data piece this large.
+const YIELD_AFTER: usize = 16 * 1024;
+
 /// Why a write to the backend did not complete.
 enum BackendWriteFailed {
     /// The backend's connection failed.
@@ -37,6 +40,7 @@ pub(super) async fn pump(
     budget: &Arc<MessageBudget>,
 ) {
     let echo = backend.is_none();
+    let inflating = limits.deflate.is_some();
     let mut decoder = match &limits.deflate {
         Some(agreed) => Decoder::with_inflater(
             limits.max_message_size,
@@ -71,6 +75,11 @@ pub(super) async fn pump(
                     fin,
                 } => {
                     s.count_from_client(payload.len(), fin);
+                    if inflating && payload.len() >= YIELD_AFTER {
+                        // Inflating is CPU without I/O: other sessions on this worker get a
+                        // turn between pieces (at most 64 KiB each).
+                        tokio::task::yield_now().await;
+                    }
                     if echo {
                         // The echo answers whole messages (at most max_message_size): a
                         // client may write a whole message before it reads anything. What it

@@ -70,6 +70,14 @@ impl Violation {
             end: SessionEnd::MessageTooBig,
         }
     }
+
+    fn amplified() -> Self {
+        Violation {
+            code: close_code::MESSAGE_TOO_BIG,
+            reason: "compressed messages inflate too much",
+            end: SessionEnd::MessageTooBig,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -383,6 +391,9 @@ impl Decoder {
             let r = inflater
                 .inflate(&p.input, &mut out, room)
                 .map_err(|_| bad())?;
+            if inflater.amplifies() {
+                return Err(Violation::amplified());
+            }
             if r.consumed == 0 && !r.more && out.is_empty() && !p.input.is_empty() {
                 return Err(bad());
             }

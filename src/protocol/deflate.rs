@@ -241,7 +241,7 @@ fn give_back<T>(pool: &Mutex<Vec<(u8, T)>>, bits: u8, item: T) {
 }
 
 /// Compresses whole messages to the client.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Deflater {
     window_bits: u8,
     min_size: usize,
@@ -305,9 +305,19 @@ fn deflate(payload: &[u8], bits: u8, out: &mut Vec<u8>) -> bool {
     ok
 }
 
+/// Past this many inflated bytes in a session, the ratio to its compressed bytes is checked.
+pub const AMPLIFICATION_GRACE: u64 = 64 << 20;
+
+/// The most a session's inflated bytes may be of its compressed ones (zlib's ceiling is about
+/// 1032:1; real data rarely passes 20:1): past it, the session is a decompression amplifier.
+pub const MAX_AMPLIFICATION: u64 = 256;
+
 /// Inflates the client's compressed messages, a bounded piece at a time.
 #[derive(Debug)]
 pub struct Inflater {
+    /// This session's compressed bytes in, and what they inflated to.
+    session_wire: u64,
+    session_inflated: u64,
     window_bits: u8,
     /// The client keeps its context: so must we, for the whole session.
     takeover: bool,
@@ -333,6 +343,8 @@ pub struct Inflated {
 impl Inflater {
     pub fn new(agreed: &Agreed, tally: Tally) -> Inflater {
         Inflater {
+            session_wire: 0,
+            session_inflated: 0,
             window_bits: agreed.client_window_bits,
             takeover: !agreed.client_no_context_takeover,
             ctx: None,
@@ -355,6 +367,7 @@ impl Inflater {
         room: usize,
     ) -> Result<Inflated, InflateError> {
         if self.ended {
+            self.session_wire += input.len() as u64;
             self.tally.compressed.inc_by(input.len() as u64);
             return Ok(Inflated {
                 consumed: input.len(),
@@ -373,6 +386,8 @@ impl Inflater {
         let produced = (ctx.total_out() - before_out) as usize;
         let status = status.map_err(|_| InflateError)?;
         let consumed = (ctx.total_in() - before_in) as usize;
+        self.session_wire += consumed as u64;
+        self.session_inflated += produced as u64;
         self.tally.compressed.inc_by(consumed as u64);
         self.tally.uncompressed.inc_by(produced as u64);
         if status == Status::StreamEnd {
@@ -392,6 +407,14 @@ impl Inflater {
             // The spare room was filled: there may be more.
             more: produced > 0 && out.len() == out.capacity(),
         })
+    }
+
+    /// Whether this session has inflated more than [`MAX_AMPLIFICATION`] times what it
+    /// received compressed, once past [`AMPLIFICATION_GRACE`]: a few MB on the wire must not
+    /// become GBs for the backend (or the CPU).
+    pub fn amplifies(&self) -> bool {
+        self.session_inflated > AMPLIFICATION_GRACE
+            && self.session_inflated > MAX_AMPLIFICATION.saturating_mul(self.session_wire)
     }
 
     /// The message is complete: without context takeover the decompressor goes back to the

@@ -13,6 +13,10 @@ use crate::stream::BoxWrite;
 ///
 /// Once a close frame has been sent, further data and ping frames are dropped, as §5.5.1
 /// requires; the close itself is sent at most once.
+/// Messages up to this size are compressed where they are sent; larger ones on the blocking
+/// pool.
+const COMPRESS_INLINE_AT_MOST: usize = 64 * 1024;
+
 pub(crate) struct FrameWriter {
     io: BoxWrite,
     close_sent: Option<u16>,
@@ -60,7 +64,22 @@ impl FrameWriter {
         // every message wsgate sends is one frame.
         if let (Some(deflater), true, false) = (&mut self.deflater, fin, opcode.is_control()) {
             let mut compressed = Vec::new();
-            if deflater.compress(payload, &mut compressed) {
+            let done = if payload.len() > COMPRESS_INLINE_AT_MOST {
+                // A large message is compressed on the blocking pool, so one client's
+                // megabytes never hold an async worker (and every session on it) for
+                // milliseconds.
+                let (mut d, owned) = (deflater.clone(), payload.to_vec());
+                let job = tokio::task::spawn_blocking(move || {
+                    let ok = d.compress(&owned, &mut compressed);
+                    (ok, compressed)
+                });
+                let (ok, out) = job.await.map_err(std::io::Error::other)?;
+                compressed = out;
+                ok
+            } else {
+                deflater.compress(payload, &mut compressed)
+            };
+            if done {
                 return self.write_frame(opcode, true, true, &compressed).await;
             }
         }

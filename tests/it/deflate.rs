@@ -160,16 +160,22 @@ async fn python_compresses_tungstenite_does_not_and_both_get_every_message() {
 
 /// A deflate stream (sync-flushed, tail taken off) of `mib` MiB of zeros.
 fn bomb(mib: usize) -> Vec<u8> {
-    let mut c = Compress::new(Compression::best(), false);
     let zeros = vec![0u8; 1 << 20];
-    let mut out = Vec::with_capacity(mib * 1100);
-    for i in 0..mib {
-        let flush = if i + 1 == mib {
+    deflated(&vec![&zeros[..]; mib])
+}
+
+/// One permessage-deflate message body: `pieces` one after the other, compressed (the
+/// stream sync-flushed and its tail taken off, §7.2.1).
+fn deflated(pieces: &[&[u8]]) -> Vec<u8> {
+    let mut c = Compress::new(Compression::best(), false);
+    let mut out = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let flush = if i + 1 == pieces.len() {
             FlushCompress::Sync
         } else {
             FlushCompress::None
         };
-        let mut input = &zeros[..];
+        let mut input = *piece;
         loop {
             out.reserve(64 << 10);
             let before = c.total_in();
@@ -336,4 +342,132 @@ async fn chromium_negotiates_deflate_and_its_messages_arrive_intact() {
             "{route}: {metrics:?}"
         );
     }
+}
+
+/// Sends `frame` (already masked) `times` times on a raw session to `path`, reading
+/// everything wsgate sends meanwhile; returns the close code it ended with, if any.
+async fn flood(addr: SocketAddr, path: &str, frame: Vec<u8>, times: usize) -> Option<u16> {
+    let (r, s) = upgrade_head(
+        addr,
+        upgrade_request(path, "Sec-WebSocket-Extensions: permessage-deflate\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 101, "{r:?}");
+    let (read, mut write) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for _ in 0..times {
+            if write.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        write
+    });
+    let mut read = tokio::io::BufReader::new(read);
+    let code = within("the flood's end", 6 * WAIT, read_until_close(&mut read)).await;
+    writer.abort();
+    code
+}
+
+/// Regression: permessage-deflate bounded each message but not a session: 3.1 MB from a
+/// client became 3.2 GB for a bridge backend (1028×). Past 64 MiB inflated, a session that
+/// inflates over 256× what it sent compressed is closed with 1009, and the backend got no
+/// more than the grace and one piece.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_inflates_over_256_times_is_closed_with_1009() {
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = received.clone();
+    let sink = backend(move |mut s| {
+        let counted = counted.clone();
+        async move {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+    let gate = Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_message_size = \"4MiB\"\n[[route]]\npath = \"/\"\nbackend = \"tcp://{sink}\"\n"
+    ))
+    .await;
+    // 3 MiB of zeros in about 3 KiB: each message is within max_message_size.
+    let wire = bomb(3);
+    let mut frame = client_frame(true, OpCode::Binary, &wire, [9, 8, 7, 6]);
+    frame[0] |= 0x40;
+    // 40 messages would be 120 MiB for the backend.
+    assert_eq!(flood(gate.addr, "/", frame, 40).await, Some(1009));
+    let got = received.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        got <= (64 << 20) + (64 << 10),
+        "the backend got {got} bytes"
+    );
+    assert!(got >= 60 << 20, "the grace was let through: {got}");
+}
+
+/// Regression: the echo route inflated and recompressed large messages on the async workers
+/// without yielding, so two clients flooding compressible 8 MiB messages took both cores and
+/// another client's echo went from 0.4 ms to 274 ms. Now inflating yields between pieces and
+/// large messages are compressed on the blocking pool: that client's p99 stays under 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_flood_leaves_other_sessions_their_turn() {
+    let gate = GateProcess::start(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/echo\"\nbackend = \"echo\"\n",
+    );
+    // Compressible like real data (about 4:1), 8 MiB.
+    let mut text = Vec::with_capacity(8 << 20);
+    let mut x: u64 = 7;
+    while text.len() < 8 << 20 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.extend_from_slice(
+            format!(
+                "{{\"id\":{},\"value\":{},\"name\":\"user\"}}\n",
+                x >> 44,
+                x >> 52
+            )
+            .as_bytes(),
+        );
+    }
+    let wire = deflated(&[&text[..]]);
+    let mut frame = client_frame(true, OpCode::Binary, &wire, [1, 3, 5, 7]);
+    frame[0] |= 0x40;
+    let floods: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(flood(gate.addr, "/echo", frame.clone(), 1000)))
+        .collect();
+    let (mut probe, _) = within(
+        "the probe session",
+        WAIT,
+        tokio_tungstenite::connect_async(format!("ws://{}/echo", gate.addr)),
+    )
+    .await
+    .unwrap();
+    // Bounded: 300 round trips, 10 ms apart.
+    let mut rtts = Vec::with_capacity(300);
+    for i in 0..300u32 {
+        let sent = std::time::Instant::now();
+        probe
+            .send(Message::binary(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
+        let echoed = within("the probe's echo", WAIT, probe.next()).await;
+        assert_eq!(echoed.unwrap().unwrap().into_data(), &i.to_be_bytes()[..]);
+        rtts.push(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for f in &floods {
+        assert!(!f.is_finished(), "the flood went on for the whole probe");
+        f.abort();
+    }
+    rtts.sort();
+    let p99 = rtts[rtts.len() * 99 / 100];
+    println!(
+        "echo during a compression flood: p50 {:?}, p99 {p99:?}, max {:?}",
+        rtts[rtts.len() / 2],
+        rtts[rtts.len() - 1]
+    );
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
 }
