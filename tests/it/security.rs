@@ -612,3 +612,34 @@ async fn a_trickled_or_stalled_request_body_is_cut_at_send_timeout() {
         );
     }
 }
+
+/// Regression: a plain request to a proxy route whose app never answers held the connection
+/// forever. The app's answer must begin within connect_timeout: 504 then.
+#[tokio::test]
+async fn an_app_that_never_answers_a_page_gets_504_at_connect_timeout() {
+    let silent = backend(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let gate = Gate::route(
+        "/",
+        &format!("ws://{silent}"),
+        "connect_timeout = \"1s\"",
+        "",
+    )
+    .await;
+    let sent = std::time::Instant::now();
+    let r = get(gate.addr, "/page", "").await;
+    let took = sent.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        took >= std::time::Duration::from_millis(1000)
+            && took < std::time::Duration::from_millis(1500),
+        "504 after {took:?}, connect_timeout is 1s"
+    );
+}
