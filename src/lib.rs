@@ -51,4 +51,11 @@ mod session_end;
 mod tls;
 
 pub use config::{Config, ConfigError};
+
+/// Every metric family the process exports (`wsgate_…`, counters without `_total`), for the
+/// check that docs/operations.md names each one.
+#[doc(hidden)]
+pub fn metric_names() -> Vec<String> {
+    metrics::Metrics::new().names()
+}
 pub use server::{Handle, ReloadError, Server};

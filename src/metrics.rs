@@ -89,6 +89,8 @@ fn seconds_buckets() -> Histogram {
 /// Every metric wsgate exports.
 pub(crate) struct Metrics {
     registry: Registry,
+    /// The registered families' names (without the prefix).
+    names: Vec<&'static str>,
     /// Accepted client connections now open (handshaking and upgraded).
     pub connections: Gauge,
     pub sessions_open: Family<RouteLabel, Gauge>,
@@ -129,6 +131,18 @@ pub(crate) struct RouteMetrics {
     pub counters: SessionCounters,
 }
 
+/// Registers `metric` as `wsgate_NAME` and notes the name.
+fn register(
+    registry: &mut Registry,
+    names: &mut Vec<&'static str>,
+    name: &'static str,
+    help: &str,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    names.push(name);
+    registry.register(name, help, metric);
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -138,8 +152,10 @@ impl Default for Metrics {
 impl Metrics {
     pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("wsgate");
+        let mut names = Vec::new();
         let m = Metrics {
             registry: Registry::default(),
+            names: Vec::new(),
             connections: Gauge::default(),
             sessions_open: Family::default(),
             sessions_total: Family::default(),
@@ -162,109 +178,159 @@ impl Metrics {
             last_reload_success: Gauge::default(),
             by_route: RwLock::default(),
         };
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "client_connections",
             "Accepted client connections now open, handshaking ones included",
             m.connections.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "sessions_open",
             "Upgraded sessions now open, per route",
             m.sessions_open.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "sessions",
             "Upgraded sessions, per route",
             m.sessions_total.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "handshake_rejections",
             "Requests refused before the upgrade, per route and reason",
             m.rejections.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "payload_bytes",
             "WebSocket payload bytes, per route and direction",
             m.bytes.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "messages",
             "WebSocket messages, per route and direction",
             m.messages.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "deflate_bytes",
             "Data of permessage-deflate sessions before (uncompressed) and on the wire \
              (compressed), per route and direction",
             m.deflate_bytes.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "close_codes",
             "Close codes sent and received, per route",
             m.close_codes.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "backend_connect_seconds",
             "Time to connect to the backend, per route",
             m.backend_connect_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "session_duration_seconds",
             "Session duration, per route",
             m.session_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "handshake_timeouts",
             "Connections closed because the request did not arrive within handshake_timeout",
             m.handshake_timeouts.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "send_timeouts",
             "Connections closed because a request body or a response made no progress within send_timeout, or a body came slower than 1 KiB/s",
             m.send_timeouts.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out on wss:// listeners",
             m.tls_failures.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "backend_connect_failures",
             "Failed connects (refused, timeout, TLS, a ws app not answering 101) per backend",
             m.backend_failures.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "backend_ejections",
             "Times a backend was skipped for eject_for after eject_after failures in a row",
             m.backend_ejections.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "backend_sessions_open",
             "Sessions now open per backend",
             m.backend_sessions_open.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "proxy_protocol_failures",
             "Connections closed on proxy_protocol listeners for a missing, bad or slow PROXY header",
             m.proxy_header_failures.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "message_buffer_bytes",
             "Bytes held as whole messages by all sessions (bounded by limits.message_buffer_budget)",
             m.message_buffer_bytes.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "config_reloads",
             "Config reloads, by result",
             m.reloads.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "config_last_reload_success",
             "1 if the last reload succeeded (or none was tried), 0 if it failed",
             m.last_reload_success.clone(),
         );
         m.last_reload_success.set(1);
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            names,
+            ..m
+        }
+    }
+
+    /// Every metric family's name as exported (`wsgate_…`; counters without `_total`), with
+    /// samples or not yet.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.names.iter().map(|n| format!("wsgate_{n}")).collect()
     }
 
     /// The OpenMetrics text exposition.

@@ -13,6 +13,7 @@ mod codec_props;
 mod common;
 mod deflate;
 mod deploy;
+mod docs;
 mod failover;
 mod fuzz_corpus;
 mod handshake;
