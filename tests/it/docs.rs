@@ -282,3 +282,22 @@ fn every_example_config_passes_check_config() {
         );
     }
 }
+
+/// The example's `/vnc` route takes stock noVNC, which offers no subprotocol (as websockify
+/// does): the answer is the backend's absence (502), never a 400 for the subprotocol.
+#[tokio::test]
+async fn the_example_configs_vnc_route_takes_a_client_offering_no_subprotocol() {
+    let text = read("config.example.toml").replace("127.0.0.1:8080", "127.0.0.1:0");
+    let vnc = unused_addr();
+    let text = text.replace("tcp://127.0.0.1:5900", &format!("tcp://{vnc}"));
+    let gate = Gate::start(&text).await;
+    let r = raw_request(gate.addr, upgrade_request("/vnc", "").as_bytes()).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    let echo = echo_backend().await;
+    let text = read("config.example.toml")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("tcp://127.0.0.1:5900", &format!("tcp://{echo}"));
+    let gate = Gate::start(&text).await;
+    let (r, _s) = upgrade_head(gate.addr, upgrade_request("/vnc", "").as_bytes()).await;
+    assert_eq!(r.status, 101, "{r:?}");
+}
