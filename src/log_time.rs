@@ -46,6 +46,14 @@ impl FormatTime for Timestamps {
     }
 }
 
+/// RFC 3339 (`YYYY-MM-DDTHH:MM:SSZ`) of `seconds` since the epoch, for the admin listener.
+pub(crate) fn rfc3339(seconds: u64) -> String {
+    let mut out = String::with_capacity(20);
+    let _ = write_second(&mut out, seconds);
+    out.push('Z');
+    out
+}
+
 /// `YYYY-MM-DDTHH:MM:SS` of `seconds` since 1970-01-01T00:00:00Z.
 fn write_second(out: &mut String, seconds: u64) -> fmt::Result {
     let (days, in_day) = (seconds / 86_400, seconds % 86_400);

@@ -22,6 +22,8 @@ pub enum SessionEnd {
     IdleTimeout,
     /// wsgate is draining: close 1001.
     Shutdown,
+    /// An operator closed it through the admin listener (with the code they chose).
+    ClosedByOperator,
     /// The client's connection ended without a close frame.
     ClientGone,
     /// Writing to the client failed.
@@ -57,6 +59,7 @@ impl SessionEnd {
             SessionEnd::MessageTooBig => "message_too_big",
             SessionEnd::IdleTimeout => "idle_timeout",
             SessionEnd::Shutdown => "shutdown",
+            SessionEnd::ClosedByOperator => "closed_by_operator",
             SessionEnd::ClientGone => "client_gone",
             SessionEnd::ClientError => "client_error",
             SessionEnd::ClientNotReading => "client_not_reading",
@@ -74,5 +77,45 @@ impl SessionEnd {
 impl std::fmt::Display for SessionEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What the outside may do to a live session: see what it moved (the admin listener's list)
+/// and end it, by the drain (close 1001) or by an operator's close with a code of their own.
+/// Made per session; its `stop` is a child of the server's drain token.
+#[derive(Debug, Default)]
+pub(crate) struct SessionControl {
+    stop: tokio_util::sync::CancellationToken,
+    operator_close: std::sync::OnceLock<(u16, String)>,
+    /// Payload bytes (bridge) or wire bytes (proxy) each way so far.
+    pub(crate) bytes_from_client: std::sync::atomic::AtomicU64,
+    pub(crate) bytes_to_client: std::sync::atomic::AtomicU64,
+}
+
+impl SessionControl {
+    pub(crate) fn new(stop: tokio_util::sync::CancellationToken) -> SessionControl {
+        SessionControl {
+            stop,
+            ..SessionControl::default()
+        }
+    }
+
+    /// Cancelled when the session must end: the drain, or [`SessionControl::close`].
+    pub(crate) fn stop(&self) -> &tokio_util::sync::CancellationToken {
+        &self.stop
+    }
+
+    /// Ends the session with `code` and `reason` (bridge routes send that close frame; proxy
+    /// routes, whose byte stream cannot take an injected frame, are cut). The first close
+    /// asked for wins; returns whether this call is what stopped the session.
+    pub(crate) fn close(&self, code: u16, reason: String) -> bool {
+        let first = !self.stop.is_cancelled() && self.operator_close.set((code, reason)).is_ok();
+        self.stop.cancel();
+        first
+    }
+
+    /// The operator's close, when the session was stopped by one rather than by the drain.
+    pub(crate) fn operator_close(&self) -> Option<&(u16, String)> {
+        self.operator_close.get()
     }
 }

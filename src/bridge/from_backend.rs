@@ -17,7 +17,7 @@ use crate::stream::BoxRead;
 /// Backend → client: one frame per read. In text mode an incomplete UTF-8 sequence at the end
 /// of a read waits for the next one, and invalid UTF-8 ends the session with 1014. Once the
 /// session is closing, backend output is read and discarded until its EOF.
-pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
+pub(super) async fn pump(s: &Shared<'_>, mut backend: BoxRead, mode: MessageMode) {
     let text = mode == MessageMode::Text;
     let opcode = if text { OpCode::Text } else { OpCode::Binary };
     // Holds only the incomplete UTF-8 sequence at the end of a read (text mode) between
@@ -74,7 +74,7 @@ pub(super) async fn pump(s: &Shared, mut backend: BoxRead, mode: MessageMode) {
 /// 1013 over it) and at most `max_message_size` long (close 1009 past it); in text mode each
 /// line must be UTF-8 (else 1014). A last line without `\n` is sent when the backend ends.
 pub(super) async fn pump_lines(
-    s: &Shared,
+    s: &Shared<'_>,
     mut backend: BoxRead,
     limits: &SessionLimits,
     budget: &Arc<MessageBudget>,
@@ -155,7 +155,7 @@ pub(super) async fn pump_lines(
 
 /// Sends one whole line as a message; false when the session must end (invalid UTF-8 in text
 /// mode: close 1014; the client failed).
-async fn send_line(s: &Shared, opcode: OpCode, text: bool, line: &[u8]) -> bool {
+async fn send_line(s: &Shared<'_>, opcode: OpCode, text: bool, line: &[u8]) -> bool {
     if text && std::str::from_utf8(line).is_err() {
         s.close(
             SessionEnd::BackendInvalidUtf8,
@@ -180,7 +180,7 @@ async fn send_line(s: &Shared, opcode: OpCode, text: bool, line: &[u8]) -> bool 
 /// The backend's end: EOF (`reset` false) or a failed read. Unless the session is already
 /// closing, it closes with 1000 after a clean EOF, or 1014 for a reset or for EOF inside a
 /// UTF-8 sequence (`incomplete`, text mode).
-async fn backend_ended(s: &Shared, reset: bool, incomplete: bool) {
+async fn backend_ended(s: &Shared<'_>, reset: bool, incomplete: bool) {
     if s.is_closing() {
         return;
     }

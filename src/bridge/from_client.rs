@@ -32,7 +32,7 @@ enum BackendWriteFailed {
 /// Client → backend until the client's close (or the session's end). Cancel-safe in the
 /// sense that matters: dropping it drops both connections.
 pub(super) async fn pump(
-    s: &Shared,
+    s: &Shared<'_>,
     mut client: BoxRead,
     mut buf: BytesMut,
     mut backend: Option<BoxWrite>,
@@ -192,7 +192,7 @@ pub(super) async fn pump(
 /// is still read into `buf` (up to [`MAX_READ_BUF`]), so a client that goes away is noticed and
 /// the watchdog sees it is alive; past that the client waits (backpressure).
 async fn write_backend(
-    s: &Shared,
+    s: &Shared<'_>,
     backend: &mut BoxWrite,
     payload: &[u8],
     client: &mut BoxRead,
@@ -221,7 +221,7 @@ async fn write_backend(
 
 /// The client's connection ended without a close handshake (1006 in the log): the session is
 /// closing, and the backend gets EOF; its remaining output is read and dropped.
-async fn client_gone(s: &Shared, backend: Option<BoxWrite>) {
+async fn client_gone(s: &Shared<'_>, backend: Option<BoxWrite>) {
     s.start_closing(SessionEnd::ClientGone);
     if let Some(mut w) = backend {
         let _ = w.shutdown().await;
@@ -231,7 +231,7 @@ async fn client_gone(s: &Shared, backend: Option<BoxWrite>) {
 /// After the close frames: half-close the backend so it sees EOF, send our FIN to the client
 /// (the server closes TCP first, §7.1.1), then read the client until its EOF so closing our
 /// socket never resets it with unread bytes. The session's close deadline bounds this.
-async fn finish(s: &Shared, mut client: BoxRead, backend: Option<BoxWrite>) {
+async fn finish(s: &Shared<'_>, mut client: BoxRead, backend: Option<BoxWrite>) {
     if let Some(mut w) = backend {
         let _ = w.shutdown().await;
     }

@@ -24,14 +24,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::sync::{watch, Mutex};
 use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SessionCounters;
 use crate::on_wake::OnWake;
 use crate::protocol::deflate::{Agreed, Deflater};
 use crate::protocol::writer::FrameWriter;
 use crate::route::{Framing, MessageMode};
-use crate::session_end::SessionEnd;
+use crate::session_end::{SessionControl, SessionEnd};
 use crate::stream::{BoxRead, BoxWrite, PendingSince};
 
 mod budget;
@@ -90,7 +89,7 @@ impl Summary {
 }
 
 /// State the pumps and the watchdog share.
-struct Shared {
+struct Shared<'c> {
     writer: Mutex<FrameWriter>,
     started: Instant,
     /// When the client last sent anything (the same clock the proxy splice uses).
@@ -104,15 +103,15 @@ struct Shared {
     close_timeout: Duration,
     end: OnceLock<SessionEnd>,
     close_received: OnceLock<u16>,
-    bytes_from_client: AtomicU64,
-    bytes_to_client: AtomicU64,
+    /// The session's stop signal and its byte counts (read live by the admin listener).
+    control: &'c SessionControl,
     messages_from_client: AtomicU64,
     messages_to_client: AtomicU64,
     /// The route's global counters, counted into as the session goes.
     counters: SessionCounters,
 }
 
-impl Shared {
+impl Shared<'_> {
     /// Notes that the client sent something (any bytes: frames, pongs).
     fn heard(&self) {
         self.heard_at.reset();
@@ -123,7 +122,8 @@ impl Shared {
     }
 
     fn count_from_client(&self, bytes: usize, message_done: bool) {
-        self.bytes_from_client
+        self.control
+            .bytes_from_client
             .fetch_add(bytes as u64, Ordering::Relaxed);
         self.counters.bytes_from_client.inc_by(bytes as u64);
         if message_done {
@@ -134,7 +134,8 @@ impl Shared {
 
     /// Counts one whole message (frame) sent to the client.
     fn count_to_client(&self, bytes: usize) {
-        self.bytes_to_client
+        self.control
+            .bytes_to_client
             .fetch_add(bytes as u64, Ordering::Relaxed);
         self.counters.bytes_to_client.inc_by(bytes as u64);
         self.messages_to_client.fetch_add(1, Ordering::Relaxed);
@@ -187,9 +188,9 @@ impl Shared {
 /// Runs one session to its end and says how it went.
 ///
 /// `initial` holds client bytes that arrived behind the handshake; `backend` is `None` for
-/// the built-in echo, which holds whole messages against `budget`. `shutdown`, when
-/// cancelled, closes the session with 1001. Cancel-safe only in that dropping it drops the
-/// connections.
+/// the built-in echo, which holds whole messages against `budget`. `control`'s stop, when
+/// cancelled, closes the session with 1001 (or the operator's code); its byte counts move as
+/// the session goes. Cancel-safe only in that dropping it drops the connections.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     client_read: BoxRead,
@@ -197,7 +198,7 @@ pub(crate) async fn run(
     client_write: BoxWrite,
     backend: Option<(BoxRead, BoxWrite)>,
     limits: &SessionLimits,
-    shutdown: &CancellationToken,
+    control: &SessionControl,
     counters: SessionCounters,
     budget: &Arc<MessageBudget>,
 ) -> Summary {
@@ -216,8 +217,7 @@ pub(crate) async fn run(
         close_timeout: limits.close_timeout,
         end: OnceLock::new(),
         close_received: OnceLock::new(),
-        bytes_from_client: AtomicU64::new(0),
-        bytes_to_client: AtomicU64::new(0),
+        control,
         messages_from_client: AtomicU64::new(0),
         messages_to_client: AtomicU64::new(0),
         counters,
@@ -250,7 +250,7 @@ pub(crate) async fn run(
                     (None, _) => {}
                 }
             }),
-            OnWake::new(watchdog::run(&shared, limits, shutdown))
+            OnWake::new(watchdog::run(&shared, limits))
         )
     };
     tokio::select! {
@@ -265,8 +265,8 @@ pub(crate) async fn run(
         Err(_) => None,
     };
     Summary {
-        bytes_from_client: shared.bytes_from_client.load(Ordering::Relaxed),
-        bytes_to_client: shared.bytes_to_client.load(Ordering::Relaxed),
+        bytes_from_client: control.bytes_from_client.load(Ordering::Relaxed),
+        bytes_to_client: control.bytes_to_client.load(Ordering::Relaxed),
         messages_from_client: shared.messages_from_client.load(Ordering::Relaxed),
         messages_to_client: shared.messages_to_client.load(Ordering::Relaxed),
         close_sent,

@@ -2,6 +2,7 @@
 //! clock paused, so timeouts are checked against their exact windows without waiting.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use super::{run, MessageBudget, SessionLimits, Summary};
 use crate::metrics::SessionCounters;
 use crate::protocol::frame::{close_payload, encode_frame, FrameHeader, OpCode};
 use crate::route::MessageMode;
-use crate::session_end::SessionEnd;
+use crate::session_end::{SessionControl, SessionEnd};
 use crate::stream::{BoxRead, BoxWrite};
 
 const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
@@ -37,6 +38,8 @@ struct Harness {
     client: DuplexStream,
     backend: DuplexStream,
     shutdown: CancellationToken,
+    /// The session's control: an operator's close goes through it.
+    control: Arc<SessionControl>,
     session: JoinHandle<Summary>,
 }
 
@@ -68,7 +71,8 @@ fn start_with(
     backend: DuplexStream,
 ) -> Harness {
     let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
+    let control = Arc::new(SessionControl::new(shutdown.child_token()));
+    let stop = control.clone();
     let (client_read, client_write) = tokio::io::split(gate_client);
     let session = tokio::spawn(async move {
         run(
@@ -87,6 +91,7 @@ fn start_with(
         client,
         backend,
         shutdown,
+        control,
         session,
     }
 }
@@ -275,6 +280,36 @@ async fn shutdown_sends_1001() {
         .unwrap()
         .unwrap();
     assert_eq!(s.end, SessionEnd::Shutdown);
+}
+
+/// An operator's close (the admin listener) reaches the client with its code and reason, and
+/// the session's live byte counts are what it moved.
+#[tokio::test(start_paused = true)]
+async fn an_operators_close_sends_its_code_and_reason() {
+    let mut h = start(limits());
+    send(&mut h.client, OpCode::Binary, b"12345").await;
+    let mut got = [0u8; 5];
+    h.backend.read_exact(&mut got).await.unwrap();
+    assert_eq!(
+        h.control
+            .bytes_from_client
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+    assert!(h.control.close(4001, "moved to another desk".into()));
+    let mut buf = Vec::new();
+    let (op, payload) = read_frame(&mut h.client, &mut buf).await.expect("a close");
+    assert_eq!(op, OpCode::Close);
+    assert_eq!(payload, close_payload(4001, "moved to another desk"));
+    send(&mut h.client, OpCode::Close, &close_payload(4001, "")).await;
+    h.backend.shutdown().await.unwrap();
+    drop(h.client);
+    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.end, SessionEnd::ClosedByOperator);
+    assert_eq!(s.close_sent, Some(4001));
 }
 
 #[tokio::test(start_paused = true)]

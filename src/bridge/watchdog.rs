@@ -6,7 +6,6 @@
 //! the close countdown in [`super::run`] bounds everything and the watchdog is done.
 
 use tokio::time::{sleep_until, timeout_at, Instant};
-use tokio_util::sync::CancellationToken;
 
 use super::{SessionLimits, Shared};
 use crate::protocol::frame::{close_code, OpCode};
@@ -20,8 +19,10 @@ use crate::session_end::SessionEnd;
 /// - a write to the backend pending for `idle_timeout` → the backend does not read: close
 ///   1011 (`backend_stuck`);
 /// - a client silent for `ping_interval` is pinged;
-/// - `shutdown` cancelled → close 1001 (`shutdown`).
-pub(super) async fn run(s: &Shared, limits: &SessionLimits, shutdown: &CancellationToken) {
+/// - the session's `stop` cancelled → close 1001 (`shutdown`), or the operator's code
+///   (`closed_by_operator`).
+pub(super) async fn run(s: &Shared<'_>, limits: &SessionLimits) {
+    let control = s.control;
     let mut closing = s.closing.subscribe();
     let mut last_ping = s.started;
     loop {
@@ -45,8 +46,15 @@ pub(super) async fn run(s: &Shared, limits: &SessionLimits, shutdown: &Cancellat
         .unwrap_or(idle_at);
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
-                s.close(SessionEnd::Shutdown, Some(close_code::GOING_AWAY), "server shutting down").await;
+            () = control.stop().cancelled() => {
+                match control.operator_close() {
+                    Some((code, reason)) => {
+                        s.close(SessionEnd::ClosedByOperator, Some(*code), reason).await;
+                    }
+                    None => {
+                        s.close(SessionEnd::Shutdown, Some(close_code::GOING_AWAY), "server shutting down").await;
+                    }
+                }
                 return;
             }
             _ = closing.changed() => continue,

@@ -33,6 +33,9 @@ pub struct Config {
     pub listen: Vec<Listener>,
     /// `[admin] addr`: health, readiness and metrics; off when absent.
     pub admin: Option<SocketAddr>,
+    /// `[admin] auth = { bearer = FILE }`: every admin path but `/healthz` and `/readyz`
+    /// needs one of these tokens.
+    pub admin_auth: Option<Arc<BearerTokens>>,
     pub limits: Limits,
     pub routes: RouteTable,
 }
@@ -182,6 +185,13 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     addr: toml::Spanned<String>,
+    auth: Option<toml::Spanned<RawAdminAuth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminAuth {
+    bearer: String,
 }
 
 #[derive(Deserialize)]
@@ -395,6 +405,21 @@ impl Config {
                     ));
                 }
                 Some(addr)
+            }
+        };
+
+        let admin_auth = match raw.admin.as_ref().and_then(|a| a.auth.as_ref()) {
+            None => None,
+            Some(auth) => {
+                let path = base.join(&auth.get_ref().bearer);
+                let tokens = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|bytes| {
+                        BearerTokens::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+                    })
+                    .map_err(|m| invalid(Some(auth.span()), format!("admin.auth: {m}")))?;
+                hidden.push(path);
+                Some(Arc::new(tokens))
             }
         };
 
@@ -681,6 +706,7 @@ impl Config {
         Ok(Config {
             listen,
             admin,
+            admin_auth,
             limits,
             routes: RouteTable::new(routes),
         })

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -11,11 +12,10 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::on_wake::{OnWake, WakeGate};
 use crate::scratch::with_scratch;
-use crate::session_end::SessionEnd;
+use crate::session_end::{SessionControl, SessionEnd};
 use crate::stream::{Observed, Observer, PendingSince};
 
 /// One side of a splice as the timers see it: bytes read from it (counted into the route's
@@ -23,7 +23,10 @@ use crate::stream::{Observed, Observer, PendingSince};
 /// idle timer watches the client), and since when a write to it has been stalled.
 struct Side {
     counter: Counter,
-    total: u64,
+    /// The session's live counts (the admin listener reads them): this side's reads go to
+    /// `bytes_from_client` when it is the client, else to `bytes_to_client`.
+    live: Arc<SessionControl>,
+    is_client: bool,
     heard: Option<Arc<PendingSince>>,
     stalled: Arc<PendingSince>,
 }
@@ -31,7 +34,12 @@ struct Side {
 impl Observer for Side {
     fn read(&mut self, n: usize) {
         self.counter.inc_by(n as u64);
-        self.total += n as u64;
+        let live = if self.is_client {
+            &self.live.bytes_from_client
+        } else {
+            &self.live.bytes_to_client
+        };
+        live.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(heard) = &self.heard {
             heard.reset();
         }
@@ -56,14 +64,14 @@ pub(crate) struct Spliced {
 
 /// Splices the upgraded client and app connections (reads of up to 64 KiB; a slow side stops
 /// the other's reads), until both are done, the client is silent for `idle`, a write to
-/// either side has been stalled for `idle` (a side that stopped reading), or `stop` is
-/// cancelled (drain). Frames pass through untouched, so no close frame is injected: a cut
-/// session ends with a TCP close.
+/// either side has been stalled for `idle` (a side that stopped reading), or `control`'s stop
+/// is cancelled (drain, an operator's close). Frames pass through untouched, so no close frame
+/// is injected: a cut session ends with a TCP close.
 pub(crate) async fn splice<C, B>(
     client: C,
     app: B,
     idle: Duration,
-    stop: &CancellationToken,
+    control: &Arc<SessionControl>,
     from_client: Counter,
     to_client: Counter,
 ) -> Spliced
@@ -79,7 +87,8 @@ where
         inner: client,
         observer: Side {
             counter: from_client,
-            total: 0,
+            live: control.clone(),
+            is_client: true,
             heard: Some(heard.clone()),
             stalled: client_stalled.clone(),
         },
@@ -88,7 +97,8 @@ where
         inner: app,
         observer: Side {
             counter: to_client,
-            total: 0,
+            live: control.clone(),
+            is_client: false,
             heard: None,
             stalled: app_stalled.clone(),
         },
@@ -123,7 +133,10 @@ where
     let timers = OnWake::new(async {
         tokio::select! {
             end = watch => end,
-            () = stop.cancelled() => SessionEnd::Shutdown,
+            () = control.stop().cancelled() => match control.operator_close() {
+                Some(_) => SessionEnd::ClosedByOperator,
+                None => SessionEnd::Shutdown,
+            },
         }
     });
     let end = tokio::select! {
@@ -132,8 +145,8 @@ where
     };
     Spliced {
         end,
-        from_client: client.observer.total,
-        to_client: app.observer.total,
+        from_client: control.bytes_from_client.load(Ordering::Relaxed),
+        to_client: control.bytes_to_client.load(Ordering::Relaxed),
     }
 }
 
@@ -299,6 +312,7 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
 
     /// A megabyte each way through 1 KiB pipes (so most writes take only part of a read and
     /// the rest is held), read slowly on one side: every byte arrives, in order, and each
@@ -307,13 +321,13 @@ mod tests {
     async fn every_byte_arrives_in_order_through_slow_narrow_sides() {
         let (client, gate_client) = tokio::io::duplex(1024);
         let (app, gate_app) = tokio::io::duplex(1024);
-        let stop = CancellationToken::new();
+        let control = Arc::new(SessionControl::new(CancellationToken::new()));
         let session = tokio::spawn(async move {
             splice(
                 gate_client,
                 gate_app,
                 Duration::from_secs(30),
-                &stop,
+                &control,
                 Counter::default(),
                 Counter::default(),
             )

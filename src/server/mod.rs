@@ -47,6 +47,7 @@ mod keepalive;
 mod reload;
 mod respond;
 mod session;
+mod sessions;
 
 pub use reload::ReloadError;
 use reload::{ListenerSettings, ListenerSlot};
@@ -85,6 +86,8 @@ struct State {
     reloading: tokio::sync::Mutex<()>,
     /// Whole-message buffering of all sessions (limits.message_buffer_budget, fixed at start).
     message_budget: Arc<MessageBudget>,
+    /// Live sessions, listed and closed through the admin listener.
+    sessions: sessions::Registry,
 }
 
 impl State {
@@ -128,6 +131,7 @@ impl Server {
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             metrics: Metrics::new(),
+            sessions: sessions::Registry::default(),
         });
         let server = Server { state, admin };
         for (configured, settings, listener) in bound {

@@ -22,7 +22,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::protocol::frame::close_code;
 use crate::proxy::splice::splice;
 use crate::route::Backend;
-use crate::session_end::SessionEnd;
+use crate::session_end::{SessionControl, SessionEnd};
 use crate::stream::{BoxRead, BoxWrite};
 
 pub(super) struct Session {
@@ -84,7 +84,8 @@ impl Pending {
 
 impl Session {
     /// Runs the session to its end. Cancel-safe only in that dropping it drops both
-    /// connections (the drain cancels sessions through `sessions_stop` instead).
+    /// connections (the drain, and an operator through the admin listener, stop it through
+    /// its [`SessionControl`] instead).
     async fn run(&self, upgraded: Upgraded, backend: SessionBackend, span: &Span) {
         let m = &self.state.metrics;
         let route = &self.route_path;
@@ -98,6 +99,14 @@ impl Session {
         span.in_scope(|| {
             info!(peer = %self.peer, route = %route, backend = %self.backend_name, "upgraded");
         });
+        // Listed on the admin listener while it runs; its stop is the drain's child.
+        let control = Arc::new(SessionControl::new(self.state.sessions_stop.child_token()));
+        let _listed = self.state.sessions.register(
+            route,
+            self.peer,
+            self.backend_name.to_string(),
+            control.clone(),
+        );
         let started = Instant::now();
         let summary = match backend {
             SessionBackend::Bridge(backend) => {
@@ -108,7 +117,7 @@ impl Session {
                     write,
                     backend,
                     &self.limits,
-                    &self.state.sessions_stop,
+                    &control,
                     counters,
                     &self.state.message_budget,
                 )
@@ -120,7 +129,7 @@ impl Session {
                         TokioIo::new(upgraded),
                         TokioIo::new(app),
                         self.limits.idle_timeout,
-                        &self.state.sessions_stop,
+                        &control,
                         counters.bytes_from_client.clone(),
                         counters.bytes_to_client.clone(),
                     )

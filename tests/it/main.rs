@@ -4,6 +4,7 @@
 // The helpers in `common` are `pub` for the test modules; nothing here is an API.
 #![allow(unreachable_pub)]
 
+mod admin;
 mod auth;
 mod browser;
 mod chat;

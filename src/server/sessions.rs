@@ -1,0 +1,191 @@
+//! Live sessions, for the admin listener: each session is registered when it starts (its id,
+//! route, client, backend, start time and its [`SessionControl`]) and gone when it ends.
+//! Listing takes the table's lock only to copy out the entries (an `Arc` each), so listing
+//! 10,000 sessions never holds up a session's start or end for long, and the data path never
+//! touches the table at all.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::session_end::SessionControl;
+
+/// One live session as the admin listener shows it. Never a token or a credential: the
+/// backend is the target the session connected to.
+pub(super) struct Live {
+    pub(super) id: u64,
+    pub(super) route: String,
+    pub(super) peer: SocketAddr,
+    pub(super) backend: String,
+    pub(super) started: SystemTime,
+    pub(super) control: Arc<SessionControl>,
+}
+
+#[derive(Default)]
+pub(super) struct Registry {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Live>>>,
+}
+
+/// A session's entry, removed when dropped (however the session ends).
+pub(super) struct Registered<'r> {
+    registry: &'r Registry,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Registry {
+    /// Adds a starting session; it is listed until the returned guard is dropped.
+    pub(super) fn register(
+        &self,
+        route: &str,
+        peer: SocketAddr,
+        backend: String,
+        control: Arc<SessionControl>,
+    ) -> Registered<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let live = Arc::new(Live {
+            id,
+            route: route.to_owned(),
+            peer,
+            backend,
+            started: SystemTime::now(),
+            control,
+        });
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, live);
+        Registered { registry: self, id }
+    }
+
+    /// Every live session, oldest first.
+    pub(super) fn list(&self) -> Vec<Arc<Live>> {
+        let mut all: Vec<Arc<Live>> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|l| l.id);
+        all
+    }
+
+    pub(super) fn get(&self, id: u64) -> Option<Arc<Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+}
+
+/// The close codes an operator may send: normal, going away, policy violation, try again
+/// later, and the private range.
+pub(super) fn operator_code_allowed(code: u16) -> bool {
+    matches!(code, 1000 | 1001 | 1008 | 1013 | 4000..=4999)
+}
+
+/// `[{...}, ...]`: the sessions as JSON (fields in a fixed order; strings escaped).
+pub(super) fn to_json(sessions: &[Arc<Live>]) -> String {
+    let mut out = String::with_capacity(64 + sessions.len() * 200);
+    out.push('[');
+    for (i, s) in sessions.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let started = s
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        out.push_str(&format!(
+            "{{\"id\":{},\"route\":{},\"peer\":{},\"backend\":{},\"started\":\"{}\",\"bytes_from_client\":{},\"bytes_to_client\":{}}}",
+            s.id,
+            json_string(&s.route),
+            json_string(&s.peer.to_string()),
+            json_string(&s.backend),
+            crate::log_time::rfc3339(started),
+            s.control.bytes_from_client.load(Ordering::Relaxed),
+            s.control.bytes_to_client.load(Ordering::Relaxed),
+        ));
+    }
+    out.push(']');
+    out
+}
+
+/// A JSON string literal (RFC 8259 §7).
+pub(super) fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_listed_until_they_end_and_written_as_json() {
+        let r = Registry::default();
+        let control = Arc::new(SessionControl::default());
+        let a = r.register(
+            "/vnc",
+            "192.0.2.1:5000".parse().unwrap(),
+            "tcp://10.0.0.1:5900".into(),
+            control.clone(),
+        );
+        let b = r.register(
+            "/a\"b",
+            "[2001:db8::1]:1".parse().unwrap(),
+            "echo".into(),
+            Arc::default(),
+        );
+        control.bytes_from_client.store(7, Ordering::Relaxed);
+        let listed = r.list();
+        assert_eq!(listed.iter().map(|l| l.id).collect::<Vec<_>>(), [1, 2]);
+        let json = to_json(&listed);
+        assert!(json.starts_with("[{\"id\":1,\"route\":\"/vnc\",\"peer\":\"192.0.2.1:5000\",\"backend\":\"tcp://10.0.0.1:5900\",\"started\":\""), "{json}");
+        assert!(
+            json.contains("\"bytes_from_client\":7,\"bytes_to_client\":0}"),
+            "{json}"
+        );
+        assert!(json.contains("\"route\":\"/a\\\"b\""), "{json}");
+        drop(a);
+        assert_eq!(r.list().len(), 1);
+        assert!(r.get(1).is_none() && r.get(2).is_some());
+        drop(b);
+        assert!(r.list().is_empty());
+        assert_eq!(to_json(&[]), "[]");
+    }
+
+    #[test]
+    fn operators_send_only_the_codes_meant_for_them() {
+        for ok in [1000, 1001, 1008, 1013, 4000, 4999] {
+            assert!(operator_code_allowed(ok), "{ok}");
+        }
+        for bad in [999, 1002, 1005, 1006, 1011, 1015, 3000, 3999, 5000] {
+            assert!(!operator_code_allowed(bad), "{bad}");
+        }
+    }
+}
