@@ -256,3 +256,26 @@ pub fn auth_files(data: &[u8]) {
         assert!(line >= 1 && line <= lines, "{err} of {lines}");
     }
 }
+
+/// Arbitrary bytes as a Redis value and as JWT claims: never a panic; a target found is
+/// `host:port` with a port.
+pub fn token_values(data: &[u8]) {
+    let check = |target: &str| {
+        let (host, port) = target.rsplit_once(':').expect("host:port");
+        assert!(
+            !host.is_empty() && port.parse::<u16>().is_ok(),
+            "{target:?}"
+        );
+    };
+    if let Ok(target) = wsgate::targets::redis::parse_value(data) {
+        check(&target);
+    }
+    if let Ok(claims) = serde_json::from_slice::<serde_json::Value>(data) {
+        if let Ok(target) = wsgate::targets::jwt::claims_target(&claims) {
+            check(&target);
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = wsgate::targets::redis::parse_source(text);
+    }
+}

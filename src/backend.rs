@@ -173,7 +173,7 @@ pub(crate) async fn connect(
                 ..
             } => BackendConn::Proxy(Box::new(tls(route, authority, host, addrs).await?)),
             // The server looks the token up and connects to the tcp:// target it names.
-            Backend::TokenFile(_) => {
+            Backend::TokenFile(_) | Backend::TokenRedis(_) | Backend::TokenJwt(_) => {
                 return Err(ConnectError::Unreachable(io::Error::other(
                     "token target not looked up",
                 )))

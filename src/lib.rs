@@ -38,6 +38,7 @@ pub mod protocol;
 pub mod proxy_protocol;
 pub mod route;
 pub mod stream;
+pub mod targets;
 pub mod token_file;
 
 mod backend;

@@ -72,7 +72,9 @@ struct WebsockifyArgs {
     #[arg(long)]
     ssl_only: bool,
 
-    /// websockify: TokenFile or ReadOnlyTokenFile (both re-read the file when it changes).
+    /// websockify: TokenFile or ReadOnlyTokenFile (both re-read the file when it changes),
+    /// TokenRedis (SOURCE: host[:port[:db[:password[:namespace]]]] or redis://…) or JWTTokenApi
+    /// (SOURCE: the key file).
     #[arg(long, value_name = "NAME", requires = "token_source")]
     token_plugin: Option<String>,
 
@@ -294,14 +296,16 @@ fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
         &cli.websockify.target_config,
     ) {
         (Some(plugin), Some(source), None) => match plugin.rsplit('.').next() {
-            Some("TokenFile" | "ReadOnlyTokenFile") => Some(source.clone()),
+            Some("TokenFile" | "ReadOnlyTokenFile") => Some(format!("token-file:{source}")),
+            Some("TokenRedis") => Some(format!("token-redis:{source}")),
+            Some("JWTTokenApi") => Some(format!("token-jwt:{source}")),
             _ => {
                 return Err(format!(
-                    "--token-plugin {plugin}: only TokenFile and ReadOnlyTokenFile are taken"
+                    "--token-plugin {plugin}: TokenFile, ReadOnlyTokenFile, TokenRedis and JWTTokenApi are taken"
                 ))
             }
         },
-        (None, None, Some(source)) => Some(source.clone()),
+        (None, None, Some(source)) => Some(format!("token-file:{source}")),
         _ => None,
     };
     let cert_names = match (&cli.websockify.auth_plugin, &cli.websockify.auth_source) {

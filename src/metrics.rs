@@ -72,6 +72,13 @@ pub(crate) struct ResultLabel {
     pub result: String,
 }
 
+/// A token lookup: the route and how it went (`found`, `unknown`, `invalid`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LookupLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
 #[derive(Clone)]
 pub(crate) struct Buckets(fn() -> Histogram);
 
@@ -114,6 +121,8 @@ pub(crate) struct Metrics {
     /// Bytes held as whole messages by all sessions (the echo's buffers), set when scraped.
     pub message_buffer_bytes: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
+    pub token_lookups: Family<LookupLabels, Counter>,
+    pub token_lookup_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub last_reload_success: Gauge,
     /// Each route's session metrics, found by its path (see [`RouteMetrics`]).
     by_route: RwLock<HashMap<String, Arc<RouteMetrics>>>,
@@ -175,6 +184,8 @@ impl Metrics {
             backend_sessions_open: Family::default(),
             message_buffer_bytes: Gauge::default(),
             reloads: Family::default(),
+            token_lookups: Family::default(),
+            token_lookup_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             last_reload_success: Gauge::default(),
             by_route: RwLock::default(),
         };
@@ -308,6 +319,20 @@ impl Metrics {
         register(
             &mut registry,
             &mut names,
+            "token_lookups",
+            "Token lookups on token-file, token-redis and token-jwt routes, by route and result",
+            m.token_lookups.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "token_lookup_seconds",
+            "Time a token lookup took, per route",
+            m.token_lookup_seconds.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
             "config_reloads",
             "Config reloads, by result",
             m.reloads.clone(),
@@ -331,6 +356,26 @@ impl Metrics {
     /// samples or not yet.
     pub(crate) fn names(&self) -> Vec<String> {
         self.names.iter().map(|n| format!("wsgate_{n}")).collect()
+    }
+
+    /// Counts one token lookup on `route` and the time it took.
+    pub(crate) fn token_lookup(
+        &self,
+        route: &str,
+        result: &'static str,
+        took: std::time::Duration,
+    ) {
+        self.token_lookups
+            .get_or_create(&LookupLabels {
+                route: route.to_owned(),
+                result,
+            })
+            .inc();
+        self.token_lookup_seconds
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// The OpenMetrics text exposition.

@@ -28,6 +28,37 @@ pub enum Backend {
     /// `token-file:PATH`: a bridge to the `host:port` that the connection's token maps to in
     /// websockify's token file format, looked up per connection.
     TokenFile(TokenSource),
+    /// `token-redis:SOURCE`: the token's target is read from Redis per connection
+    /// (websockify's `TokenRedis`).
+    TokenRedis(Named<crate::targets::redis::RedisSource>),
+    /// `token-jwt:KEYFILE`: the token is a signed JWT naming its target (websockify's
+    /// `JWTTokenApi`).
+    TokenJwt(Named<crate::targets::jwt::JwtKey>),
+}
+
+/// A token source compared (and hashed) by how the config names it (a Redis source with its
+/// password starred, a key file by its path).
+#[derive(Debug)]
+pub struct Named<T>(pub std::sync::Arc<T>, pub String);
+
+impl<T> Clone for Named<T> {
+    fn clone(&self) -> Self {
+        Named(self.0.clone(), self.1.clone())
+    }
+}
+
+impl<T> PartialEq for Named<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.1 == other.1
+    }
+}
+
+impl<T> Eq for Named<T> {}
+
+impl<T> std::hash::Hash for Named<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.1.hash(state);
+    }
 }
 
 /// A token file (or directory) and what was last read from it; compared (and hashed) by path.
@@ -67,6 +98,8 @@ impl fmt::Display for Backend {
                 path.as_deref().unwrap_or("")
             ),
             Backend::TokenFile(source) => write!(f, "token-file:{}", source.0.source().display()),
+            Backend::TokenRedis(source) => write!(f, "token-redis:{}", source.1),
+            Backend::TokenJwt(key) => write!(f, "token-jwt:{}", key.1),
         }
     }
 }
@@ -118,6 +151,27 @@ impl Backend {
                 }
             })?;
             return Ok(Backend::TokenFile(TokenSource(std::sync::Arc::new(file))));
+        }
+        if let Some(source) = spec.strip_prefix("token-redis:") {
+            let redis = crate::targets::redis::RedisSource::new(source)
+                .map_err(BackendSpecError::TokenSource)?;
+            let shown = redis.shown().to_owned();
+            return Ok(Backend::TokenRedis(Named(
+                std::sync::Arc::new(redis),
+                shown,
+            )));
+        }
+        if let Some(path) = spec.strip_prefix("token-jwt:") {
+            if path.is_empty() {
+                return Err(BackendSpecError::EmptyTokenPath);
+            }
+            let path = base.join(path);
+            let key =
+                crate::targets::jwt::JwtKey::load(&path).map_err(BackendSpecError::TokenSource)?;
+            return Ok(Backend::TokenJwt(Named(
+                std::sync::Arc::new(key),
+                path.display().to_string(),
+            )));
         }
         if let Some(path) = spec.strip_prefix("unix:") {
             if path.is_empty() {
@@ -175,11 +229,13 @@ pub enum BackendSpecError {
     PathWithQuery(String),
     #[error("backend \"unix:\" needs a socket path")]
     EmptyUnixPath,
-    #[error("backend \"token-file:\" needs a file or directory path")]
+    #[error("backend \"token-file:\" and \"token-jwt:\" need a file or directory path")]
     EmptyTokenPath,
     #[error("backend token-file:{path}: cannot read it: {error}")]
     TokenFile { path: String, error: String },
-    #[error("backend {0:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path, token-file:PATH")]
+    #[error("{0}")]
+    TokenSource(String),
+    #[error("backend {0:?} is not one of: echo, tcp://host:port, unix:/path, tls://host:port, ws://host:port/path, wss://host:port/path, token-file:PATH, token-redis:SOURCE, token-jwt:KEYFILE")]
     UnknownScheme(String),
 }
 

@@ -561,18 +561,28 @@ impl Config {
             for spec in &specs {
                 let b = Backend::parse(spec, base)
                     .map_err(|m| invalid(Some(r.backend.span()), format!("route.backend: {m}")))?;
-                let alone = |b: &Backend| matches!(b, Backend::Echo | Backend::TokenFile(_));
+                let alone = |b: &Backend| {
+                    matches!(
+                        b,
+                        Backend::Echo
+                            | Backend::TokenFile(_)
+                            | Backend::TokenRedis(_)
+                            | Backend::TokenJwt(_)
+                    )
+                };
                 let same_kind = backends.first().map_or(true, |first: &Backend| {
                     first.is_proxy() == b.is_proxy() && !alone(first) && !alone(&b)
                 });
                 if !same_kind {
                     return Err(invalid(
                         Some(r.backend.span()),
-                        "route.backend: a list holds bridge backends (tcp, unix, tls) or ws apps (ws, wss), not both, and no echo or token-file".into(),
+                        "route.backend: a list holds bridge backends (tcp, unix, tls) or ws apps (ws, wss), not both, and no echo or token source".into(),
                     ));
                 }
-                if let Backend::TokenFile(t) = &b {
-                    hidden.push(t.0.source().to_owned());
+                match &b {
+                    Backend::TokenFile(t) => hidden.push(t.0.source().to_owned()),
+                    Backend::TokenJwt(key) => hidden.push(PathBuf::from(&key.1)),
+                    _ => {}
                 }
                 backends.push(b);
             }

@@ -25,7 +25,8 @@ pub struct QuickArgs {
     pub key: Option<String>,
     /// `--ssl-only`: refuse plain connections (without it, a `--cert` listener takes both).
     pub ssl_only: bool,
-    /// `--token-plugin TokenFile --token-source PATH`.
+    /// `--token-plugin … --token-source …` as the backend it stands for: `token-file:PATH`,
+    /// `token-redis:SOURCE` or `token-jwt:KEYFILE`.
     pub token_source: Option<String>,
     /// `--heartbeat SECS`: ping the client after this many silent seconds.
     pub heartbeat: Option<u64>,
@@ -57,7 +58,7 @@ impl QuickArgs {
         let backend = match (&self.target, &self.unix_target, &self.token_source) {
             (Some(t), None, None) => target_spec(t, self.ssl_target),
             (None, Some(path), None) => format!("unix:{path}"),
-            (None, None, Some(path)) => format!("token-file:{path}"),
+            (None, None, Some(spec)) => spec.clone(),
             _ => return Err(QuickError::Target),
         };
         if self.ssl_only && self.cert.is_none() {

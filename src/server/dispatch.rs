@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::balance::OnBackend;
 use super::client_limits::OverLimit;
@@ -30,7 +30,8 @@ use crate::protocol::deflate::{self, Agreed};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
 use crate::proxy::forward::{self, ForwardError, ForwardedFor};
 use crate::proxy::headers::BackendAccept;
-use crate::route::{Backend, Route, TokenSource};
+use crate::route::{Backend, Route};
+use crate::targets::LookupError;
 
 pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let last_request = conn.keepalive.request_started();
@@ -118,13 +119,15 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let token_route;
     let route = match &route.backend {
-        Backend::TokenFile(source) => match token_target(&req, route, source).await {
-            Ok(r) => {
-                token_route = r;
-                &token_route
+        Backend::TokenFile(_) | Backend::TokenRedis(_) | Backend::TokenJwt(_) => {
+            match token_target(&conn, &req, route).await {
+                Ok(r) => {
+                    token_route = r;
+                    &token_route
+                }
+                Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
             }
-            Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
-        },
+        }
         _ => route,
     };
     let limits = &conn.config.limits;
@@ -296,14 +299,16 @@ async fn serve_static(req: &Request<Incoming>, route: &Route, dir: &StaticDir) -
     dir.serve(req, &route.path, below).await
 }
 
-/// A `token-file:` route's target for this request: the token from the `token` query
-/// parameter or cookie (as websockify reads it), looked up in the token source as it is now.
-/// The answer is a copy of the route whose backend is that `tcp://` target. Missing or
-/// unknown tokens are 404; neither the token nor the mapping is logged.
+/// A token route's target for this request: the token from the `token` query parameter or
+/// cookie (as websockify reads it), looked up in the route's source as it is now (a token
+/// file, Redis, or the token itself when it is a signed JWT). The answer is a copy of the
+/// route whose backend is that `tcp://` target. Missing, unknown and refused tokens are 404;
+/// Redis down is 503, a malformed Redis value 502. Neither the token nor the mapping is logged;
+/// each lookup is counted by result, with its time.
 async fn token_target(
+    conn: &Conn,
     req: &Request<Incoming>,
     route: &Route,
-    source: &TokenSource,
 ) -> Result<Route, Rejection> {
     let token = query_param(req.uri().query(), "token")
         .map(|t| t.trim_end_matches('\n').to_owned())
@@ -316,31 +321,67 @@ async fn token_target(
                 "no token: give one as ?token=… or a `token` cookie",
             )
         })?;
-    let tokens = source.0.clone();
-    let found = tokio::task::spawn_blocking(move || tokens.lookup(&token)).await;
-    let target = match found {
-        Ok(Ok(Some(target))) => target,
-        Ok(Ok(None)) => {
-            return Err(Rejection::new(
-                StatusCode::NOT_FOUND,
-                "token_unknown",
-                "unknown token",
-            ))
+    let unknown = || Rejection::new(StatusCode::NOT_FOUND, "token_unknown", "unknown token");
+    let started = Instant::now();
+    let found: Result<Option<String>, LookupError> = match &route.backend {
+        Backend::TokenFile(source) => {
+            let tokens = source.0.clone();
+            match tokio::task::spawn_blocking(move || tokens.lookup(&token)).await {
+                Ok(Ok(target)) => Ok(target),
+                Ok(Err(e)) => Err(LookupError::Unavailable(e.to_string())),
+                Err(_) => Err(LookupError::Unavailable("the lookup failed".into())),
+            }
         }
-        Ok(Err(e)) => {
-            warn!(route = %route.path, source = %source.0.source().display(), error = %e, "token source cannot be read");
+        Backend::TokenRedis(source) => {
+            source
+                .0
+                .lookup(&token, conn.config.limits.connect_timeout)
+                .await
+        }
+        Backend::TokenJwt(key) => key.0.verify(&token).map(Some),
+        _ => unreachable!("only token routes look a token up"),
+    };
+    let result = match &found {
+        Ok(Some(_)) => "found",
+        Ok(None) => "unknown",
+        Err(LookupError::BadValue(_) | LookupError::Refused(_)) => "invalid",
+        Err(LookupError::Unavailable(_)) => "error",
+    };
+    conn.state
+        .metrics
+        .token_lookup(&route.path, result, started.elapsed());
+    let target = match found {
+        Ok(Some(target)) => target,
+        Ok(None) => return Err(unknown()),
+        Err(LookupError::Refused(why)) => {
+            info!(route = %route.path, reason = why, "token refused");
+            return Err(unknown());
+        }
+        Err(LookupError::BadValue(why)) => {
+            warn!(route = %route.path, source = %route.backend, problem = why, "token source holds a value that is not a target");
             return Err(Rejection::new(
                 StatusCode::BAD_GATEWAY,
-                "token_source_unreadable",
-                "the token source cannot be read",
+                "token_value_invalid",
+                "the token's target is malformed",
             ));
         }
-        Err(_) => {
-            return Err(Rejection::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "token_lookup_failed",
-                "token lookup failed",
-            ))
+        Err(LookupError::Unavailable(e)) => {
+            warn!(route = %route.path, source = %route.backend, error = %e, "token source unavailable");
+            let file = matches!(route.backend, Backend::TokenFile(_));
+            return Err(if file {
+                Rejection::new(
+                    StatusCode::BAD_GATEWAY,
+                    "token_source_unreadable",
+                    "the token source cannot be read",
+                )
+            } else {
+                Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token_source_unavailable",
+                    "the token source is unavailable; try again later",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from(1))
+            });
         }
     };
     let mut resolved = route.clone();

@@ -62,3 +62,8 @@ fn token_file_corpus() {
 fn auth_files_corpus() {
     replay("auth_files", checks::auth_files);
 }
+
+#[test]
+fn token_values_corpus() {
+    replay("token_values", checks::token_values);
+}

@@ -16,6 +16,7 @@ mod deflate;
 mod deploy;
 mod docs;
 mod failover;
+mod fleet;
 mod fuzz_corpus;
 mod handshake;
 mod hardening;
