@@ -3,9 +3,11 @@
 //! (`JWTTokenApi`, keys made by openssl, tokens signed by the `jsonwebtoken` crate).
 
 use std::net::SocketAddr;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -445,4 +447,171 @@ fn websockify_plugin_command_lines_become_their_backends() {
             String::from_utf8_lossy(&check.stderr)
         );
     }
+}
+
+/// The fleet, for real: Debian's HAProxy (round robin, PROXY v2, /readyz checks) in front of
+/// two wsgate processes that share one Redis. A token written once reaches its target through
+/// both; each gateway lists the sessions it holds, with the client HAProxy named; a session is
+/// closed through the admin API of the gateway that holds it, and the client sees the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_behind_haproxy_share_one_redis() {
+    let redis = Redis::start(Some("fleet-pw"));
+    let desk = named("desk-7").await;
+    redis.cmd(&["SET", "vnc:desk7", &format!("{{\"host\":\"{desk}\"}}")]);
+    let config = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[admin]\naddr = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/\"\nbackend = \"token-redis:127.0.0.1:{}::fleet-pw:vnc\"\n",
+        redis.port
+    );
+    let gates = [GateProcess::start(&config), GateProcess::start(&config)];
+    let front = unused_addr();
+    let servers: String = gates
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            format!(
+                "  server gate{i} {} check port {}\n",
+                g.addr,
+                g.admin.unwrap().port()
+            )
+        })
+        .collect();
+    let _haproxy = Haproxy::start(
+        &format!(
+            "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend fe\n  bind {front}\n  default_backend gates\n\
+             backend gates\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server send-proxy-v2 inter 100ms fall 1 rise 1\n{servers}"
+        ),
+        front,
+    )
+    .await;
+    // Four sessions through HAProxy: round robin puts two on each gateway.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (r, s) = upgrade_head(front, upgrade_request("/?token=desk7", "").as_bytes()).await;
+        assert_eq!(r.status, 101, "{r:?}");
+        let client = s.local_addr().unwrap();
+        let mut ws = tokio::io::BufReader::new(s);
+        let banner = within("the desk's banner", WAIT, read_frame(&mut ws))
+            .await
+            .unwrap();
+        assert_eq!(banner.payload, b"desk-7");
+        held.push((ws, client));
+    }
+    let mut listed = Vec::new();
+    for g in &gates {
+        let (_, body) = http_get(g.admin.unwrap(), "/sessions").await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        listed.push(list);
+    }
+    assert_eq!(
+        listed.iter().map(Vec::len).collect::<Vec<_>>(),
+        [2, 2],
+        "{listed:?}"
+    );
+    // Close the first client's session on whichever gateway holds it.
+    let (mut ws, client) = held.remove(0);
+    let (holder, session) = gates
+        .iter()
+        .zip(&listed)
+        .find_map(|(g, list)| {
+            list.iter()
+                .find(|s| s["peer"] == client.to_string())
+                .map(|s| (g, s["id"].as_u64().unwrap()))
+        })
+        .expect("a gateway lists the session with the client HAProxy named");
+    let r = raw_request(
+        holder.admin.unwrap(),
+        format!("POST /sessions/{session}/close?code=4000&reason=reassigned HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let code = within(
+        "the operator's close through HAProxy",
+        WAIT,
+        read_until_close(&mut ws),
+    )
+    .await;
+    assert_eq!(code, Some(4000));
+    // The others go on.
+    for (ws, _) in &mut held {
+        ws.get_mut()
+            .write_all(&client_frame(
+                true,
+                wsgate::protocol::frame::OpCode::Binary,
+                b"ping",
+                [1, 2, 3, 4],
+            ))
+            .await
+            .unwrap();
+        let echoed = within("an echo after the close", WAIT, read_frame(ws))
+            .await
+            .unwrap();
+        assert_eq!(echoed.payload, b"ping");
+    }
+}
+
+/// Listing many sessions never holds up the data path: with 10,000 live sessions listed over
+/// and over, another session's round trips stay quick (the list is copied out under a short
+/// lock; sessions touch it only when they start and end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_thousands_of_sessions_does_not_stall_the_data_path() {
+    let gate = GateProcess::start(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections = 10100\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+    );
+    let mut idle = Vec::new();
+    for _ in 0..10_000 / 100 {
+        let batch: Vec<_> = (0..100)
+            .map(|_| {
+                let addr = gate.addr;
+                tokio::spawn(async move {
+                    upgrade_head(addr, upgrade_request("/", "").as_bytes()).await
+                })
+            })
+            .collect();
+        for b in batch {
+            let (r, s) = within("an idle session", WAIT, b).await.unwrap();
+            assert_eq!(r.status, 101);
+            idle.push(s);
+        }
+    }
+    let admin = gate.admin.unwrap();
+    let listing = tokio::spawn(async move {
+        let mut sizes = Vec::new();
+        for _ in 0..20 {
+            let (_, body) = http_get(admin, "/sessions").await;
+            sizes.push(body.len());
+        }
+        sizes
+    });
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", gate.addr))
+        .await
+        .unwrap();
+    let mut slowest = Duration::ZERO;
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while !listing.is_finished() {
+        assert!(started.elapsed() < 6 * WAIT, "the listing ends");
+        use futures_util::{SinkExt, StreamExt};
+        let sent = std::time::Instant::now();
+        ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![
+            1u8;
+            32
+        ]))
+        .await
+        .unwrap();
+        within("the echo", WAIT, ws.next()).await.unwrap().unwrap();
+        slowest = slowest.max(sent.elapsed());
+        rounds += 1;
+    }
+    let sizes = listing.await.unwrap();
+    assert!(sizes.iter().all(|&n| n > 10_000 * 100), "{sizes:?}");
+    println!(
+        "{rounds} round trips while 10,000 sessions were listed 20 times; slowest {slowest:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "slowest round trip {slowest:?}"
+    );
+    drop(idle);
 }
