@@ -272,14 +272,20 @@ async fn shutdown_sends_1001() {
     h.shutdown.cancel();
     let (_, code) = data_then_close(&mut h.client).await;
     assert_eq!(code, 1001);
-    send(&mut h.client, OpCode::Close, &close_payload(1001, "")).await;
+    let s = answer_close_and_end(h, 1001).await;
+    assert_eq!(s.end, SessionEnd::Shutdown);
+}
+
+/// The client answers the close with `code`, the backend ends, the client goes: the
+/// session's summary.
+async fn answer_close_and_end(mut h: Harness, code: u16) -> Summary {
+    send(&mut h.client, OpCode::Close, &close_payload(code, "")).await;
     h.backend.shutdown().await.unwrap();
     drop(h.client);
-    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
+    tokio::time::timeout(Duration::from_secs(30), h.session)
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!(s.end, SessionEnd::Shutdown);
+        .unwrap()
 }
 
 /// An operator's close (the admin listener) reaches the client with its code and reason, and
@@ -301,13 +307,7 @@ async fn an_operators_close_sends_its_code_and_reason() {
     let (op, payload) = read_frame(&mut h.client, &mut buf).await.expect("a close");
     assert_eq!(op, OpCode::Close);
     assert_eq!(payload, close_payload(4001, "moved to another desk"));
-    send(&mut h.client, OpCode::Close, &close_payload(4001, "")).await;
-    h.backend.shutdown().await.unwrap();
-    drop(h.client);
-    let s = tokio::time::timeout(Duration::from_secs(30), h.session)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = answer_close_and_end(h, 4001).await;
     assert_eq!(s.end, SessionEnd::ClosedByOperator);
     assert_eq!(s.close_sent, Some(4001));
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-mod quick;
+pub(crate) mod quick;
 mod units;
 
 pub use quick::{QuickArgs, QuickError};

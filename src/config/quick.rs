@@ -149,8 +149,9 @@ fn target_spec(target: &str, tls: bool) -> String {
     }
 }
 
-/// A TOML basic string.
-fn quote(s: &str) -> String {
+/// A TOML basic string, which is also a JSON string (both take `\"`, `\\` and `\uXXXX`
+/// escapes; control characters are escaped).
+pub(crate) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

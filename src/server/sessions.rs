@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::config::quick::quote;
 use crate::session_end::SessionControl;
 
 /// One live session as the admin listener shows it. Never a token or a credential: the
@@ -113,31 +114,15 @@ pub(super) fn to_json(sessions: &[Arc<Live>]) -> String {
         out.push_str(&format!(
             "{{\"id\":{},\"route\":{},\"peer\":{},\"backend\":{},\"started\":\"{}\",\"bytes_from_client\":{},\"bytes_to_client\":{}}}",
             s.id,
-            json_string(&s.route),
-            json_string(&s.peer.to_string()),
-            json_string(&s.backend),
+            quote(&s.route),
+            quote(&s.peer.to_string()),
+            quote(&s.backend),
             crate::log_time::rfc3339(started),
             s.control.bytes_from_client.load(Ordering::Relaxed),
             s.control.bytes_to_client.load(Ordering::Relaxed),
         ));
     }
     out.push(']');
-    out
-}
-
-/// A JSON string literal (RFC 8259 §7).
-pub(super) fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
     out
 }
 

@@ -36,6 +36,20 @@ fn public_and_private(dir: &TempDir) -> String {
         .to_owned()
 }
 
+/// Sends `requests` one after the other on one keep-alive connection and returns everything
+/// the gate answered until it closed the connection.
+async fn pipelined(addr: SocketAddr, requests: &[&str]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for r in requests {
+        s.write_all(r.as_bytes()).await.unwrap();
+    }
+    let mut all = Vec::new();
+    within("every answer and the close", WAIT, s.read_to_end(&mut all))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 async fn gate_in(dir: &TempDir, toml: &str) -> Gate {
     let config = dir.path().join("wsgate.toml");
     std::fs::write(&config, toml).unwrap();
@@ -93,17 +107,14 @@ async fn double_slash_and_encoded_letters_do_not_skip_a_routes_auth() {
 async fn a_second_request_on_a_keep_alive_connection_is_judged_by_its_own_path() {
     let dir = TempDir::new();
     let gate = gate_in(&dir, &public_and_private(&dir)).await;
-    let mut s = TcpStream::connect(gate.addr).await.unwrap();
-    s.write_all(
-        b"GET /index.html HTTP/1.1\r\nHost: test\r\n\r\nGET //private/secret.html HTTP/1.1\r\nHost: test\r\n\r\n",
+    let text = pipelined(
+        gate.addr,
+        &[
+            "GET /index.html HTTP/1.1\r\nHost: test\r\n\r\n",
+            "GET //private/secret.html HTTP/1.1\r\nHost: test\r\n\r\n",
+        ],
     )
-    .await
-    .unwrap();
-    let mut all = Vec::new();
-    within("both answers", WAIT, s.read_to_end(&mut all))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("HTTP/1.1 401"), "{text}");
     assert!(!text.contains("SECRET"), "{text}");
@@ -229,17 +240,12 @@ async fn a_page_request_then_an_upgrade_on_one_connection_takes_the_routes_place
     .await;
     let (first, _held) = upgrade_head(gate.addr, upgrade_request("/full", "").as_bytes()).await;
     assert_eq!(first.status, 101);
-    let mut s = TcpStream::connect(gate.addr).await.unwrap();
-    let page = b"GET /index.html HTTP/1.1\r\nHost: test\r\n\r\n";
-    s.write_all(page).await.unwrap();
-    s.write_all(upgrade_request("/full", "").as_bytes())
-        .await
-        .unwrap();
-    let mut all = Vec::new();
-    within("the page and the refusal", WAIT, s.read_to_end(&mut all))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let upgrade = upgrade_request("/full", "");
+    let text = pipelined(
+        gate.addr,
+        &["GET /index.html HTTP/1.1\r\nHost: test\r\n\r\n", &upgrade],
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("HTTP/1.1 503"), "the route is full: {text}");
     assert!(!text.contains("101 Switching"), "{text}");
@@ -265,17 +271,9 @@ async fn the_client_behind_a_trusted_proxy_is_judged_per_request() {
     assert_eq!(held.status, 101);
     // One proxy connection: a request for another client, then one for the client that
     // already holds its one place.
-    let mut s = TcpStream::connect(gate.addr).await.unwrap();
     let plain = format!("GET / HTTP/1.1\r\nHost: test\r\n{}\r\n", xff("192.0.2.1"));
-    s.write_all(plain.as_bytes()).await.unwrap();
-    s.write_all(upgrade_request("/", &xff("192.0.2.9")).as_bytes())
-        .await
-        .unwrap();
-    let mut all = Vec::new();
-    within("both answers", WAIT, s.read_to_end(&mut all))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let upgrade = upgrade_request("/", &xff("192.0.2.9"));
+    let text = pipelined(gate.addr, &[&plain, &upgrade]).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
         text.contains("HTTP/1.1 503"),
