@@ -71,7 +71,7 @@ fn start_with(
     backend: DuplexStream,
 ) -> Harness {
     let shutdown = CancellationToken::new();
-    let control = Arc::new(SessionControl::new(shutdown.child_token()));
+    let control = Arc::new(SessionControl::new(shutdown.clone()));
     let stop = control.clone();
     let (client_read, client_write) = tokio::io::split(gate_client);
     let session = tokio::spawn(async move {

@@ -46,7 +46,7 @@ pub(super) async fn run(s: &Shared<'_>, limits: &SessionLimits) {
         .unwrap_or(idle_at);
         tokio::select! {
             biased;
-            () = control.stop().cancelled() => {
+            () = control.stopped() => {
                 match control.operator_close() {
                     Some((code, reason)) => {
                         s.close(SessionEnd::ClosedByOperator, Some(*code), reason).await;

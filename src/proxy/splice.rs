@@ -133,7 +133,7 @@ where
     let timers = OnWake::new(async {
         tokio::select! {
             end = watch => end,
-            () = control.stop().cancelled() => match control.operator_close() {
+            () = control.stopped() => match control.operator_close() {
                 Some(_) => SessionEnd::ClosedByOperator,
                 None => SessionEnd::Shutdown,
             },

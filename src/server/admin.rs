@@ -105,7 +105,12 @@ async fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
                 .sessions
                 .list()
                 .iter()
-                .filter(|s| s.route == route && backend.as_ref().map_or(true, |b| *b == s.backend))
+                .filter(|s| {
+                    s.route == route
+                        && backend
+                            .as_ref()
+                            .map_or(true, |b| *b == s.backend.to_string())
+                })
                 .filter(|s| s.control.close(code, reason.clone()))
                 .count();
             json(StatusCode::OK, format!("{{\"closed\":{closed}}}"))

@@ -100,11 +100,11 @@ impl Session {
             info!(peer = %self.peer, route = %route, backend = %self.backend_name, "upgraded");
         });
         // Listed on the admin listener while it runs; its stop is the drain's child.
-        let control = Arc::new(SessionControl::new(self.state.sessions_stop.child_token()));
+        let control = Arc::new(SessionControl::new(self.state.sessions_stop.clone()));
         let _listed = self.state.sessions.register(
             route,
             self.peer,
-            self.backend_name.to_string(),
+            self.backend_name.clone(),
             control.clone(),
         );
         let started = Instant::now();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::config::quick::quote;
+use crate::route::Backend;
 use crate::session_end::SessionControl;
 
 /// One live session as the admin listener shows it. Never a token or a credential: the
@@ -19,7 +20,8 @@ pub(super) struct Live {
     pub(super) id: u64,
     pub(super) route: String,
     pub(super) peer: SocketAddr,
-    pub(super) backend: String,
+    /// Formatted only when listed (a session's start formats nothing).
+    pub(super) backend: Backend,
     pub(super) started: SystemTime,
     pub(super) control: Arc<SessionControl>,
 }
@@ -52,7 +54,7 @@ impl Registry {
         &self,
         route: &str,
         peer: SocketAddr,
-        backend: String,
+        backend: Backend,
         control: Arc<SessionControl>,
     ) -> Registered<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -116,7 +118,7 @@ pub(super) fn to_json(sessions: &[Arc<Live>]) -> String {
             s.id,
             quote(&s.route),
             quote(&s.peer.to_string()),
-            quote(&s.backend),
+            quote(&s.backend.to_string()),
             crate::log_time::rfc3339(started),
             s.control.bytes_from_client.load(Ordering::Relaxed),
             s.control.bytes_to_client.load(Ordering::Relaxed),
@@ -137,13 +139,13 @@ mod tests {
         let a = r.register(
             "/vnc",
             "192.0.2.1:5000".parse().unwrap(),
-            "tcp://10.0.0.1:5900".into(),
+            Backend::Tcp("10.0.0.1:5900".into()),
             control.clone(),
         );
         let b = r.register(
             "/a\"b",
             "[2001:db8::1]:1".parse().unwrap(),
-            "echo".into(),
+            Backend::Echo,
             Arc::default(),
         );
         control.bytes_from_client.store(7, Ordering::Relaxed);
