@@ -95,9 +95,11 @@ pub(crate) fn backend_request<T, B>(
         headers.insert(header::HOST, host);
     }
     let chain = forwarded_for(peer.ip(), head.headers(), peer_trusted);
+    let chain = HeaderValue::from_str(&chain).ok();
     if !peer_trusted {
         // Its own claims about earlier hops are not passed on: every X-Forwarded-* header,
-        // Forwarded and X-Real-IP go, and wsgate says what it saw.
+        // Forwarded and X-Real-IP go, and wsgate says what it saw (from an untrusted peer the
+        // chain is the peer alone).
         let claimed: Vec<HeaderName> = headers
             .keys()
             .filter(|n| n.as_str().starts_with("x-forwarded-"))
@@ -107,11 +109,11 @@ pub(crate) fn backend_request<T, B>(
             headers.remove(name);
         }
         headers.remove(FORWARDED);
-        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-            headers.insert(X_REAL_IP, v);
+        if let Some(v) = &chain {
+            headers.insert(X_REAL_IP, v.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    if let Some(v) = chain {
         headers.insert(X_FORWARDED_FOR, v);
     }
     if !headers.contains_key(X_FORWARDED_PROTO) {

@@ -171,7 +171,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             deflate,
         },
         route_path: route.path.clone(),
-        backend_name: route.backend.clone(),
+        backend_name: Arc::new(route.backend.clone()),
         metrics: route_metrics,
     };
     // The connection's task runs it once hyper has handed the connection over.

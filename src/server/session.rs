@@ -30,7 +30,8 @@ pub(super) struct Session {
     pub(super) peer: SocketAddr,
     /// The route's path (metrics labels, log lines) and the backend it connected to.
     pub(super) route_path: String,
-    pub(super) backend_name: Backend,
+    /// Shared with the session's entry in the admin list (made once per session).
+    pub(super) backend_name: Arc<Backend>,
     /// The route's session metrics (found once, when the request was handled).
     pub(super) metrics: Arc<RouteMetrics>,
     pub(super) limits: SessionLimits,
@@ -104,7 +105,7 @@ impl Session {
         let _listed = self.state.sessions.register(
             route,
             self.peer,
-            self.backend_name.clone(),
+            Arc::clone(&self.backend_name),
             control.clone(),
         );
         let started = Instant::now();

@@ -21,7 +21,7 @@ pub(super) struct Live {
     pub(super) route: String,
     pub(super) peer: SocketAddr,
     /// Formatted only when listed (a session's start formats nothing).
-    pub(super) backend: Backend,
+    pub(super) backend: Arc<Backend>,
     pub(super) started: SystemTime,
     pub(super) control: Arc<SessionControl>,
 }
@@ -54,7 +54,7 @@ impl Registry {
         &self,
         route: &str,
         peer: SocketAddr,
-        backend: Backend,
+        backend: Arc<Backend>,
         control: Arc<SessionControl>,
     ) -> Registered<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -139,13 +139,13 @@ mod tests {
         let a = r.register(
             "/vnc",
             "192.0.2.1:5000".parse().unwrap(),
-            Backend::Tcp("10.0.0.1:5900".into()),
+            Arc::new(Backend::Tcp("10.0.0.1:5900".into())),
             control.clone(),
         );
         let b = r.register(
             "/a\"b",
             "[2001:db8::1]:1".parse().unwrap(),
-            Backend::Echo,
+            Arc::new(Backend::Echo),
             Arc::default(),
         );
         control.bytes_from_client.store(7, Ordering::Relaxed);
