@@ -250,6 +250,7 @@ pub fn auth_files(data: &[u8]) {
             | AuthFileError::NotUtf8 { line }
             | AuthFileError::BadToken { line }
             | AuthFileError::NotBcrypt { line, .. }
+            | AuthFileError::CostTooHigh { line, .. }
             | AuthFileError::DuplicateUser { line, .. } => *line,
             AuthFileError::Empty => 1,
         };

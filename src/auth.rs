@@ -68,6 +68,8 @@ pub enum AuthFileError {
         "line {line}: user {user:?} has a hash that is not bcrypt (make it with `htpasswd -B`)"
     )]
     NotBcrypt { line: usize, user: String },
+    #[error("line {line}: user {user:?} has a bcrypt cost over 17 (htpasswd -B takes 4 to 17)")]
+    CostTooHigh { line: usize, user: String },
     #[error("line {line}: user {user:?} is listed twice")]
     DuplicateUser { line: usize, user: String },
     #[error("line {line}: a token must be one word of printable characters")]
@@ -75,6 +77,10 @@ pub enum AuthFileError {
     #[error("no entries")]
     Empty,
 }
+
+/// The highest bcrypt cost taken (Apache's `htpasswd -B -C` goes up to 17; each step doubles
+/// the work, and 17 already costs seconds a check).
+const MAX_BCRYPT_COST: u32 = 17;
 
 /// How long a Basic header that passed is taken without running bcrypt again.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
@@ -214,8 +220,16 @@ impl Htpasswd {
                 .split_once(':')
                 .filter(|(u, h)| !u.is_empty() && !h.is_empty())
                 .ok_or(AuthFileError::NotUserHash { line: n })?;
-            let bcrypt = ["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p))
-                && bcrypt::verify("", hash).is_ok();
+            let prefixed = ["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p));
+            // Checked before the hash is tried: a cost of 31 would take hours to verify once.
+            let cost = hash.get(4..6).and_then(|c| c.parse::<u32>().ok());
+            if prefixed && cost.is_some_and(|c| c > MAX_BCRYPT_COST) {
+                return Err(AuthFileError::CostTooHigh {
+                    line: n,
+                    user: user.to_owned(),
+                });
+            }
+            let bcrypt = prefixed && bcrypt::verify("", hash).is_ok();
             if !bcrypt {
                 return Err(AuthFileError::NotBcrypt {
                     line: n,
@@ -449,6 +463,15 @@ mod tests {
             assert_eq!(Htpasswd::parse(text.as_bytes()).unwrap_err(), err, "{text}");
         }
         assert!(Htpasswd::parse(b"x:$2y$10$tooshort").is_err());
+        // A cost that would take hours is refused before it is tried.
+        let slow = format!("x:$2y$31${}", &hash[7..]);
+        assert_eq!(
+            Htpasswd::parse(slow.as_bytes()).unwrap_err(),
+            AuthFileError::CostTooHigh {
+                line: 1,
+                user: "x".into()
+            }
+        );
     }
 
     fn basic(user_password: &str) -> HeaderMap {

@@ -93,9 +93,6 @@ pub fn canonical(path: &str) -> Result<Cow<'_, str>, PathError> {
                     out.push(v);
                 } else {
                     refused_byte(v, PathError::EncodedSeparator)?;
-                    if v == b'%' && hex_pair(bytes, i).is_some_and(hides_something) {
-                        return Err(PathError::DoubleEncoded);
-                    }
                     out.extend([b'%', HEX[usize::from(v >> 4)], HEX[usize::from(v & 0xf)]]);
                 }
                 decoded.push(v);
@@ -113,6 +110,11 @@ pub fn canonical(path: &str) -> Result<Cow<'_, str>, PathError> {
         i += 1;
     }
     std::str::from_utf8(&decoded).map_err(|_| PathError::NotUtf8)?;
+    // Checked on the result, not the input: a decoded letter may complete what follows a
+    // `%25` (`%25%32%65` and `%252%65` both become `%252e`).
+    if hides_behind_percent(&out) {
+        return Err(PathError::DoubleEncoded);
+    }
     // Raw bytes were copied as they came and escapes made ASCII: UTF-8 if `decoded` is.
     let out = String::from_utf8(out).map_err(|_| PathError::NotUtf8)?;
     check_segments(&out)?;
@@ -139,6 +141,15 @@ fn refused_byte(v: u8, separator: PathError) -> Result<(), PathError> {
         0..=0x1f | 0x7f => Err(PathError::ControlOrBackslash),
         _ => Ok(()),
     }
+}
+
+/// Whether `path` holds `%25` followed by an escape a second decoder would turn into
+/// something refused here (see [`hides_something`]).
+fn hides_behind_percent(path: &[u8]) -> bool {
+    path.windows(3)
+        .enumerate()
+        .filter(|(_, w)| *w == b"%25")
+        .any(|(i, _)| hex_pair(path, i + 3).is_some_and(hides_something))
 }
 
 /// Whether an escape behind `%25` would, decoded once more, be one this module refuses or
@@ -205,6 +216,10 @@ mod tests {
             ("/a%255Cb", DoubleEncoded),
             ("/a%2500", DoubleEncoded),
             ("/a%252525", DoubleEncoded),
+            // Regression (fuzz target request_path): a decoded letter completed the escape
+            // behind `%25`, and the canonical form was refused when made canonical again.
+            ("/%60/%252%65$*", DoubleEncoded),
+            ("/%25%32%65", DoubleEncoded),
             ("*", NotAbsolute),
             ("", NotAbsolute),
         ] {
