@@ -759,6 +759,33 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output
     }
 }
 
+/// An HAProxy config in TCP mode in front of `gates` (round robin, PROXY v2 to each, a gate
+/// taken out as soon as its admin listener's /readyz is not 200), listening on `front`.
+/// `global` and `defaults` are extra lines for those sections.
+pub fn haproxy_for_gates(
+    front: SocketAddr,
+    gates: &[GateProcess],
+    global: &str,
+    defaults: &str,
+) -> String {
+    let servers: String = gates
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            format!(
+                "  server gate{i} {} check port {}\n",
+                g.addr,
+                g.admin.expect("a gate with an admin listener").port()
+            )
+        })
+        .collect();
+    format!(
+        "global\n{global}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n{defaults}\
+         frontend fe\n  bind {front}\n  default_backend gates\n\
+         backend gates\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server send-proxy-v2 inter 100ms fall 1 rise 1\n{servers}"
+    )
+}
+
 /// HAProxy (Debian's package) running `config`, killed when dropped; ready once `front`
 /// accepts connections.
 pub struct Haproxy {

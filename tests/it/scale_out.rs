@@ -157,23 +157,12 @@ async fn haproxy_spreads_sessions_and_drains_an_instance_without_losing_a_byte()
     let front = unused_addr();
     let stats_dir = TempDir::new();
     let stats = stats_dir.path().join("haproxy.sock");
-    let servers: String = gates
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            format!(
-                "  server gate{i} {} check port {}\n",
-                g.addr,
-                g.admin.unwrap().port()
-            )
-        })
-        .collect();
     let _haproxy = Haproxy::start(
-        &format!(
-            "global\n  maxconn 5000\n  stats socket {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch\n\
-             frontend fe\n  bind {front}\n  default_backend gates\n\
-             backend gates\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server send-proxy-v2 inter 100ms fall 1 rise 1\n{servers}",
-            stats.display()
+        &haproxy_for_gates(
+            front,
+            &gates,
+            &format!("  maxconn 5000\n  stats socket {}\n", stats.display()),
+            "  retries 3\n  option redispatch\n",
         ),
         front,
     )

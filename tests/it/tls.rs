@@ -66,6 +66,23 @@ impl Certs {
         )
     }
 
+    /// A rustls client of one TLS version that trusts the test CA (its auth still to choose).
+    fn client_for(
+        &self,
+        version: &'static tokio_rustls::rustls::SupportedProtocolVersion,
+    ) -> tokio_rustls::rustls::ConfigBuilder<
+        ClientConfig,
+        tokio_rustls::rustls::client::WantsClientCert,
+    > {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.der("ca.crt").into()).unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+    }
+
     fn connector(&self, client_cert: bool) -> TlsConnector {
         let mut roots = RootCertStore::empty();
         roots
@@ -428,14 +445,7 @@ async fn returning_clients_resume_their_tls_session() {
         &tokio_rustls::rustls::version::TLS13,
         &tokio_rustls::rustls::version::TLS12,
     ] {
-        let mut roots = RootCertStore::empty();
-        roots.add(certs.der("ca.crt").into()).unwrap();
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = certs.client_for(version).with_no_client_auth();
         // One client config: its session cache keeps what the server gave it.
         let connector = TlsConnector::from(Arc::new(config));
         let mut kinds = Vec::new();
@@ -537,13 +547,7 @@ async fn a_ticket_from_another_listener_never_skips_the_client_certificate() {
         &tokio_rustls::rustls::version::TLS13,
         &tokio_rustls::rustls::version::TLS12,
     ] {
-        let mut roots = RootCertStore::empty();
-        roots.add(certs.der("ca.crt").into()).unwrap();
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots);
+        let builder = certs.client_for(version);
         let chain = vec![CertificateDer::from_pem_file(certs.path("client.crt")).unwrap()];
         let key = PrivateKeyDer::from_pem_file(certs.path("client.key")).unwrap();
         let with_cert = TlsConnector::from(Arc::new(
