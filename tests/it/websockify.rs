@@ -406,12 +406,12 @@ async fn websockify_command_lines_are_their_config() {
         (
             &[
                 "--token-plugin",
-                "TokenRedis",
+                "JSONTokenApi",
                 "--token-source",
-                "x:1",
+                "http://broker/token",
                 "6080",
             ],
-            "only TokenFile",
+            "TokenFile, ReadOnlyTokenFile, TokenRedis and JWTTokenApi are taken",
         ),
         (
             &[
