@@ -427,6 +427,20 @@ async fn over_capacity_on_a_tls_listener_is_closed_without_a_handshake() {
     assert_eq!(m.get("wsgate_tls_handshake_failures_total"), Some(&0.0));
 }
 
+/// One wss session to `addr` (SNI localhost) with a round trip, so a TLS 1.3 ticket sent after
+/// the handshake is read, then closed; how its TLS handshake went.
+async fn session_kind(
+    addr: std::net::SocketAddr,
+    connector: &TlsConnector,
+) -> Option<tokio_rustls::rustls::HandshakeKind> {
+    let (mut ws, _) = wss(addr, "localhost", connector, "/").await.unwrap();
+    let kind = ws.get_ref().get_ref().1.handshake_kind();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    ws.close(None).await.unwrap();
+    kind
+}
+
 /// A returning client resumes its TLS session (a ticket from wsgate) instead of a full
 /// handshake, in TLS 1.3 and 1.2, and still after a reload (the ticket keys are the process's).
 #[tokio::test]
@@ -453,12 +467,7 @@ async fn returning_clients_resume_their_tls_session() {
             if round == 2 {
                 gate.handle.reload().await.expect("reload");
             }
-            let (mut ws, _) = wss(gate.addr, "localhost", &connector, "/").await.unwrap();
-            kinds.push(ws.get_ref().get_ref().1.handshake_kind());
-            // A round trip, so the TLS 1.3 ticket sent after the handshake is read.
-            ws.send(Message::text("hi")).await.unwrap();
-            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
-            ws.close(None).await.unwrap();
+            kinds.push(session_kind(gate.addr, &connector).await);
         }
         assert_eq!(
             kinds,
@@ -555,21 +564,14 @@ async fn a_ticket_from_another_listener_never_skips_the_client_certificate() {
         ));
         let without = TlsConnector::from(Arc::new(builder.with_no_client_auth()));
         // A ticket from the open listener (read after a round trip)...
-        let (mut ws, _) = wss(open, "localhost", &without, "/").await.unwrap();
-        ws.send(Message::text("hi")).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
-        ws.close(None).await.unwrap();
+        session_kind(open, &without).await;
         // ...gets no session on the client_ca listener.
         let refused = wss(mtls, "localhost", &without, "/").await;
         assert!(refused.is_err(), "{version:?}: resumed past client_ca");
         // A client with a certificate gets in, by a full handshake every time.
         let mut kinds = Vec::new();
         for _ in 0..2 {
-            let (mut ws, _) = wss(mtls, "localhost", &with_cert, "/").await.unwrap();
-            kinds.push(ws.get_ref().get_ref().1.handshake_kind());
-            ws.send(Message::text("hi")).await.unwrap();
-            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
-            ws.close(None).await.unwrap();
+            kinds.push(session_kind(mtls, &with_cert).await);
         }
         assert_eq!(
             kinds,
