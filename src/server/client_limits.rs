@@ -62,28 +62,31 @@ pub(super) struct ClientLimits {
 /// A place taken under a connection limit; given back when dropped.
 pub(super) struct Held {
     limits: Arc<ClientLimits>,
-    client: Option<IpAddr>,
-    route: Option<String>,
     /// Whom and which route it was taken for (a keep-alive connection's next request for
     /// another client or route takes a place of its own).
-    taken_for: (IpAddr, String),
+    ip: IpAddr,
+    route: String,
+    /// The per-client count it holds (the client's key), when that limit is set.
+    client_counted: Option<IpAddr>,
+    /// Whether it holds a place in the route's count (the route has `max_connections`).
+    route_counted: bool,
 }
 
 impl Held {
     /// Whether this place is the one a request from `client` to `route` needs.
     pub(super) fn is_for(&self, client: IpAddr, route: &str) -> bool {
-        self.taken_for.0 == client && self.taken_for.1 == route
+        self.ip == client && self.route == route
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let mut t = self.limits.tables.lock().unwrap();
-        if let Some(key) = self.client {
+        if let Some(key) = self.client_counted {
             release(&mut t.per_client, &key);
         }
-        if let Some(route) = &self.route {
-            release(&mut t.per_route, route);
+        if self.route_counted {
+            release(&mut t.per_route, &self.route);
         }
     }
 }
@@ -180,24 +183,25 @@ impl ClientLimits {
             }
             None => None,
         };
-        let route = match route_max {
+        let route_counted = match route_max {
             Some(max) => {
                 if t.per_route.get(route_path).copied().unwrap_or(0) >= max {
                     return Err(OverLimit::RouteConnections);
                 }
                 *t.per_route.entry(route_path.to_owned()).or_insert(0) += 1;
-                Some(route_path.to_owned())
+                true
             }
-            None => None,
+            None => false,
         };
         if let Some(key) = client {
             *t.per_client.entry(key).or_insert(0) += 1;
         }
         Ok(Held {
             limits: self.clone(),
-            client,
-            route,
-            taken_for: (ip, route_path.to_owned()),
+            ip,
+            route: route_path.to_owned(),
+            client_counted: client,
+            route_counted,
         })
     }
 }
