@@ -18,14 +18,23 @@ use crate::protocol::handshake::header_tokens;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// The networks whose forwarding headers are believed (none by default).
+/// The networks whose forwarding headers are believed (none by default), and whether peers on
+/// unix-socket listeners are (the entry `"unix:"`, as nginx's `set_real_ip_from unix:`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(pub Vec<IpNet>);
+pub struct TrustedProxies {
+    pub nets: Vec<IpNet>,
+    pub unix: bool,
+}
 
 impl TrustedProxies {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        self.0.iter().any(|net| net.contains(&ip))
+        self.nets.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Nothing listed: every peer may send a PROXY header (the listener's own setting).
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty() && !self.unix
     }
 }
 
@@ -71,17 +80,33 @@ fn parse_node(node: &str) -> Option<IpAddr> {
     host.parse().ok()
 }
 
-/// The client's address: `peer` itself unless `peer` is trusted, then the rightmost address
-/// of the forwarding chain that is not trusted (the leftmost when all are).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
-    if !trusted.contains(peer) {
-        return peer;
+/// The client's address: `peer` itself unless `peer` is trusted (`peer_trusted`: in the
+/// networks, or a unix-socket peer with `"unix:"` listed), then the rightmost address of the
+/// forwarding chain that is not trusted (the leftmost when all are).
+pub fn client_ip(
+    peer: IpAddr,
+    peer_trusted: bool,
+    headers: &HeaderMap,
+    trusted: &TrustedProxies,
+) -> IpAddr {
+    forwarded_client(peer_trusted, headers, trusted).unwrap_or(peer)
+}
+
+/// The client a trusted peer's forwarding chain names, as [`client_ip`] picks it; `None`
+/// when the peer is not trusted or names nobody (the peer is the client then).
+pub fn forwarded_client(
+    peer_trusted: bool,
+    headers: &HeaderMap,
+    trusted: &TrustedProxies,
+) -> Option<IpAddr> {
+    if !peer_trusted {
+        return None;
     }
-    let mut client = peer;
+    let mut client = None;
     for node in chain(headers).into_iter().rev() {
         match node {
             Some(ip) => {
-                client = ip;
+                client = Some(ip);
                 if !trusted.contains(ip) {
                     break;
                 }
@@ -109,8 +134,16 @@ pub fn forwarded_for(peer: IpAddr, headers: &HeaderMap, peer_trusted: bool) -> S
 mod tests {
     use super::*;
 
+    /// A TCP peer: trusted when it is in the networks.
+    fn client_via(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+        client_ip(peer, trusted.contains(peer), headers, trusted)
+    }
+
     fn trusted(nets: &[&str]) -> TrustedProxies {
-        TrustedProxies(nets.iter().map(|n| n.parse().unwrap()).collect())
+        TrustedProxies {
+            nets: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            unix: false,
+        }
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -132,13 +165,13 @@ mod tests {
     fn untrusted_peers_are_the_client_and_their_chain_is_replaced() {
         let h = headers(&[("x-forwarded-for", "6.6.6.6")]);
         let t = trusted(&["10.0.0.0/8"]);
-        assert_eq!(client_ip(ip("192.0.2.9"), &h, &t), ip("192.0.2.9"));
+        assert_eq!(client_via(ip("192.0.2.9"), &h, &t), ip("192.0.2.9"));
         assert_eq!(
             forwarded_for(ip("192.0.2.9"), &h, t.contains(ip("192.0.2.9"))),
             "192.0.2.9"
         );
         assert_eq!(
-            client_ip(ip("192.0.2.9"), &h, &TrustedProxies::default()),
+            client_via(ip("192.0.2.9"), &h, &TrustedProxies::default()),
             ip("192.0.2.9")
         );
     }
@@ -147,7 +180,7 @@ mod tests {
     fn trusted_peers_give_the_rightmost_untrusted_address() {
         let t = trusted(&["10.0.0.0/8", "::1/128"]);
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.5, 10.1.1.1")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &t), ip("203.0.113.5"));
+        assert_eq!(client_via(ip("10.0.0.2"), &h, &t), ip("203.0.113.5"));
         assert_eq!(
             forwarded_for(ip("10.0.0.2"), &h, t.contains(ip("10.0.0.2"))),
             "6.6.6.6, 203.0.113.5, 10.1.1.1, 10.0.0.2"
@@ -157,16 +190,16 @@ mod tests {
             ("x-forwarded-for", "[2001:db8::5]:4711"),
             ("x-forwarded-for", "10.9.9.9"),
         ]);
-        assert_eq!(client_ip(ip("::1"), &h, &t), ip("2001:db8::5"));
+        assert_eq!(client_via(ip("::1"), &h, &t), ip("2001:db8::5"));
         // All trusted: the leftmost.
         let h = headers(&[("x-forwarded-for", "10.1.1.1, 10.2.2.2")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &t), ip("10.1.1.1"));
+        assert_eq!(client_via(ip("10.0.0.2"), &h, &t), ip("10.1.1.1"));
         // Garbage stops the walk: what is left of it is not believed.
         let h = headers(&[("x-forwarded-for", "203.0.113.5, bogus, 10.1.1.1")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &t), ip("10.1.1.1"));
+        assert_eq!(client_via(ip("10.0.0.2"), &h, &t), ip("10.1.1.1"));
         // No header: the peer.
         assert_eq!(
-            client_ip(ip("10.0.0.2"), &HeaderMap::new(), &t),
+            client_via(ip("10.0.0.2"), &HeaderMap::new(), &t),
             ip("10.0.0.2")
         );
     }
@@ -178,9 +211,9 @@ mod tests {
             "forwarded",
             "for=198.51.100.17;proto=https, For=\"[2001:db8:cafe::17]:4711\"",
         )]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &t), ip("2001:db8:cafe::17"));
+        assert_eq!(client_via(ip("10.0.0.2"), &h, &t), ip("2001:db8:cafe::17"));
         let h = headers(&[("forwarded", "for=unknown")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &t), ip("10.0.0.2"));
+        assert_eq!(client_via(ip("10.0.0.2"), &h, &t), ip("10.0.0.2"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use wsgate::{Config, Handle, Server};
 #[command(version, about)]
 struct Cli {
     /// Run from this TOML config file (SIGHUP reloads it).
-    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "target", "check_config", "web", "cert", "token_source", "target_config", "unix_target", "heartbeat", "print_config"])]
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "target", "check_config", "web", "cert", "token_source", "target_config", "unix_target", "unix_listen", "heartbeat", "print_config"])]
     config: Option<PathBuf>,
 
     /// Validate this config file, print what is wrong (key and line), and exit.
@@ -101,6 +101,15 @@ struct WebsockifyArgs {
     /// websockify: the target is this unix socket.
     #[arg(long, value_name = "PATH")]
     unix_target: Option<String>,
+
+    /// websockify: listen on this unix socket instead of a port (the one argument left is
+    /// then the target).
+    #[arg(long, value_name = "PATH")]
+    unix_listen: Option<String>,
+
+    /// websockify: the --unix-listen socket's permission bits, octal (default 600).
+    #[arg(long, value_name = "MODE", requires = "unix_listen")]
+    unix_listen_mode: Option<String>,
 
     /// websockify: clients must present a certificate signed by --cafile.
     #[arg(long, requires = "cafile")]
@@ -287,8 +296,16 @@ fn main() -> ExitCode {
 
 /// websockify's options as [`QuickArgs`]; `Ok(None)` when no listen address was given.
 fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
-    let Some(listen) = &cli.listen else {
-        return Ok(None);
+    // With --unix-listen, websockify takes no listen address: the first argument is the target.
+    let (listen, target) = match (&cli.websockify.unix_listen, &cli.listen, &cli.target) {
+        (None, None, _) => return Ok(None),
+        (None, Some(listen), target) => (listen.clone(), target.clone()),
+        (Some(_), target, None) => (String::new(), target.clone()),
+        (Some(_), _, Some(_)) => {
+            return Err(
+                "with --unix-listen, give no listen address: the one argument is the target".into(),
+            )
+        }
     };
     let token_source = match (
         &cli.websockify.token_plugin,
@@ -323,8 +340,10 @@ fn quick_args(cli: &Cli) -> Result<Option<QuickArgs>, String> {
         return Err("--idle-timeout must be at least 1".into());
     }
     Ok(Some(QuickArgs {
-        listen: listen.clone(),
-        target: cli.target.clone(),
+        listen,
+        unix_listen: cli.websockify.unix_listen.clone(),
+        unix_listen_mode: cli.websockify.unix_listen_mode.clone(),
+        target,
         web: cli.websockify.web.clone(),
         cert: cli.websockify.cert.clone(),
         key: cli.websockify.key.clone(),

@@ -40,10 +40,33 @@ pub struct Config {
     pub routes: RouteTable,
 }
 
+/// Where a listener listens: an IP address and port, or a unix socket's path
+/// (`unix:/run/wsgate/ws.sock`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => addr.fmt(f),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The longest unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+const MAX_UNIX_PATH: usize = 107;
+
 /// One `[[listen]]` entry.
 #[derive(Debug, Clone)]
 pub struct Listener {
-    pub addr: SocketAddr,
+    pub addr: ListenAddr,
+    /// Unix listeners: the socket file's permission bits (`mode = "0660"`); `None` leaves
+    /// them to the umask.
+    pub mode: Option<u32>,
     /// Set for `wss://` listeners: the files and the config built from them at load time.
     pub tls: Option<ListenerTls>,
     /// Connections start with a PROXY protocol header (v1 or v2) naming the client
@@ -198,6 +221,7 @@ struct RawAdminAuth {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     addr: toml::Spanned<String>,
+    mode: Option<toml::Spanned<String>>,
     tls: Option<toml::Spanned<RawTls>>,
     #[serde(default)]
     proxy_protocol: bool,
@@ -326,12 +350,28 @@ impl Config {
         let mut hidden = vec![PathBuf::from(file)];
         let mut listen = Vec::new();
         for l in &raw.listen {
-            let addr: SocketAddr = l.addr.get_ref().parse().map_err(|_| {
-                invalid(
-                    Some(l.addr.span()),
-                    format!("listen.addr {:?} is not ip:port", l.addr.get_ref()),
-                )
-            })?;
+            let addr = listen_addr(l.addr.get_ref(), base)
+                .map_err(|m| invalid(Some(l.addr.span()), format!("listen.addr {m}")))?;
+            let mode = match &l.mode {
+                None => None,
+                Some(m) if matches!(addr, ListenAddr::Unix(_)) => {
+                    Some(socket_mode(m.get_ref()).ok_or_else(|| {
+                        invalid(
+                            Some(m.span()),
+                            format!(
+                                "listen.mode {:?} is not octal permission bits like \"0660\"",
+                                m.get_ref()
+                            ),
+                        )
+                    })?)
+                }
+                Some(m) => {
+                    return Err(invalid(
+                        Some(m.span()),
+                        "listen.mode is for unix-socket listeners (addr = \"unix:/path\")".into(),
+                    ))
+                }
+            };
             // Port 0 too: listeners are told apart (on reload, drain) by the address written
             // here, so two "127.0.0.1:0" would be one listener to wsgate and a stray socket.
             if listen.iter().any(|x: &Listener| x.addr == addr) {
@@ -383,6 +423,7 @@ impl Config {
             }
             listen.push(Listener {
                 addr,
+                mode,
                 tls,
                 proxy_protocol: l.proxy_protocol,
                 allow_plain,
@@ -398,7 +439,7 @@ impl Config {
                         format!("admin.addr {:?} is not ip:port", a.addr.get_ref()),
                     )
                 })?;
-                if listen.iter().any(|l| l.addr == addr && addr.port() != 0) {
+                if addr.port() != 0 && listen.iter().any(|l| l.addr == ListenAddr::Tcp(addr)) {
                     return Err(invalid(
                         Some(a.addr.span()),
                         format!("admin.addr {addr} is also a [[listen]] address"),
@@ -425,17 +466,21 @@ impl Config {
 
         let d = Limits::default();
         let r = raw.limits;
-        let mut trusted = Vec::new();
+        let mut trusted = TrustedProxies::default();
         for net in &r.trusted_proxies {
             let text = net.get_ref().trim();
+            if text == "unix:" {
+                trusted.unix = true;
+                continue;
+            }
             let parsed = text
                 .parse::<ipnet::IpNet>()
                 .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-            trusted.push(parsed.map_err(|_| {
+            trusted.nets.push(parsed.map_err(|_| {
                 invalid(
                     Some(net.span()),
                     format!(
-                        "limits.trusted_proxies: {text:?} is not a network like \"10.0.0.0/8\" or an address"
+                        "limits.trusted_proxies: {text:?} is not a network like \"10.0.0.0/8\", an address or \"unix:\""
                     ),
                 )
             })?);
@@ -454,7 +499,7 @@ impl Config {
                 .map_or(d.message_buffer_budget, |x| x.0),
             keepalive_timeout: r.keepalive_timeout.map_or(d.keepalive_timeout, |x| x.0),
             send_timeout: r.send_timeout.map_or(d.send_timeout, |x| x.0),
-            trusted_proxies: TrustedProxies(trusted),
+            trusted_proxies: trusted,
             max_connections_per_ip: r.max_connections_per_ip,
             handshakes_per_ip_per_second: r.handshakes_per_ip_per_second,
             handshakes_per_ip_burst: r.handshakes_per_ip_burst,
@@ -775,6 +820,41 @@ fn line_of(text: &str, offset: usize) -> (usize, String) {
     let n = text[..offset].matches('\n').count() + 1;
     let line = text.lines().nth(n - 1).unwrap_or("").trim().to_owned();
     (n, line)
+}
+
+/// A `[[listen]] addr`: `ip:port`, or `unix:PATH` (relative paths are taken from the config
+/// file's folder).
+fn listen_addr(text: &str, base: &Path) -> Result<ListenAddr, String> {
+    let Some(path) = text.strip_prefix("unix:") else {
+        return text
+            .parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{text:?} is not ip:port or unix:PATH"));
+    };
+    if path.is_empty() || path.ends_with('/') {
+        return Err(format!("{text:?}: give the socket file's path after unix:"));
+    }
+    if path.contains('\0') {
+        return Err(format!("{text:?}: a socket path cannot hold a NUL byte"));
+    }
+    let path = base.join(path);
+    let len = path.as_os_str().len();
+    if len > MAX_UNIX_PATH {
+        return Err(format!(
+            "{text:?}: the socket path is {len} bytes long; the kernel takes at most {MAX_UNIX_PATH}"
+        ));
+    }
+    Ok(ListenAddr::Unix(path))
+}
+
+/// `"0660"`, `"660"` or `"0o660"`: permission bits, nothing above `0777`.
+fn socket_mode(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
 }
 
 #[cfg(test)]

@@ -14,8 +14,13 @@ use super::{Config, ConfigError};
 /// websockify's options as wsgate takes them (see the README's table for the rest).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuickArgs {
-    /// `[SOURCE_ADDR:]SOURCE_PORT`; a bare port listens on all interfaces.
+    /// `[SOURCE_ADDR:]SOURCE_PORT`; a bare port listens on all interfaces. Unused with
+    /// `unix_listen`.
     pub listen: String,
+    /// `--unix-listen PATH`: a unix socket instead of a port.
+    pub unix_listen: Option<String>,
+    /// `--unix-listen-mode MODE`: its permission bits, octal (websockify's default: 600).
+    pub unix_listen_mode: Option<String>,
     /// `TARGET_ADDR:TARGET_PORT`, or wsgate's own `tcp://`, `unix:`, `tls://`, `echo`.
     pub target: Option<String>,
     /// `--web DIR`: files served on plain GET/HEAD.
@@ -54,7 +59,6 @@ pub enum QuickError {
 impl QuickArgs {
     /// The config file this command line stands for.
     pub fn to_toml(&self) -> Result<String, QuickError> {
-        let listen = listen_addr(&self.listen)?;
         let backend = match (&self.target, &self.unix_target, &self.token_source) {
             (Some(t), None, None) => target_spec(t, self.ssl_target),
             (None, Some(path), None) => format!("unix:{path}"),
@@ -77,7 +81,17 @@ impl QuickArgs {
         }
         let mut toml = String::from("# Written by wsgate from a websockify command line.\n");
         toml += "[[listen]]\n";
-        toml += &format!("addr = {}\n", quote(&listen.to_string()));
+        match &self.unix_listen {
+            Some(path) => {
+                toml += &format!("addr = {}\n", quote(&format!("unix:{path}")));
+                let mode = self.unix_listen_mode.as_deref().unwrap_or("600");
+                toml += &format!("mode = {}\n", quote(mode));
+            }
+            None => {
+                let listen = listen_addr(&self.listen)?;
+                toml += &format!("addr = {}\n", quote(&listen.to_string()));
+            }
+        }
         if let Some(cert) = &self.cert {
             let key = self.key.as_ref().unwrap_or(cert);
             toml += &format!("tls = {{ cert = {}, key = {}", quote(cert), quote(key));

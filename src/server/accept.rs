@@ -6,11 +6,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn};
 
+use super::listen::{Accepted, Bound, ClientStream, Peer};
 use super::reload::ListenerSettings;
 use super::{conn, State};
 use crate::metrics::RejectionLabels;
@@ -18,7 +18,7 @@ use crate::metrics::RejectionLabels;
 /// Accepts until `stop` is cancelled. Each connection takes a [`ConnectionSlot`] and the
 /// listener's settings of the moment it was accepted.
 pub(super) async fn run(
-    listener: TcpListener,
+    listener: Bound,
     state: Arc<State>,
     stop: CancellationToken,
     settings: Arc<RwLock<ListenerSettings>>,
@@ -30,21 +30,13 @@ pub(super) async fn run(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok(Accepted::Tcp(stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                let Some(slot) = ConnectionSlot::take(&state) else {
-                    let is_tls = settings.read().unwrap().tls.is_some();
-                    refuse_over_capacity(&state, stream, is_tls);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-                let conn_state = state.clone();
-                let settings = settings.read().unwrap().clone();
-                let span = info_span!("conn", id);
-                state
-                    .tracker
-                    .spawn(conn::serve(conn_state, stream, peer, slot, settings, span));
+                start(&state, &settings, stream, peer);
+            }
+            Ok(Accepted::Unix(stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                start(&state, &settings, stream, peer);
             }
             Err(e) if is_per_connection_error(&e) => debug!(error = %e, "accept"),
             Err(e) => {
@@ -58,6 +50,32 @@ pub(super) async fn run(
             }
         }
     }
+    // The listener (and a unix listener's socket file) goes when the loop ends.
+}
+
+/// One accepted connection: refused over max_connections, else served in its own task.
+fn start<S: ClientStream>(
+    state: &Arc<State>,
+    settings: &RwLock<ListenerSettings>,
+    stream: S,
+    peer: Peer,
+) {
+    let Some(slot) = ConnectionSlot::take(state) else {
+        let is_tls = settings.read().unwrap().tls.is_some();
+        refuse_over_capacity(state, stream, is_tls);
+        return;
+    };
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let settings = settings.read().unwrap().clone();
+    let span = info_span!("conn", id);
+    state.tracker.spawn(conn::serve(
+        state.clone(),
+        stream,
+        peer,
+        slot,
+        settings,
+        span,
+    ));
 }
 
 fn is_per_connection_error(e: &std::io::Error) -> bool {
@@ -86,7 +104,7 @@ const OVER_CAPACITY_LINGER: Duration = Duration::from_secs(1);
 /// (whatever the client sends is read and dropped for at most a second, then the socket
 /// closes); a TLS listener closes the connection without a TLS handshake. The connection
 /// holds no place under the cap. Counted as `over_capacity` rejections.
-fn refuse_over_capacity(state: &State, stream: TcpStream, tls: bool) {
+fn refuse_over_capacity<S: ClientStream>(state: &State, stream: S, tls: bool) {
     state
         .metrics
         .rejections

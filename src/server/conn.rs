@@ -10,13 +10,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument, Span};
 
 use super::accept::ConnectionSlot;
 use super::client_limits::Held;
 use super::keepalive::{watched, Expired, KeepAlive};
+use super::listen::{ClientStream, Peer};
 use super::reload::ListenerSettings;
 use super::session::Pending;
 use super::{dispatch, State};
@@ -32,7 +32,10 @@ pub(super) struct Conn {
     pub(super) state: Arc<State>,
     /// The config at accept time.
     pub(super) config: Arc<Config>,
-    pub(super) peer: SocketAddr,
+    pub(super) peer: Peer,
+    /// The peer may name the client (forwarding headers): it is in `trusted_proxies`, or a
+    /// unix-socket peer with `"unix:"` listed there.
+    pub(super) peer_trusted: bool,
     /// Between requests: the handshake deadline stops at the first head, keep-alive after.
     pub(super) keepalive: Arc<KeepAlive>,
     /// The client came in over TLS (X-Forwarded-Proto on proxy routes).
@@ -52,10 +55,10 @@ pub(super) struct Conn {
 
 /// Serves one accepted connection to its end, in one task: its requests, then the session
 /// one of them upgraded to. Cancel-safe: dropping it drops the connection.
-pub(super) async fn serve(
+pub(super) async fn serve<S: ClientStream>(
     state: Arc<State>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: S,
+    peer: Peer,
     slot: ConnectionSlot,
     settings: ListenerSettings,
     span: Span,
@@ -73,10 +76,10 @@ pub(super) async fn serve(
 
 /// The connection until it closes or a request upgrades it: the PROXY header, the TLS
 /// handshake, then hyper. Returns the session an upgrade agreed on.
-async fn serve_requests(
+async fn serve_requests<S: ClientStream>(
     state: Arc<State>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: S,
+    peer: Peer,
     slot: ConnectionSlot,
     settings: ListenerSettings,
 ) -> Option<Pending> {
@@ -86,12 +89,16 @@ async fn serve_requests(
     let deadline = Instant::now() + config.limits.handshake_timeout;
     let mut stream = stream;
     let mut peer = peer;
-    let mut local = stream.local_addr().unwrap_or(peer);
+    let mut local = stream.local_addr().unwrap_or(peer.addr);
+    let trusted = &config.limits.trusted_proxies;
+    let mut peer_trusted = match peer.unix {
+        Some(_) => trusted.unix,
+        None => trusted.contains(peer.addr.ip()),
+    };
     if settings.proxy_protocol {
         // With trusted_proxies set, only those may name the client (as HAProxy's
         // `accept-proxy` is paired with a source ACL): anyone else could pick any address.
-        let trusted = &config.limits.trusted_proxies;
-        let read = if trusted.0.is_empty() || trusted.contains(peer.ip()) {
+        let read = if trusted.is_empty() || peer_trusted {
             tokio::time::timeout_at(deadline, read_proxy_header(&mut stream)).await
         } else {
             Ok(Err(ProxyReadError::Untrusted))
@@ -101,7 +108,8 @@ async fn serve_requests(
                 source,
                 destination,
             }) => {
-                peer = source;
+                peer = Peer::tcp(source);
+                peer_trusted = trusted.contains(source.ip());
                 local = destination;
             }
             Ok(ProxyHeader::Local) => {}
@@ -119,6 +127,7 @@ async fn serve_requests(
         }
     }
     let shared = state.clone();
+    let shown = peer.clone();
     let conn = |tls: bool, client_cert_names: Vec<String>| {
         Arc::new(Conn {
             slot: Mutex::new(Some(slot)),
@@ -127,6 +136,7 @@ async fn serve_requests(
             state: shared,
             config,
             peer,
+            peer_trusted,
             keepalive: Arc::new(KeepAlive::new()),
             tls,
             client_cert_names,
@@ -141,7 +151,7 @@ async fn serve_requests(
                 Ok(Ok(1)) if first[0] == 0x16 => Some(acceptor),
                 Ok(Ok(1)) => None,
                 _ => {
-                    debug!(%peer, "closed before the first byte");
+                    debug!(peer = %shown, "closed before the first byte");
                     return None;
                 }
             }
@@ -162,7 +172,7 @@ async fn serve_requests(
                 {
                     // No certificate, no session (resumed or not).
                     metrics.tls_failures.inc();
-                    info!(%peer, "TLS handshake without a client certificate on a client_ca listener; closed");
+                    info!(peer = %shown, "TLS handshake without a client certificate on a client_ca listener; closed");
                     None
                 }
                 Ok(Ok(stream)) => {
@@ -173,13 +183,13 @@ async fn serve_requests(
                 }
                 Ok(Err(e)) => {
                     metrics.tls_failures.inc();
-                    info!(%peer, error = %e, "TLS handshake failed; closed");
+                    info!(peer = %shown, error = %e, "TLS handshake failed; closed");
                     None
                 }
                 Err(_) => {
                     metrics.tls_failures.inc();
                     metrics.handshake_timeouts.inc();
-                    info!(%peer, "handshake timeout during TLS; closed");
+                    info!(peer = %shown, "handshake timeout during TLS; closed");
                     None
                 }
             }
@@ -209,7 +219,7 @@ async fn serve_http<I>(conn: Arc<Conn>, io: I, deadline: Instant) -> Option<Pend
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let peer = conn.peer;
+    let peer = conn.peer.clone();
     let handler = conn.clone();
     let service = service_fn(move |req| {
         let conn = handler.clone();
@@ -281,7 +291,7 @@ impl ProxyReadError {
 /// Reads the PROXY header off the connection, and not one byte more (what follows belongs to
 /// TLS or HTTP). Usually the header arrives whole: one peek finds it and one read takes it.
 /// Otherwise it is read in exact pieces. Cancel-safe only in that the connection is dropped.
-async fn read_proxy_header(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyReadError> {
+async fn read_proxy_header<S: ClientStream>(stream: &mut S) -> Result<ProxyHeader, ProxyReadError> {
     let truncated = |_| ProxyReadError::Truncated;
     let mut peeked = [0u8; 512];
     let n = stream.peek(&mut peeked).await.map_err(truncated)?;

@@ -17,6 +17,7 @@ use super::balance::OnBackend;
 use super::client_limits::OverLimit;
 use super::conn::Conn;
 use super::keepalive::{mark_end, WatchedBody};
+use super::listen::Peer;
 use super::respond::{forward_failed, full, passthrough, refuse, Body};
 use super::session::{Pending, Session, SessionBackend};
 use crate::auth::Presented;
@@ -24,7 +25,7 @@ use crate::backend::{self, BackendConn, ClientAddrs};
 use crate::bridge::SessionLimits;
 use crate::edge::path::{canonical, PathError};
 use crate::files::StaticDir;
-use crate::forwarded::client_ip;
+use crate::forwarded::forwarded_client;
 use crate::params::{cookie, query_param};
 use crate::protocol::deflate::{self, Agreed};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
@@ -53,24 +54,26 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     };
     let trusted = &conn.config.limits.trusted_proxies;
     // The client as the trusted proxies in front say (else the peer itself).
-    let client = match client_ip(conn.peer.ip(), req.headers(), trusted) {
-        ip if ip == conn.peer.ip() => conn.peer,
-        ip => SocketAddr::new(ip, 0),
+    let client = match forwarded_client(conn.peer_trusted, req.headers(), trusted) {
+        Some(ip) if ip != conn.peer.addr.ip() || conn.peer.unix.is_some() => {
+            Peer::tcp(SocketAddr::new(ip, 0))
+        }
+        _ => conn.peer.clone(),
     };
     let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     // A page's files are not handshakes: only upgrades and proxied requests count against
     // the per-client handshake rate (and, below, credential checks on any request).
     let rated = is_upgrade || route.static_dir.is_none();
-    if let Err(over) = within_client_limits(&conn, client, route, rated) {
+    if let Err(over) = within_client_limits(&conn, client.addr, route, rated) {
         return refuse(&conn, Some(&route.path), over_limit(over));
     }
     let forwarded_for = ForwardedFor {
-        peer: conn.peer,
-        trusted: trusted.contains(conn.peer.ip()),
+        peer: conn.peer.addr,
+        trusted: conn.peer_trusted,
         tls: conn.tls,
     };
     let addrs = ClientAddrs {
-        client,
+        client: client.addr,
         listener: conn.local,
     };
     if let Some(auth) = &route.auth {
@@ -81,7 +84,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         if lent {
             if let Err(over) = state
                 .client_limits
-                .handshake(client.ip(), &conn.config.limits)
+                .handshake(client.addr.ip(), &conn.config.limits)
             {
                 return refuse(&conn, Some(&route.path), over_limit(over));
             }
@@ -97,7 +100,7 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         if lent {
             state
                 .client_limits
-                .give_back(client.ip(), &conn.config.limits);
+                .give_back(client.addr.ip(), &conn.config.limits);
         }
     }
     if !is_upgrade && (route.backend.is_proxy() || route.static_dir.is_some()) {

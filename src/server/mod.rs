@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! mod.rs       Server (bind, run, drain), Handle, State
+//! listen.rs    TCP and unix listeners, the socket file, the client stream kinds
 //! accept.rs    accept loop, backoff, ConnectionSlot (max_connections)
 //! conn.rs      TLS and the handshake deadline, hyper's HTTP/1.1 connection
 //! balance.rs   several backends per route: order, failover, ejection
@@ -32,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::bridge::MessageBudget;
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
 use crate::metrics::Metrics;
 use balance::Balancer;
 use client_limits::ClientLimits;
@@ -44,6 +45,7 @@ mod client_limits;
 mod conn;
 mod dispatch;
 mod keepalive;
+mod listen;
 mod reload;
 mod respond;
 mod session;
@@ -69,7 +71,7 @@ struct State {
     /// Where the config came from, for reloads; `None` in quick mode.
     config_path: Mutex<Option<PathBuf>>,
     /// One accept loop per configured `[[listen]]` address.
-    listeners: Mutex<HashMap<SocketAddr, ListenerSlot>>,
+    listeners: Mutex<HashMap<ListenAddr, ListenerSlot>>,
     /// Accepted client connections now open (counted against max_connections).
     open_connections: AtomicUsize,
     tracker: TaskTracker,
@@ -114,7 +116,8 @@ impl Server {
         };
         let mut bound = Vec::new();
         for l in &config.listen {
-            bound.push((l.addr, ListenerSettings::of(l), bind(l.addr).await?));
+            let listener = listen::Bound::bind(&l.addr, l.mode).await?;
+            bound.push((l.addr.clone(), ListenerSettings::of(l), listener));
         }
         let message_budget = MessageBudget::new(config.limits.message_buffer_budget);
         let state = Arc::new(State {
@@ -146,7 +149,8 @@ impl Server {
         self
     }
 
-    /// The client addresses actually bound, in config order.
+    /// The TCP client addresses actually bound, in config order (unix listeners are where
+    /// their config says).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.handle().local_addrs()
     }
@@ -166,7 +170,7 @@ impl Server {
     /// sessions may go on for `drain_timeout`, then get close 1001 and at most
     /// `close_timeout` more. Returns when the last session has ended.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        for addr in self.local_addrs() {
+        for addr in self.handle().bound() {
             info!(%addr, "listening");
         }
         let state = self.state;
@@ -222,12 +226,23 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 impl Handle {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.bound()
+            .into_iter()
+            .filter_map(|a| match a {
+                ListenAddr::Tcp(addr) => Some(addr),
+                ListenAddr::Unix(_) => None,
+            })
+            .collect()
+    }
+
+    /// Every listener's bound address, in config order.
+    fn bound(&self) -> Vec<ListenAddr> {
         let config = self.state.config();
         let listeners = self.state.listeners.lock().unwrap();
         config
             .listen
             .iter()
-            .filter_map(|l| listeners.get(&l.addr).map(|s| s.bound))
+            .filter_map(|l| listeners.get(&l.addr).map(|s| s.bound.clone()))
             .collect()
     }
 

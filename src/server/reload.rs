@@ -2,18 +2,17 @@
 //! failure changes nothing), then the config is swapped for new connections, then listeners
 //! no longer configured are closed. Live sessions keep the config they started with.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{accept, bind, Handle, State};
-use crate::config::{Config, ConfigError, Listener};
+use super::listen::Bound;
+use super::{accept, Handle, State};
+use crate::config::{Config, ConfigError, ListenAddr, Listener};
 use crate::metrics::ResultLabel;
 
 /// Why a reload was not applied; the old config stays in every case.
@@ -33,7 +32,7 @@ pub enum ReloadError {
 
 /// One listening address: its accept loop and the TLS settings new connections get.
 pub(super) struct ListenerSlot {
-    pub(super) bound: SocketAddr,
+    pub(super) bound: ListenAddr,
     stop: CancellationToken,
     task: JoinHandle<()>,
     /// What new connections get, swapped on reload (new certificates, PROXY protocol on/off).
@@ -80,11 +79,11 @@ impl ListenerSlot {
 impl State {
     pub(super) fn start_listener(
         self: &Arc<Self>,
-        configured: SocketAddr,
+        configured: ListenAddr,
         settings: ListenerSettings,
-        listener: TcpListener,
+        listener: Bound,
     ) {
-        let bound = listener.local_addr().unwrap_or(configured);
+        let bound = listener.local(&configured);
         let stop = CancellationToken::new();
         let settings = Arc::new(RwLock::new(settings));
         let task = tokio::spawn(accept::run(
@@ -154,14 +153,15 @@ impl Handle {
         if old.limits.message_buffer_budget != config.limits.message_buffer_budget {
             warn!("limits.message_buffer_budget changes take effect at restart");
         }
-        let existing: Vec<SocketAddr> = state.listeners.lock().unwrap().keys().copied().collect();
+        let existing: Vec<ListenAddr> = state.listeners.lock().unwrap().keys().cloned().collect();
         let mut fresh = Vec::new();
         for l in &config.listen {
             if !existing.contains(&l.addr) {
-                fresh.push((l.addr, ListenerSettings::of(l), bind(l.addr).await?));
+                let listener = Bound::bind(&l.addr, l.mode).await?;
+                fresh.push((l.addr.clone(), ListenerSettings::of(l), listener));
             }
         }
-        let removed: Vec<SocketAddr> = existing
+        let removed: Vec<ListenAddr> = existing
             .into_iter()
             .filter(|a| !config.listen.iter().any(|l| l.addr == *a))
             .collect();
@@ -176,15 +176,13 @@ impl Handle {
         }
         *state.config.write().unwrap() = Arc::new(config);
         for (configured, settings, listener) in fresh {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, "listening");
-            }
+            info!(addr = %listener.local(&configured), "listening");
             state.start_listener(configured, settings, listener);
         }
         for addr in removed {
             let slot = state.listeners.lock().unwrap().remove(&addr);
             if let Some(slot) = slot {
-                let bound = slot.bound;
+                let bound = slot.bound.clone();
                 slot.close().await;
                 info!(addr = %bound, "listener closed");
             }

@@ -1,7 +1,6 @@
 //! An upgraded session from start to end: the bridge or the proxy splice run on the client's
 //! connection, the route's metrics kept, and one log line written when it ends.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -16,6 +15,7 @@ use super::accept::ConnectionSlot;
 use super::balance::OnBackend;
 use super::client_limits::Held;
 use super::keepalive::Watched;
+use super::listen::{ClientStream, Peer, UnixClient};
 use super::State;
 use crate::bridge::{self, SessionLimits, Summary};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -27,7 +27,7 @@ use crate::stream::{BoxRead, BoxWrite};
 
 pub(super) struct Session {
     pub(super) state: Arc<State>,
-    pub(super) peer: SocketAddr,
+    pub(super) peer: Peer,
     /// The route's path (metrics labels, log lines) and the backend it connected to.
     pub(super) route_path: String,
     /// Shared with the session's entry in the admin list (made once per session).
@@ -104,7 +104,7 @@ impl Session {
         let control = Arc::new(SessionControl::new(self.state.sessions_stop.clone()));
         let _listed = self.state.sessions.register(
             route,
-            self.peer,
+            &self.peer,
             Arc::clone(&self.backend_name),
             control.clone(),
         );
@@ -172,33 +172,40 @@ impl Session {
     }
 }
 
-/// Takes the client connection back from hyper: the plain TCP (or TLS) stream, without the
-/// keep-alive read wrapper (no extra layer on the data path), with the bytes hyper had already read behind the request.
+/// Takes the client connection back from hyper: the plain stream (TCP or unix) or TLS over
+/// one, without the keep-alive read wrapper (no extra layer on the data path), with the
+/// bytes hyper had already read behind the request.
 fn split_upgraded(upgraded: Upgraded) -> (BoxRead, BytesMut, BoxWrite) {
-    let upgraded = match upgraded.downcast::<TokioIo<Watched<TcpStream>>>() {
-        Ok(parts) => {
-            let (read, write) = parts.io.into_inner().inner.into_split();
-            return (
-                Box::pin(read),
-                BytesMut::from(&parts.read_buf[..]),
-                Box::pin(write),
-            );
-        }
+    let upgraded = match plain::<TcpStream>(upgraded).or_else(plain::<UnixClient>) {
+        Ok(parts) => return parts,
         Err(upgraded) => upgraded,
     };
-    match upgraded.downcast::<TokioIo<Watched<TlsStream<TcpStream>>>>() {
-        Ok(parts) => {
-            // A TLS session has one state for both directions: split behind a lock.
-            let (read, write) = tokio::io::split(parts.io.into_inner().inner);
-            (
-                Box::pin(read),
-                BytesMut::from(&parts.read_buf[..]),
-                Box::pin(write),
-            )
-        }
+    match tls::<TcpStream>(upgraded).or_else(tls::<UnixClient>) {
+        Ok(parts) => parts,
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
             (Box::pin(read), BytesMut::new(), Box::pin(write))
         }
     }
+}
+
+type Parts = (BoxRead, BytesMut, BoxWrite);
+
+/// The halves of a plain stream of kind `S`, or the upgrade back when it is another kind.
+fn plain<S: ClientStream>(upgraded: Upgraded) -> Result<Parts, Upgraded> {
+    let parts = upgraded.downcast::<TokioIo<Watched<S>>>()?;
+    let (read, write) = parts.io.into_inner().inner.into_halves();
+    Ok((read, BytesMut::from(&parts.read_buf[..]), write))
+}
+
+/// The halves of TLS over a stream of kind `S`, or the upgrade back when it is another kind.
+fn tls<S: ClientStream>(upgraded: Upgraded) -> Result<Parts, Upgraded> {
+    let parts = upgraded.downcast::<TokioIo<Watched<TlsStream<S>>>>()?;
+    // A TLS session has one state for both directions: split behind a lock.
+    let (read, write) = tokio::io::split(parts.io.into_inner().inner);
+    Ok((
+        Box::pin(read),
+        BytesMut::from(&parts.read_buf[..]),
+        Box::pin(write),
+    ))
 }

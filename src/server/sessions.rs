@@ -5,11 +5,11 @@
 //! touches the table at all.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use super::listen::Peer;
 use crate::config::quick::quote;
 use crate::route::Backend;
 use crate::session_end::SessionControl;
@@ -19,7 +19,8 @@ use crate::session_end::SessionControl;
 pub(super) struct Live {
     pub(super) id: u64,
     pub(super) route: String,
-    pub(super) peer: SocketAddr,
+    /// `ip:port`, or `unix:PATH` for a unix-socket client.
+    pub(super) peer: String,
     /// Formatted only when listed (a session's start formats nothing).
     pub(super) backend: Arc<Backend>,
     pub(super) started: SystemTime,
@@ -53,7 +54,7 @@ impl Registry {
     pub(super) fn register(
         &self,
         route: &str,
-        peer: SocketAddr,
+        peer: &Peer,
         backend: Arc<Backend>,
         control: Arc<SessionControl>,
     ) -> Registered<'_> {
@@ -61,7 +62,7 @@ impl Registry {
         let live = Arc::new(Live {
             id,
             route: route.to_owned(),
-            peer,
+            peer: peer.to_string(),
             backend,
             started: SystemTime::now(),
             control,
@@ -117,7 +118,7 @@ pub(super) fn to_json(sessions: &[Arc<Live>]) -> String {
             "{{\"id\":{},\"route\":{},\"peer\":{},\"backend\":{},\"started\":\"{}\",\"bytes_from_client\":{},\"bytes_to_client\":{}}}",
             s.id,
             quote(&s.route),
-            quote(&s.peer.to_string()),
+            quote(&s.peer),
             quote(&s.backend.to_string()),
             crate::log_time::rfc3339(started),
             s.control.bytes_from_client.load(Ordering::Relaxed),
@@ -138,13 +139,13 @@ mod tests {
         let control = Arc::new(SessionControl::default());
         let a = r.register(
             "/vnc",
-            "192.0.2.1:5000".parse().unwrap(),
+            &Peer::tcp("192.0.2.1:5000".parse().unwrap()),
             Arc::new(Backend::Tcp("10.0.0.1:5900".into())),
             control.clone(),
         );
         let b = r.register(
             "/a\"b",
-            "[2001:db8::1]:1".parse().unwrap(),
+            &Peer::tcp("[2001:db8::1]:1".parse().unwrap()),
             Arc::new(Backend::Echo),
             Arc::default(),
         );

@@ -32,4 +32,5 @@ mod relay;
 mod scale_out;
 mod security;
 mod tls;
+mod unix_listen;
 mod websockify;

@@ -1,0 +1,306 @@
+//! Listening sockets of both kinds, TCP and unix, and the client streams they accept.
+//!
+//! A unix listener owns its socket file: a stale file left by a dead process is replaced at
+//! bind (a live one, or anything that is not a socket, is an error), and the file is removed
+//! when the listener closes (drain, exit, or a reload that drops it) unless another process
+//! has put its own socket there meanwhile.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::config::ListenAddr;
+use crate::stream::{BoxRead, BoxWrite};
+
+/// A bound listening socket.
+pub(super) enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, SocketFile),
+}
+
+/// A connection just accepted, with who is at the other end.
+pub(super) enum Accepted {
+    Tcp(TcpStream, Peer),
+    Unix(UnixClient, Peer),
+}
+
+/// The client end of a connection as logs and the session list show it, and the address the
+/// per-client limits and forwarding headers use. A unix-socket peer has no address of its
+/// own: it is shown as the socket's path (`unix:/run/wsgate/ws.sock`) and stands as
+/// `127.0.0.1` for the rest, until a PROXY header or a trusted forwarding header names the
+/// client.
+#[derive(Debug, Clone)]
+pub(super) struct Peer {
+    pub(super) addr: SocketAddr,
+    /// The listener's socket path (`unix:…`) when the peer is a unix-socket client.
+    pub(super) unix: Option<Arc<str>>,
+}
+
+impl Peer {
+    pub(super) fn tcp(addr: SocketAddr) -> Peer {
+        Peer { addr, unix: None }
+    }
+
+    fn unix(name: Arc<str>) -> Peer {
+        Peer {
+            addr: UNIX_STAND_IN,
+            unix: Some(name),
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.unix {
+            Some(name) => f.write_str(name),
+            None => self.addr.fmt(f),
+        }
+    }
+}
+
+/// The address a unix-socket peer (and its listener) stands as where an IP is needed.
+pub(super) const UNIX_STAND_IN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+impl Bound {
+    /// Binds `addr`; a unix socket gets `mode` as its permission bits when given.
+    pub(super) async fn bind(addr: &ListenAddr, mode: Option<u32>) -> io::Result<Bound> {
+        let bound = match addr {
+            ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Bound::Tcp),
+            ListenAddr::Unix(path) => bind_unix(path, mode),
+        };
+        bound.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+    }
+
+    /// The address actually bound (a TCP port 0 resolved).
+    pub(super) fn local(&self, configured: &ListenAddr) -> ListenAddr {
+        match self {
+            Bound::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| configured.clone(), ListenAddr::Tcp),
+            Bound::Unix(_, file) => ListenAddr::Unix(file.path.clone()),
+        }
+    }
+
+    pub(super) async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Bound::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(Accepted::Tcp(stream, Peer::tcp(peer)))
+            }
+            Bound::Unix(l, file) => {
+                let (stream, _) = l.accept().await?;
+                Ok(Accepted::Unix(
+                    UnixClient::new(stream),
+                    Peer::unix(file.name.clone()),
+                ))
+            }
+        }
+    }
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file (one nobody accepts on).
+fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<Bound> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; not replaced",
+            ))
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                ))
+            }
+            // Nobody behind it: left by a process that died without removing it.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => return Err(e),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    let meta = std::fs::symlink_metadata(path)?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        name: format!("unix:{}", path.display()).into(),
+        identity: (meta.dev(), meta.ino()),
+    };
+    Ok(Bound::Unix(listener, file))
+}
+
+/// A unix listener's socket file, removed when the listener is dropped.
+pub(super) struct SocketFile {
+    path: PathBuf,
+    /// `unix:PATH`, shared by every peer of this listener.
+    name: Arc<str>,
+    /// Device and inode of the socket this listener made: the file is removed only while
+    /// it is still that socket.
+    identity: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A stream a listener accepted: what the connection code needs beyond reading and writing.
+pub(super) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reads ahead without consuming: the next read returns these bytes again.
+    fn peek<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+
+    /// Writes what the socket buffer takes now, without waiting.
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
+
+    /// The address the client connected to (a unix socket stands as `127.0.0.1:0`).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// The two directions on their own, with nothing in between on the data path.
+    fn into_halves(self) -> (BoxRead, BoxWrite);
+}
+
+impl ClientStream for TcpStream {
+    fn peek<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        TcpStream::peek(self, buf)
+    }
+
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, bytes)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpStream::local_addr(self)
+    }
+
+    fn into_halves(self) -> (BoxRead, BoxWrite) {
+        let (read, write) = self.into_split();
+        (Box::pin(read), Box::pin(write))
+    }
+}
+
+/// A unix-socket client. The kernel can peek a unix socket, but the standard library keeps
+/// that behind an unstable feature, so bytes read ahead (a PROXY header, the first byte that
+/// tells TLS from plain) are kept here and read again first.
+pub(super) struct UnixClient {
+    ahead: BytesMut,
+    stream: UnixStream,
+}
+
+impl UnixClient {
+    fn new(stream: UnixStream) -> UnixClient {
+        UnixClient {
+            ahead: BytesMut::new(),
+            stream,
+        }
+    }
+}
+
+impl ClientStream for UnixClient {
+    async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ahead.is_empty() {
+            let mut more = vec![0u8; buf.len()];
+            let n = self.stream.read(&mut more).await?;
+            self.ahead.extend_from_slice(&more[..n]);
+        }
+        let n = buf.len().min(self.ahead.len());
+        buf[..n].copy_from_slice(&self.ahead[..n]);
+        Ok(n)
+    }
+
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        self.stream.try_write(bytes)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(UNIX_STAND_IN)
+    }
+
+    fn into_halves(self) -> (BoxRead, BoxWrite) {
+        let (read, write) = self.stream.into_split();
+        if self.ahead.is_empty() {
+            (Box::pin(read), Box::pin(write))
+        } else {
+            (
+                Box::pin(AsyncReadExt::chain(std::io::Cursor::new(self.ahead), read)),
+                Box::pin(write),
+            )
+        }
+    }
+}
+
+impl AsyncRead for UnixClient {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.ahead.is_empty() {
+            let n = buf.remaining().min(this.ahead.len());
+            buf.put_slice(&this.ahead[..n]);
+            this.ahead.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UnixClient {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
