@@ -44,8 +44,9 @@ pub struct SourceParts {
 /// Parses websockify's `host[:port[:db[:password[:namespace]]]]` or a `redis://` URL.
 pub fn parse_source(source: &str) -> Result<SourceParts, String> {
     if source.starts_with("redis://") || source.starts_with("rediss://") {
-        if source.starts_with("rediss://") {
-            return Err("rediss:// (TLS) is not built into this wsgate; use redis:// on a private network or a TLS tunnel".into());
+        if source.contains('#') {
+            // The client crate reads `#insecure` (no certificate check) from the fragment.
+            return Err("a Redis URL with a #fragment is refused (#insecure would skip the certificate check)".into());
         }
         let shown = match (source.find("://"), source.rfind('@')) {
             (Some(scheme), Some(at)) => {
@@ -238,7 +239,14 @@ mod tests {
         let url = p("redis://:hunter2@10.0.0.5:6390/3");
         assert_eq!(url.url, "redis://:hunter2@10.0.0.5:6390/3");
         assert_eq!(url.shown, "redis://***@10.0.0.5:6390/3");
-        for bad in ["", ":6379", "r:port", "r:1:db", "[::1", "rediss://r"] {
+        for bad in [
+            "",
+            ":6379",
+            "r:port",
+            "r:1:db",
+            "[::1",
+            "rediss://r:6380/#insecure",
+        ] {
             assert!(parse_source(bad).is_err(), "{bad:?}");
         }
     }

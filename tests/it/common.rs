@@ -113,6 +113,11 @@ impl GateProcess {
 
     /// As [`GateProcess::start_with`], with `RUST_LOG=rust_log`.
     pub fn start_logging(toml: &str, args: &[&str], rust_log: &str) -> GateProcess {
+        GateProcess::start_env(toml, args, &[("RUST_LOG", rust_log)])
+    }
+
+    /// `wsgate --config FILE ARGS…` with these environment variables set.
+    pub fn start_env(toml: &str, args: &[&str], env: &[(&str, &str)]) -> GateProcess {
         let dir = TempDir::new();
         let config_path = dir.path().join("wsgate.toml");
         std::fs::write(&config_path, toml).unwrap();
@@ -120,7 +125,8 @@ impl GateProcess {
         cmd.arg("--config")
             .arg(&config_path)
             .args(args)
-            .env("RUST_LOG", rust_log);
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         GateProcess::spawn(cmd, dir, config_path, toml.contains("[admin]"))
     }
 

@@ -26,7 +26,33 @@ impl Redis {
     }
 
     fn start_on(port: u16, password: Option<&'static str>) -> Redis {
+        Redis::start_with(port, password, &[])
+    }
+
+    /// Also serving TLS on `tls_port` with the test CA's `server.crt` from `certs`.
+    fn start_tls(certs: &Path, tls_port: u16) -> Redis {
+        let file = |name: &str| certs.join(name).display().to_string();
+        Redis::start_with(
+            unused_addr().port(),
+            None,
+            &[
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                file("server.crt"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.crt"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+        )
+    }
+
+    fn start_with(port: u16, password: Option<&'static str>, extra: &[String]) -> Redis {
         let mut cmd = Command::new("redis-server");
+        cmd.args(extra);
         cmd.args([
             "--port",
             &port.to_string(),
@@ -168,6 +194,42 @@ async fn redis_values_in_both_forms_changes_and_deletes_apply_to_the_next_sessio
     ] {
         assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
     }
+}
+
+/// `rediss://`: the certificate is checked against the system's roots (`SSL_CERT_FILE`
+/// names a bundle, as for every TLS client built on rustls-native-certs). A Redis whose
+/// certificate is not trusted gets no lookup: 503, as an unreachable one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_checks_the_servers_certificate() {
+    let certs = TempDir::new();
+    gen_certs(certs.path(), "ec", "server", "localhost 127.0.0.1");
+    let tls_port = unused_addr().port();
+    let redis = Redis::start_tls(certs.path(), tls_port);
+    let a = named("alpha").await;
+    redis.cmd(&["SET", "t1", &a.to_string()]);
+    let backend = format!("token-redis:rediss://localhost:{tls_port}/0");
+    let ca = certs.path().join("ca.crt").display().to_string();
+    let trusted = GateProcess::start_env(
+        &gate_toml(&backend, "connect_timeout = \"2s\""),
+        &[],
+        &[("SSL_CERT_FILE", &ca)],
+    );
+    assert_eq!(through(trusted.addr, "t1").await, (101, b"alpha".to_vec()));
+    assert_eq!(through(trusted.addr, "t2").await.0, 404);
+
+    // Another CA's bundle: the same server is not believed.
+    let other = TempDir::new();
+    gen_certs(other.path(), "ec", "server", "localhost");
+    let other_ca = other.path().join("ca.crt").display().to_string();
+    let untrusted = GateProcess::start_env(
+        &gate_toml(&backend, "connect_timeout = \"2s\""),
+        &[],
+        &[("SSL_CERT_FILE", &other_ca)],
+    );
+    let started = std::time::Instant::now();
+    let r = raw_request(untrusted.addr, upgrade_request("/?token=t1", "").as_bytes()).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
