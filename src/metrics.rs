@@ -29,6 +29,13 @@ pub(crate) struct RouteLabel {
     pub route: String,
 }
 
+/// A session's route and the HTTP version its handshake came over (`1.1` or `2`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SessionLabels {
+    pub route: String,
+    pub http_version: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RejectionLabels {
     /// The route path, or "none" when no route matched.
@@ -68,6 +75,11 @@ pub(crate) struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabel {
     pub result: String,
 }
@@ -100,15 +112,15 @@ pub(crate) struct Metrics {
     names: Vec<&'static str>,
     /// Accepted client connections now open (handshaking and upgraded).
     pub connections: Gauge,
-    pub sessions_open: Family<RouteLabel, Gauge>,
-    pub sessions_total: Family<RouteLabel, Counter>,
+    pub sessions_open: Family<SessionLabels, Gauge>,
+    pub sessions_total: Family<SessionLabels, Counter>,
     pub rejections: Family<RejectionLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
     pub messages: Family<DirectionLabels, Counter>,
     pub deflate_bytes: Family<DeflateLabels, Counter>,
     pub close_codes: Family<CloseLabels, Counter>,
     pub backend_connect_seconds: Family<RouteLabel, Histogram, Buckets>,
-    pub session_seconds: Family<RouteLabel, Histogram, Buckets>,
+    pub session_seconds: Family<SessionLabels, Histogram, Buckets>,
     pub handshake_timeouts: Counter,
     pub send_timeouts: Counter,
     pub tls_failures: Counter,
@@ -124,8 +136,13 @@ pub(crate) struct Metrics {
     pub token_lookups: Family<LookupLabels, Counter>,
     pub token_lookup_seconds: Family<RouteLabel, Histogram, Buckets>,
     pub last_reload_success: Gauge,
-    /// Each route's session metrics, found by its path (see [`RouteMetrics`]).
-    by_route: RwLock<HashMap<String, Arc<RouteMetrics>>>,
+    /// HTTP/2 connections accepted, open now, and their streams (requests and WebSockets).
+    pub h2_connections: Counter,
+    pub h2_connections_open: Gauge,
+    pub h2_streams: Family<KindLabel, Counter>,
+    /// Each route's session metrics, found by its path and HTTP version (see
+    /// [`RouteMetrics`]).
+    by_route: RwLock<HashMap<(String, &'static str), Arc<RouteMetrics>>>,
 }
 
 /// One route's session metrics, found once per session (one map lookup) instead of once per
@@ -187,6 +204,9 @@ impl Metrics {
             token_lookups: Family::default(),
             token_lookup_seconds: Family::new_with_constructor(Buckets(seconds_buckets)),
             last_reload_success: Gauge::default(),
+            h2_connections: Counter::default(),
+            h2_connections_open: Gauge::default(),
+            h2_streams: Family::default(),
             by_route: RwLock::default(),
         };
         register(
@@ -200,14 +220,14 @@ impl Metrics {
             &mut registry,
             &mut names,
             "sessions_open",
-            "Upgraded sessions now open, per route",
+            "Upgraded sessions now open, per route and HTTP version",
             m.sessions_open.clone(),
         );
         register(
             &mut registry,
             &mut names,
             "sessions",
-            "Upgraded sessions, per route",
+            "Upgraded sessions, per route and HTTP version",
             m.sessions_total.clone(),
         );
         register(
@@ -257,8 +277,29 @@ impl Metrics {
             &mut registry,
             &mut names,
             "session_duration_seconds",
-            "Session duration, per route",
+            "Session duration, per route and HTTP version",
             m.session_seconds.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "http2_connections",
+            "HTTP/2 client connections accepted",
+            m.h2_connections.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "http2_connections_open",
+            "HTTP/2 client connections now open",
+            m.h2_connections_open.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "http2_streams",
+            "HTTP/2 streams opened by clients, by kind (websocket: extended CONNECT; request: anything else)",
+            m.h2_streams.clone(),
         );
         register(
             &mut registry,
@@ -386,19 +427,25 @@ impl Metrics {
         out
     }
 
-    /// The session metrics of the route at `path`, made on its first session.
-    pub(crate) fn for_route(&self, path: &str) -> Arc<RouteMetrics> {
+    /// The session metrics of the route at `path` for sessions over `http_version` (`1.1`
+    /// or `2`), made on its first such session.
+    pub(crate) fn for_route(&self, path: &str, http_version: &'static str) -> Arc<RouteMetrics> {
+        let key = (path.to_owned(), http_version);
         let known = self.by_route.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(found) = known.get(path) {
+        if let Some(found) = known.get(&key) {
             return found.clone();
         }
         drop(known);
         let label = Metrics::route(path);
+        let session = SessionLabels {
+            route: path.to_owned(),
+            http_version,
+        };
         // One statement per lookup: `get_or_create` holds the family's lock until its guard
         // is dropped, and a second lookup that inserts would wait for it forever.
-        let sessions_total = self.sessions_total.get_or_create(&label).clone();
-        let sessions_open = self.sessions_open.get_or_create(&label).clone();
-        let session_seconds = self.session_seconds.get_or_create(&label).clone();
+        let sessions_total = self.sessions_total.get_or_create(&session).clone();
+        let sessions_open = self.sessions_open.get_or_create(&session).clone();
+        let session_seconds = self.session_seconds.get_or_create(&session).clone();
         let backend_connect_seconds = self.backend_connect_seconds.get_or_create(&label).clone();
         let made = Arc::new(RouteMetrics {
             sessions_total,
@@ -411,7 +458,7 @@ impl Metrics {
             .by_route
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        known.entry(path.to_owned()).or_insert(made).clone()
+        known.entry(key).or_insert(made).clone()
     }
 
     pub(crate) fn route(route: &str) -> RouteLabel {

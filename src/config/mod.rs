@@ -75,6 +75,10 @@ pub struct Listener {
     /// A TLS listener that also takes plain connections on the same port, told apart by
     /// their first byte (websockify with `--cert` but without `--ssl-only`; default false).
     pub allow_plain: bool,
+    /// HTTP/2 beside HTTP/1.1: offered by ALPN on TLS listeners (default there), taken with
+    /// prior knowledge (h2c) on plain ones (default off there). WebSockets over it per
+    /// RFC 8441.
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +136,9 @@ pub struct Limits {
     pub compression_window_bits: u8,
     pub compression_context_takeover: bool,
     pub compression_min_size: u64,
+    /// HTTP/2: streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS;
+    /// default 100).
+    pub max_streams_per_connection: u32,
 }
 
 impl Limits {
@@ -167,6 +174,7 @@ impl Default for Limits {
             compression_window_bits: 15,
             compression_context_takeover: false,
             compression_min_size: 64,
+            max_streams_per_connection: 100,
         }
     }
 }
@@ -226,6 +234,7 @@ struct RawListener {
     #[serde(default)]
     proxy_protocol: bool,
     allow_plain: Option<toml::Spanned<bool>>,
+    http2: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +278,7 @@ struct RawLimits {
     compression_window_bits: Option<toml::Spanned<u8>>,
     compression_context_takeover: Option<bool>,
     compression_min_size: Option<Size>,
+    max_streams_per_connection: Option<toml::Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -380,7 +390,7 @@ impl Config {
                     format!("listen.addr {addr} is listed twice (for two listeners on free ports, give two addresses, e.g. 127.0.0.1:0 and 127.0.0.2:0)"),
                 ));
             }
-            let tls = match &l.tls {
+            let mut tls = match &l.tls {
                 None => None,
                 Some(t) => {
                     let raw = t.get_ref();
@@ -421,9 +431,22 @@ impl Config {
                     "listen.allow_plain with tls.client_ca would let plain clients in without a certificate: give one or the other".into(),
                 ));
             }
+            let http2 = l.http2.unwrap_or(tls.is_some());
+            if let Some(t) = &tls {
+                if http2 {
+                    // ALPN offers h2 first; http/1.1 stays for clients without it.
+                    let mut server = (*t.server).clone();
+                    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                    tls = Some(ListenerTls {
+                        files: t.files.clone(),
+                        server: Arc::new(server),
+                    });
+                }
+            }
             listen.push(Listener {
                 addr,
                 mode,
+                http2,
                 tls,
                 proxy_protocol: l.proxy_protocol,
                 allow_plain,
@@ -514,6 +537,16 @@ impl Config {
             compression_min_size: r
                 .compression_min_size
                 .map_or(d.compression_min_size, |x| x.0),
+            max_streams_per_connection: match &r.max_streams_per_connection {
+                None => d.max_streams_per_connection,
+                Some(n) if *n.get_ref() == 0 => {
+                    return Err(invalid(
+                        Some(n.span()),
+                        "limits.max_streams_per_connection must be at least 1".into(),
+                    ))
+                }
+                Some(n) => *n.get_ref(),
+            },
         };
         if let Some(bits) = &r.compression_window_bits {
             if !(9..=15).contains(bits.get_ref()) {

@@ -113,12 +113,6 @@ pub fn check(
         Ok(_) => return Err(bad("host", "missing Host header")),
         Err(()) => return Err(bad("host", "more than one Host header")),
     }
-    let version_426 = |reason: &str| {
-        Rejection::new(S::UPGRADE_REQUIRED, "version", reason).with_header(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        )
-    };
     if headers.contains_key("sec-websocket-key1") || headers.contains_key("sec-websocket-key2") {
         return Err(version_426(
             "hixie-76 WebSocket is not supported; use RFC 6455 (version 13)",
@@ -142,15 +136,7 @@ pub fn check(
         // Bytes after the head are WebSocket frames; a body would make them ambiguous.
         return Err(bad("body", "WebSocket handshake must not have a body"));
     }
-    match single(headers, &header::SEC_WEBSOCKET_VERSION) {
-        Ok(Some(v)) if v.as_bytes().trim_ascii() == b"13" => {}
-        Ok(None) => return Err(version_426("missing Sec-WebSocket-Version (must be 13)")),
-        _ => {
-            return Err(version_426(
-                "unsupported Sec-WebSocket-Version (must be 13)",
-            ))
-        }
-    }
+    check_version(headers)?;
     let key = match single(headers, &header::SEC_WEBSOCKET_KEY) {
         Ok(Some(k)) => k.as_bytes().trim_ascii(),
         Ok(None) => return Err(bad("key", "missing Sec-WebSocket-Key")),
@@ -159,32 +145,78 @@ pub fn check(
     if !BASE64.decode(key).is_ok_and(|raw| raw.len() == 16) {
         return Err(bad("key", "Sec-WebSocket-Key must be base64 of 16 bytes"));
     }
+    let protocol = check_origin_and_protocol(headers, route)?;
+    Ok(Accepted {
+        accept: accept_key(key),
+        protocol,
+    })
+}
+
+/// The 426 that names the version wsgate speaks.
+fn version_426(reason: &str) -> Rejection {
+    Rejection::new(StatusCode::UPGRADE_REQUIRED, "version", reason).with_header(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    )
+}
+
+/// `Sec-WebSocket-Version: 13`, once.
+fn check_version(headers: &HeaderMap) -> Result<(), Rejection> {
+    match single(headers, &header::SEC_WEBSOCKET_VERSION) {
+        Ok(Some(v)) if v.as_bytes().trim_ascii() == b"13" => Ok(()),
+        Ok(None) => Err(version_426("missing Sec-WebSocket-Version (must be 13)")),
+        _ => Err(version_426(
+            "unsupported Sec-WebSocket-Version (must be 13)",
+        )),
+    }
+}
+
+/// The route's Origin rule (403), then the subprotocol chosen from the client's offer (400
+/// when the route lists some and none is offered).
+fn check_origin_and_protocol(
+    headers: &HeaderMap,
+    route: &Route,
+) -> Result<Option<String>, Rejection> {
     let origin = match single(headers, &header::ORIGIN) {
         Ok(o) => o.map(|v| v.to_str().unwrap_or("\u{fffd}")),
         Err(()) => {
             return Err(Rejection::new(
-                S::FORBIDDEN,
+                StatusCode::FORBIDDEN,
                 "origin",
                 "more than one Origin header",
             ))
         }
     };
     if !route.origin_allowed(origin) {
-        return Err(Rejection::new(S::FORBIDDEN, "origin", "origin not allowed"));
+        return Err(Rejection::new(
+            StatusCode::FORBIDDEN,
+            "origin",
+            "origin not allowed",
+        ));
     }
-    let protocol = route
+    route
         .choose_subprotocol(header_tokens(headers, &header::SEC_WEBSOCKET_PROTOCOL))
         .map_err(|_| {
-            bad(
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
                 "subprotocol",
-                &format!(
+                format!(
                     "no offered subprotocol is accepted; accepted: {}",
                     route.subprotocols.join(", ")
                 ),
             )
-        })?;
+        })
+}
+
+/// Checks an HTTP/2 extended CONNECT (RFC 8441 §4) against `route`, as [`check`] does an
+/// HTTP/1.1 upgrade: the caller has seen `:method CONNECT` with `:protocol websocket`; there
+/// is no key to answer (the stream is the connection), so `accept` is empty. Version 13,
+/// Origin and the subprotocol are checked the same way, with the same answers.
+pub fn check_h2(headers: &HeaderMap, route: &Route) -> Result<Accepted, Rejection> {
+    check_version(headers)?;
+    let protocol = check_origin_and_protocol(headers, route)?;
     Ok(Accepted {
-        accept: accept_key(key),
+        accept: String::new(),
         protocol,
     })
 }

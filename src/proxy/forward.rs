@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header;
+use hyper::header::{self, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -84,12 +84,13 @@ pub(crate) async fn upgrade(
     let offered: Vec<String> = header_tokens(req.headers(), &header::SEC_WEBSOCKET_PROTOCOL)
         .map(str::to_owned)
         .collect();
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| k.as_bytes().trim_ascii().to_vec())
-        .unwrap_or_default();
-    let request = backend_request(
+    // An HTTP/2 client has no key (its stream is the connection): the app's HTTP/1.1
+    // upgrade gets one of wsgate's, checked against the app's answer the same way.
+    let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) => k.as_bytes().trim_ascii().to_vec(),
+        None => fresh_key().into_bytes(),
+    };
+    let mut request = backend_request(
         req,
         Empty::<Bytes>::new(),
         route,
@@ -98,6 +99,9 @@ pub(crate) async fn upgrade(
         client.tls,
         true,
     );
+    if let Ok(k) = HeaderValue::from_bytes(&key) {
+        request.headers_mut().insert(header::SEC_WEBSOCKET_KEY, k);
+    }
     let response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(http_failed(e)),
@@ -146,6 +150,16 @@ where
         Ok(answer) => answer.map_err(http_failed),
         Err(_) => Err(app_timeout()),
     }
+}
+
+/// A `Sec-WebSocket-Key`: base64 of 16 random bytes.
+fn fresh_key() -> String {
+    use base64::Engine;
+    let mut raw = [0u8; 16];
+    // The system's generator failing is as unlikely as it is harmless here: the key only
+    // has to differ between handshakes the app sees, so a fixed fallback still works.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw);
+    base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
 fn app_timeout() -> ForwardError {

@@ -90,7 +90,25 @@ pub(crate) fn backend_request<T, B>(
     };
     let mut headers = head.headers().clone();
     strip_hop_by_hop(&mut headers);
-    let original_host = head.headers().get(header::HOST).cloned();
+    // HTTP/2 names the host in `:authority`; HTTP/1.1 in Host.
+    let original_host = head.headers().get(header::HOST).cloned().or_else(|| {
+        head.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    // HTTP/2 may split Cookie into one field per cookie; HTTP/1.1 wants one (RFC 9113
+    // §8.2.3).
+    if headers.get_all(header::COOKIE).iter().count() > 1 {
+        let joined: Vec<&[u8]> = head
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(header::HOST, host);
     }
@@ -132,7 +150,12 @@ pub(crate) fn backend_request<T, B>(
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     let mut request = Request::new(body);
-    *request.method_mut() = head.method().clone();
+    // An HTTP/2 WebSocket's CONNECT is an HTTP/1.1 GET upgrade to the app (as HAProxy and
+    // Envoy translate it).
+    *request.method_mut() = match upgrade {
+        true => hyper::Method::GET,
+        false => head.method().clone(),
+    };
     *request.uri_mut() = backend_path(route, head.uri())
         .parse()
         .unwrap_or_else(|_| Uri::from_static("/"));

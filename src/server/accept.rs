@@ -144,7 +144,7 @@ pub(super) struct ConnectionSlot {
 
 impl ConnectionSlot {
     /// A place under the cap, or `None` when the cap is reached.
-    fn take(state: &Arc<State>) -> Option<ConnectionSlot> {
+    pub(super) fn take(state: &Arc<State>) -> Option<ConnectionSlot> {
         let max = state.config().limits.max_connections;
         state
             .open_connections

@@ -15,6 +15,7 @@ use tracing::{debug, info, Instrument, Span};
 
 use super::accept::ConnectionSlot;
 use super::client_limits::Held;
+use super::h2::{self, Streams};
 use super::keepalive::{watched, Expired, KeepAlive};
 use super::listen::{ClientStream, Peer};
 use super::reload::ListenerSettings;
@@ -51,7 +52,12 @@ pub(super) struct Conn {
     pub(super) held: Mutex<Option<Held>>,
     /// The session its upgrade request agreed on, run by this connection's task after hyper.
     pub(super) session: Mutex<Option<Pending>>,
+    /// HTTP/2 connections: the streams open now (`None` on HTTP/1.1).
+    pub(super) streams: Option<Arc<Streams>>,
 }
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves one accepted connection to its end, in one task: its requests, then the session
 /// one of them upgraded to. Cancel-safe: dropping it drops the connection.
@@ -128,8 +134,9 @@ async fn serve_requests<S: ClientStream>(
     }
     let shared = state.clone();
     let shown = peer.clone();
-    let conn = |tls: bool, client_cert_names: Vec<String>| {
+    let conn = |tls: bool, client_cert_names: Vec<String>, http2: bool| {
         Arc::new(Conn {
+            streams: http2.then(|| Arc::new(Streams::new())),
             slot: Mutex::new(Some(slot)),
             held: Mutex::new(None),
             session: Mutex::new(None),
@@ -160,8 +167,22 @@ async fn serve_requests<S: ClientStream>(
     };
     match tls {
         None => {
-            let conn = conn(false, Vec::new());
+            let http2 = match settings.http2 {
+                false => false,
+                true => match tokio::time::timeout_at(deadline, h2_preface(&mut stream)).await {
+                    Ok(Ok(h2)) => h2,
+                    _ => {
+                        debug!(peer = %shown, "closed before the first request");
+                        return None;
+                    }
+                },
+            };
+            let conn = conn(false, Vec::new(), http2);
             let io = watched(stream, &conn.keepalive);
+            if http2 {
+                h2::serve(conn, io, deadline).await;
+                return None;
+            }
             serve_http(conn, io, deadline).await
         }
         Some(acceptor) => {
@@ -176,9 +197,15 @@ async fn serve_requests<S: ClientStream>(
                     None
                 }
                 Ok(Ok(stream)) => {
-                    let names = cert_names(stream.get_ref().1.peer_certificates());
-                    let conn = conn(true, names);
+                    let session = stream.get_ref().1;
+                    let names = cert_names(session.peer_certificates());
+                    let http2 = session.alpn_protocol() == Some(b"h2");
+                    let conn = conn(true, names, http2);
                     let io = watched(stream, &conn.keepalive);
+                    if http2 {
+                        h2::serve(conn, io, deadline).await;
+                        return None;
+                    }
                     serve_http(conn, io, deadline).await
                 }
                 Ok(Err(e)) => {
@@ -194,6 +221,27 @@ async fn serve_requests<S: ClientStream>(
                 }
             }
         }
+    }
+}
+
+/// Whether a plain connection starts with HTTP/2's preface (prior knowledge, h2c): peeked,
+/// so the bytes stay for hyper. A request that is not HTTP/2 differs from the preface within
+/// its first bytes; one that is has it whole in its first packet almost always, else it is
+/// peeked again a moment later. `Err` when the connection closes first.
+async fn h2_preface<S: ClientStream>(stream: &mut S) -> std::io::Result<bool> {
+    let mut first = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
 

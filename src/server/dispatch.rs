@@ -9,12 +9,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::accept::ConnectionSlot;
 use super::balance::OnBackend;
-use super::client_limits::OverLimit;
+use super::client_limits::{Held, OverLimit};
 use super::conn::Conn;
 use super::keepalive::{mark_end, WatchedBody};
 use super::listen::Peer;
@@ -26,6 +27,7 @@ use crate::bridge::SessionLimits;
 use crate::edge::path::{canonical, PathError};
 use crate::files::StaticDir;
 use crate::forwarded::forwarded_client;
+use crate::metrics::KindLabel;
 use crate::params::{cookie, query_param};
 use crate::protocol::deflate::{self, Agreed};
 use crate::protocol::handshake::{self, has_token, Accepted, Rejection};
@@ -35,8 +37,36 @@ use crate::route::{Backend, Route};
 use crate::targets::LookupError;
 
 pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
-    let last_request = conn.keepalive.request_started();
+    // HTTP/2: this stream is open until the request is answered (or, for a WebSocket, until
+    // its session ends); HTTP/1.1 keeps its keep-alive phases instead.
+    let stream = conn.streams.as_ref().map(|s| s.open());
+    let http2 = stream.is_some();
+    let last_request = !http2 && conn.keepalive.request_started();
     let state = &conn.state;
+    let is_upgrade = match http2 {
+        true => is_extended_connect(&req),
+        false => has_token(req.headers(), &header::UPGRADE, "websocket"),
+    };
+    if http2 {
+        let kind = if is_upgrade { "websocket" } else { "request" };
+        state
+            .metrics
+            .h2_streams
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+    if req.method() == Method::CONNECT && !is_upgrade {
+        // No tunnels: CONNECT is taken only as a WebSocket handshake (RFC 8441).
+        return refuse(
+            &conn,
+            None,
+            Rejection::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                "CONNECT is taken only with :protocol websocket (RFC 8441)",
+            ),
+        );
+    }
     // One canonical path from here on: the route, auth, limits, files and the app all see it.
     if let Err(e) = canonicalize_target(&mut req) {
         return refuse(
@@ -60,13 +90,13 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         }
         _ => conn.peer.clone(),
     };
-    let is_upgrade = has_token(req.headers(), &header::UPGRADE, "websocket");
     // A page's files are not handshakes: only upgrades and proxied requests count against
     // the per-client handshake rate (and, below, credential checks on any request).
     let rated = is_upgrade || route.static_dir.is_none();
-    if let Err(over) = within_client_limits(&conn, client.addr, route, rated) {
-        return refuse(&conn, Some(&route.path), over_limit(over));
-    }
+    let stream_held = match within_client_limits(&conn, client.addr, route, rated) {
+        Ok(held) => held,
+        Err(over) => return refuse(&conn, Some(&route.path), over_limit(over)),
+    };
     let forwarded_for = ForwardedFor {
         peer: conn.peer.addr,
         trusted: conn.peer_trusted,
@@ -108,6 +138,9 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             Some(dir) => serve_static(&req, route, dir).await,
             None => proxy_http(&conn, req, route, forwarded_for, addrs).await,
         };
+        if http2 {
+            return response;
+        }
         if last_request {
             response
                 .headers_mut()
@@ -116,9 +149,30 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         let (parts, body) = response.into_parts();
         return Response::from_parts(parts, mark_end(body, conn.keepalive.clone()));
     }
-    let accepted = match handshake::check(req.method(), req.version(), req.headers(), route) {
+    let checked = match http2 {
+        true => handshake::check_h2(req.headers(), route),
+        false => handshake::check(req.method(), req.version(), req.headers(), route),
+    };
+    let accepted = match checked {
         Ok(a) => a,
         Err(rejection) => return refuse(&conn, Some(&route.path), rejection),
+    };
+    // An HTTP/2 WebSocket takes a place under max_connections of its own (its connection
+    // holds one already), so sessions stay bounded however they are multiplexed.
+    let stream_slot = match http2 {
+        false => None,
+        true => match ConnectionSlot::take(state) {
+            Some(slot) => Some(slot),
+            None => {
+                let over = Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "over_capacity",
+                    "too many connections; try again later",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from(1));
+                return refuse(&conn, Some(&route.path), over);
+            }
+        },
     };
     let token_route;
     let route = match &route.backend {
@@ -140,7 +194,8 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         Ok(c) => c,
         Err(response) => return response,
     };
-    let route_metrics = state.metrics.for_route(&route.path);
+    let http_version = if http2 { "2" } else { "1.1" };
+    let route_metrics = state.metrics.for_route(&route.path, http_version);
     route_metrics
         .backend_connect_seconds
         .observe(connect_started.elapsed().as_secs_f64());
@@ -155,15 +210,21 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         ),
         _ => None,
     };
-    let response = switching_protocols(&accepted, proxy_accept, deflate.as_ref());
+    let response = switching_protocols(&accepted, proxy_accept, deflate.as_ref(), http2);
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
-    let held = conn.held.lock().ok().and_then(|mut h| h.take());
-    let places = (slot, held, on_backend);
+    let places = match http2 {
+        true => (stream_slot, stream_held, on_backend),
+        false => {
+            let slot = conn.slot.lock().ok().and_then(|mut s| s.take());
+            let held = conn.held.lock().ok().and_then(|mut h| h.take());
+            (slot, held, on_backend)
+        }
+    };
     let session = Session {
         state: state.clone(),
         peer: client,
+        http_version,
         limits: SessionLimits {
             max_message_size: limits.max_message_size,
             idle_timeout: limits.idle_timeout,
@@ -177,16 +238,40 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         backend_name: Arc::new(route.backend.clone()),
         metrics: route_metrics,
     };
-    // The connection's task runs it once hyper has handed the connection over.
-    if let Ok(mut pending) = conn.session.lock() {
-        *pending = Some(Pending {
-            session,
-            on_upgrade,
-            backend,
-            places,
-        });
+    let pending = Pending {
+        session,
+        on_upgrade,
+        backend,
+        places,
+    };
+    match stream {
+        // HTTP/2: the stream's session runs on a task of its own (the connection goes on),
+        // and the stream counts as open until it ends.
+        Some(stream) => {
+            let run = pending.run(tracing::Span::current());
+            state.tracker.spawn(async move {
+                run.await;
+                drop(stream);
+            });
+        }
+        // HTTP/1.1: the connection's task runs it once hyper has handed the connection over.
+        None => {
+            if let Ok(mut slot) = conn.session.lock() {
+                *slot = Some(pending);
+            }
+        }
     }
     response
+}
+
+/// An HTTP/2 extended CONNECT for a WebSocket (RFC 8441): `:method CONNECT` with
+/// `:protocol websocket`.
+fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
 }
 
 /// Replaces the request's target with its canonical path (and its query, unchanged); an
@@ -205,22 +290,30 @@ fn canonicalize_target<B>(req: &mut Request<B>) -> Result<(), PathError> {
     Ok(())
 }
 
-/// The client's 101: the accept key, and the subprotocol (and, on proxy routes, the
+/// The client's 101 (HTTP/1.1: with the accept key) or 200 (HTTP/2, RFC 8441: the stream is
+/// the connection, there is no key), and the subprotocol (and, on proxy routes, the
 /// extensions) chosen.
 fn switching_protocols(
     accepted: &Accepted,
     proxy: Option<BackendAccept>,
     deflate: Option<&Agreed>,
+    http2: bool,
 ) -> Response<Body> {
     let mut response = Response::new(full(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accepted.accept).expect("base64 is a valid header value"),
-    );
+    if !http2 {
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&accepted.accept).expect("base64 is a valid header value"),
+        );
+    }
+    *response.status_mut() = match http2 {
+        true => StatusCode::OK,
+        false => StatusCode::SWITCHING_PROTOCOLS,
+    };
+    let headers = response.headers_mut();
     match proxy {
         // A proxy route answers with the app's choice (checked against the offer and route).
         Some(accept) => {
@@ -403,11 +496,18 @@ fn within_client_limits(
     client: SocketAddr,
     route: &Route,
     rated: bool,
-) -> Result<(), OverLimit> {
+) -> Result<Option<Held>, OverLimit> {
     let limits = &conn.config.limits;
     let counts = &conn.state.client_limits;
     if rated {
         counts.handshake(client.ip(), limits)?;
+    }
+    if conn.streams.is_some() {
+        // HTTP/2: each stream is a request (or a WebSocket) of its own and holds its own
+        // place while it is open, as an HTTP/1.1 connection would.
+        return counts
+            .hold(client.ip(), &route.path, route.max_connections, limits)
+            .map(Some);
     }
     let mut held = conn.held.lock().unwrap();
     if !held
@@ -419,7 +519,7 @@ fn within_client_limits(
         *held = None;
         *held = Some(counts.hold(client.ip(), &route.path, route.max_connections, limits)?);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The refusal for a request over a limit: 503 for connections, 429 for the rate, each with

@@ -124,6 +124,14 @@ impl KeepAlive {
         self.body_open.store(false, Ordering::Release);
     }
 
+    /// Whether a write to the client has been blocked for `send_timeout` (HTTP/2
+    /// connections, whose requests are not timed here).
+    pub(super) fn write_stalled(&self, send_timeout: Duration) -> bool {
+        let blocked = self.write_blocked_since.load(Ordering::Relaxed);
+        blocked != 0
+            && self.now_ms() - blocked.min(self.now_ms()) >= send_timeout.as_millis() as u64
+    }
+
     /// Whether what waits on the client has been stuck past `send_timeout`.
     fn stalled(&self, send_timeout: Duration) -> Option<Expired> {
         let now = self.now_ms();

@@ -227,10 +227,17 @@ impl UnixClient {
 
 impl ClientStream for UnixClient {
     async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // As a socket's peek: waits for a first byte, then returns what has arrived.
+        let mut more = vec![0u8; buf.len().saturating_sub(self.ahead.len())];
         if self.ahead.is_empty() {
-            let mut more = vec![0u8; buf.len()];
             let n = self.stream.read(&mut more).await?;
             self.ahead.extend_from_slice(&more[..n]);
+        } else if !more.is_empty() {
+            match self.stream.try_read(&mut more) {
+                Ok(n) => self.ahead.extend_from_slice(&more[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
         let n = buf.len().min(self.ahead.len());
         buf[..n].copy_from_slice(&self.ahead[..n]);

@@ -5,6 +5,7 @@
 //! listen.rs    TCP and unix listeners, the socket file, the client stream kinds
 //! accept.rs    accept loop, backoff, ConnectionSlot (max_connections)
 //! conn.rs      TLS and the handshake deadline, hyper's HTTP/1.1 connection
+//! h2.rs        HTTP/2 connections: streams, RFC 8441 WebSockets, GOAWAY on idle and drain
 //! balance.rs   several backends per route: order, failover, ejection
 //! client_limits.rs  per-client and per-route limits
 //! dispatch.rs  one request: route, checks, backend connect, the 101 or a refusal
@@ -44,6 +45,7 @@ mod balance;
 mod client_limits;
 mod conn;
 mod dispatch;
+mod h2;
 mod keepalive;
 mod listen;
 mod reload;
@@ -77,6 +79,8 @@ struct State {
     tracker: TaskTracker,
     /// Cancelled when draining ends: live sessions send close 1001.
     sessions_stop: CancellationToken,
+    /// Cancelled when draining starts: HTTP/2 connections send GOAWAY.
+    drain_started: CancellationToken,
     draining: AtomicBool,
     next_id: AtomicU64,
     metrics: Metrics,
@@ -131,6 +135,7 @@ impl Server {
             open_connections: AtomicUsize::new(0),
             tracker: TaskTracker::new(),
             sessions_stop: CancellationToken::new(),
+            drain_started: CancellationToken::new(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             metrics: Metrics::new(),
@@ -182,6 +187,7 @@ impl Server {
         });
         stop.await;
         state.draining.store(true, Ordering::Release);
+        state.drain_started.cancel();
         let slots: Vec<ListenerSlot> = state
             .listeners
             .lock()

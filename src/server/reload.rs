@@ -49,6 +49,8 @@ pub(super) struct ListenerSettings {
     /// The listener checks client certificates (`client_ca`): a handshake that ends without
     /// one is closed, whatever rustls decided.
     pub(super) client_ca: bool,
+    /// HTTP/2: by ALPN on TLS, with prior knowledge on plain connections.
+    pub(super) http2: bool,
 }
 
 impl ListenerSettings {
@@ -59,6 +61,7 @@ impl ListenerSettings {
                 .as_ref()
                 .map(|t| TlsAcceptor::from(t.server.clone())),
             proxy_protocol: listener.proxy_protocol,
+            http2: listener.http2,
             allow_plain: listener.allow_plain,
             client_ca: listener
                 .tls

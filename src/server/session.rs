@@ -28,6 +28,8 @@ use crate::stream::{BoxRead, BoxWrite};
 pub(super) struct Session {
     pub(super) state: Arc<State>,
     pub(super) peer: Peer,
+    /// `1.1` or `2`: what the handshake came over (log line and metrics).
+    pub(super) http_version: &'static str,
     /// The route's path (metrics labels, log lines) and the backend it connected to.
     pub(super) route_path: String,
     /// Shared with the session's entry in the admin list (made once per session).
@@ -98,7 +100,7 @@ impl Session {
             counters = counters.with_deflate(m, route);
         }
         span.in_scope(|| {
-            info!(peer = %self.peer, route = %route, backend = %self.backend_name, "upgraded");
+            info!(peer = %self.peer, route = %route, backend = %self.backend_name, http_version = self.http_version, "upgraded");
         });
         // Listed on the admin listener while it runs; its stop is the drain's child.
         let control = Arc::new(SessionControl::new(self.state.sessions_stop.clone()));
@@ -158,6 +160,7 @@ impl Session {
                 peer = %self.peer,
                 route = %route,
                 backend = %self.backend_name,
+                http_version = self.http_version,
                 bytes_in = summary.bytes_from_client,
                 bytes_out = summary.bytes_to_client,
                 messages_in = summary.messages_from_client,

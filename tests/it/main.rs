@@ -20,6 +20,7 @@ mod fleet;
 mod fuzz_corpus;
 mod handshake;
 mod hardening;
+mod http2;
 mod limits;
 mod lines;
 mod novnc;

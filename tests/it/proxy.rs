@@ -11,11 +11,11 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
+pub type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 /// A ws app (tokio-tungstenite server) that echoes, records the request line and headers it
 /// got, and picks `protocol` when the client offers it.
-async fn ws_app(protocol: Option<&'static str>) -> (std::net::SocketAddr, Seen) {
+pub async fn ws_app(protocol: Option<&'static str>) -> (std::net::SocketAddr, Seen) {
     let seen: Seen = Arc::default();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -51,7 +51,7 @@ async fn ws_app(protocol: Option<&'static str>) -> (std::net::SocketAddr, Seen) 
     (addr, seen)
 }
 
-fn header(seen: &Seen, name: &str) -> Option<String> {
+pub fn header(seen: &Seen, name: &str) -> Option<String> {
     seen.lock()
         .unwrap()
         .iter()

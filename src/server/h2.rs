@@ -1,0 +1,199 @@
+//! HTTP/2 connections (ALPN `h2` on TLS listeners, prior knowledge on plain ones with
+//! `http2 = true`), with WebSockets as extended CONNECT streams (RFC 8441).
+//!
+//! hyper runs the connection; each stream's request is handled on its own task, spawned on
+//! the server's tracker so a drain waits for it, and a stream that becomes a WebSocket runs
+//! its session on a task of its own. This task watches the connection as a whole:
+//!
+//! - the first stream must open within `handshake_timeout` of accept;
+//! - a connection with no stream open for `keepalive_timeout` is shut down gracefully
+//!   (GOAWAY), and so is every connection when the drain starts (its WebSockets go on until
+//!   the drain's deadline, then get close 1001, as on HTTP/1.1);
+//! - after a graceful shutdown with nothing left open, `close_timeout` bounds the wait for the
+//!   client to go;
+//! - a write to the client blocked for `send_timeout` (a client that stopped reading the
+//!   connection) ends it.
+//!
+//! Flow control: each stream gets a receive window of [`STREAM_WINDOW`] and the connection
+//! the largest window HTTP/2 allows, so a stream whose backend stopped reading (and so is not
+//! read itself) holds at most its own window and never the connection's: the other streams
+//! go on. What a connection can hold buffered is bounded by its streams × [`STREAM_WINDOW`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, Instrument, Span};
+
+use super::conn::Conn;
+use super::dispatch;
+
+/// Receive window of each stream: what one stream may have in flight towards wsgate.
+pub(super) const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection's receive window: HTTP/2's largest, so no stream's unread data can hold
+/// the connection's window (and h2's per-connection budget for small DATA frames, half of
+/// this window, is out of reach of the streams' own windows in practice).
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
+/// The client connection's part of the largest request head (HPACK-decoded header list).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Runs futures hyper hands over (each stream's request, each upgraded stream's sender) on
+/// the server's tracker, so the drain sees them.
+#[derive(Clone)]
+pub(super) struct TrackerExec(pub(super) TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackerExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+/// The streams a connection has open: requests being answered and WebSocket sessions.
+pub(super) struct Streams {
+    open: watch::Sender<usize>,
+}
+
+impl Streams {
+    pub(super) fn new() -> Streams {
+        Streams {
+            open: watch::Sender::new(0),
+        }
+    }
+
+    /// Counts a stream as open until the guard is dropped.
+    pub(super) fn open(self: &Arc<Self>) -> StreamGuard {
+        self.open.send_modify(|n| *n += 1);
+        StreamGuard(self.clone())
+    }
+
+    /// Waits until no stream has been open for `idle` (or, before the first stream, until
+    /// `first`), then returns.
+    async fn idle(&self, first: Instant, idle: Duration) {
+        let mut rx = self.open.subscribe();
+        let mut deadline = Some(first);
+        loop {
+            let open = *rx.borrow_and_update();
+            match (open, deadline) {
+                (0, Some(at)) => tokio::select! {
+                    () = tokio::time::sleep_until(at) => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                },
+                (0, None) => deadline = Some(Instant::now() + idle),
+                _ => {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                    if *rx.borrow() == 0 {
+                        deadline = Some(Instant::now() + idle);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One open stream of a connection.
+pub(super) struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Serves an HTTP/2 connection to its end.
+pub(super) async fn serve<I>(conn: Arc<Conn>, io: I, deadline: Instant)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let state = conn.state.clone();
+    let limits = conn.config.limits.clone();
+    let streams = conn
+        .streams
+        .clone()
+        .expect("an HTTP/2 connection counts its streams");
+    let peer = conn.peer.clone();
+    state.metrics.h2_connections.inc();
+    let _open = Gauge::new(&state.metrics.h2_connections_open);
+    let handler = conn.clone();
+    // Each stream's request runs on a task of its own: in the connection's span.
+    let span = Span::current();
+    let service = service_fn(move |req| {
+        let conn = handler.clone();
+        let handled = dispatch::handle(conn, req).instrument(span.clone());
+        async move { Ok::<_, std::convert::Infallible>(handled.await) }
+    });
+    let mut builder = http2::Builder::new(TrackerExec(state.tracker.clone()));
+    builder
+        .enable_connect_protocol()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .auto_date_header(false);
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let drain = state.drain_started.clone();
+    let tick =
+        (limits.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut shut: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "http/2 connection error");
+                }
+                return;
+            }
+            () = drain.cancelled(), if shut.is_none() => {
+                debug!(%peer, "drain: GOAWAY");
+                connection.as_mut().graceful_shutdown();
+                shut = Some(Instant::now());
+            }
+            () = streams.idle(deadline, limits.keepalive_timeout), if shut.is_none() => {
+                debug!(%peer, "http/2 connection idle: GOAWAY");
+                connection.as_mut().graceful_shutdown();
+                shut = Some(Instant::now());
+            }
+            () = tokio::time::sleep(tick) => {
+                if conn.keepalive.write_stalled(limits.send_timeout) {
+                    state.metrics.send_timeouts.inc();
+                    info!(%peer, "send timeout: no progress with the client within send_timeout; closed");
+                    return;
+                }
+                if let Some(at) = shut {
+                    if *streams.open.borrow() == 0 && at.elapsed() >= limits.close_timeout {
+                        debug!(%peer, "http/2 connection not closed by the client after GOAWAY: dropped");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Holds a gauge up while it lives.
+struct Gauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Gauge<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Gauge(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
