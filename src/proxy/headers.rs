@@ -90,12 +90,7 @@ pub(crate) fn backend_request<T, B>(
     };
     let mut headers = head.headers().clone();
     strip_hop_by_hop(&mut headers);
-    // HTTP/2 names the host in `:authority`; HTTP/1.1 in Host.
-    let original_host = head.headers().get(header::HOST).cloned().or_else(|| {
-        head.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host = head.headers().get(header::HOST).cloned();
     // HTTP/2 may split Cookie into one field per cookie; HTTP/1.1 wants one (RFC 9113
     // §8.2.3).
     if headers.get_all(header::COOKIE).iter().count() > 1 {

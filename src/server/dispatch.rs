@@ -67,6 +67,14 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
             ),
         );
     }
+    if http2 && !req.headers().contains_key(header::HOST) {
+        // HTTP/2 names the host in :authority (RFC 9113 §8.3.1); from here on it is the
+        // Host header, as on HTTP/1.1 (the app, X-Forwarded-Host, logs).
+        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
     // One canonical path from here on: the route, auth, limits, files and the app all see it.
     if let Err(e) = canonicalize_target(&mut req) {
         return refuse(

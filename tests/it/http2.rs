@@ -5,7 +5,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::{SinkExt, StreamExt};
@@ -237,11 +236,11 @@ pub async fn tls_connect(
     .expect("TLS")
 }
 
-/// Sends `text` and expects it back.
+/// Sends `text` and expects its bytes back (as text from the echo, binary from a bridge).
 async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, text: &str) {
     ws.send(Message::Text(text.into())).await.unwrap();
     let back = within("the echo", WAIT, ws.next()).await.unwrap().unwrap();
-    assert_eq!(back, Message::Text(text.into()));
+    assert_eq!(back.into_data().as_ref(), text.as_bytes());
 }
 
 /// A development CA and a localhost certificate.
@@ -338,4 +337,308 @@ async fn h2c_with_prior_knowledge_only_where_http2_is_on() {
         answered.is_err(),
         "no HTTP/2 on a listener without http2: {answered:?}"
     );
+}
+
+/// A plain h2c gate with these routes (and an admin listener), for the tests below.
+async fn h2c_gate(limits: &str, routes: &str) -> Gate {
+    Gate::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nhttp2 = true\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\n{limits}\n{routes}"
+    ))
+    .await
+}
+
+fn route(path: &str, backend: &str, extra: &str) -> String {
+    format!("[[route]]\npath = \"{path}\"\nbackend = \"{backend}\"\n{extra}\n")
+}
+
+#[tokio::test]
+async fn every_route_kind_runs_over_an_h2_stream() {
+    let dir = certs();
+    let tcp = echo_backend().await;
+    let unix = dir.path().join("echo.sock");
+    unix_echo_backend(&unix);
+    let tls = tls_echo_backend(dir.path()).await;
+    let tokens = dir.path().join("tokens.txt");
+    std::fs::write(&tokens, format!("desk1: {tcp}\n")).unwrap();
+    let (app, seen) = crate::proxy::ws_app(None).await;
+    let routes = [
+        route("/echo", "echo", ""),
+        route("/tcp", &format!("tcp://{tcp}"), ""),
+        route("/unix", &format!("unix:{}", unix.display()), ""),
+        route(
+            "/tls",
+            &format!("tls://localhost:{tls}"),
+            &format!("ca = \"{}\"", dir.path().join("ca.crt").display()),
+        ),
+        route("/token", &format!("token-file:{}", tokens.display()), ""),
+        route(
+            "/lines",
+            &format!("tcp://{tcp}"),
+            "framing = \"lines\"\nmessage = \"text\"",
+        ),
+        route("/app", &format!("ws://{app}"), ""),
+    ]
+    .concat();
+    let gate = h2c_gate("", &routes).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    for path in [
+        "/echo",
+        "/tcp",
+        "/unix",
+        "/tls",
+        "/token?token=desk1",
+        "/app",
+    ] {
+        let mut ws = h2.ws(path, &[]).await;
+        round_trip(&mut ws, &format!("through {path}")).await;
+        // 300 KB each way, compared whole.
+        let data = pattern(300_000, 3);
+        ws.send(Message::binary(data.clone())).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            match within("the big echo", WAIT, ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                Message::Binary(b) => got.extend_from_slice(&b),
+                other => panic!("{path}: unexpected {other:?}"),
+            }
+        }
+        assert!(got == data, "{path}: 300 KB came back intact");
+        ws.close(None).await.unwrap();
+    }
+    // Lines: one message per line both ways.
+    let mut ws = h2.ws("/lines", &[]).await;
+    round_trip(&mut ws, "a line").await;
+    // The app got an HTTP/1.1 upgrade: GET, its own key, the Host of the :authority.
+    assert_eq!(
+        crate::proxy::header(&seen, "host").as_deref(),
+        Some(app.to_string().as_str())
+    );
+    assert!(crate::proxy::header(&seen, "sec-websocket-key").is_some());
+    assert_eq!(
+        crate::proxy::header(&seen, "x-forwarded-host").as_deref(),
+        Some(gate.addr.to_string().as_str())
+    );
+    // Counted under HTTP/2.
+    let admin = gate.admin.unwrap();
+    eventually("the h2 sessions to be counted", WAIT, || async {
+        metric(
+            admin,
+            r#"wsgate_sessions_total{route="/echo",http_version="2"}"#,
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(metric(admin, "wsgate_http2_connections_total").await, 1.0);
+    assert_eq!(
+        metric(admin, r#"wsgate_http2_streams_total{kind="websocket"}"#).await,
+        7.0
+    );
+}
+
+#[tokio::test]
+async fn checks_answer_as_on_http1_and_a_refusal_ends_only_its_stream() {
+    let dir = TempDir::new();
+    let bearer = dir.path().join("bearer.txt");
+    std::fs::write(&bearer, "s3cret\n").unwrap();
+    let routes = [
+        route(
+            "/strict",
+            "echo",
+            "origins = [\"https://ok.example\"]\nsubprotocols = [\"binary\"]",
+        ),
+        route(
+            "/auth",
+            "echo",
+            &format!("auth = {{ bearer = \"{}\" }}", bearer.display()),
+        ),
+        route("/echo", "echo", ""),
+    ]
+    .concat();
+    let gate = h2c_gate("", &routes).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let ok = [
+        ("origin", "https://ok.example"),
+        ("sec-websocket-protocol", "binary"),
+    ];
+    // Each refusal is a status on its stream; the connection goes on.
+    let cases: [(&str, Vec<(&str, &str)>, u16); 6] = [
+        (
+            "/strict",
+            vec![("origin", "https://evil.example"), ok[1]],
+            403,
+        ),
+        ("/strict", vec![ok[0]], 400),
+        ("/nowhere", vec![], 404),
+        ("/auth", vec![], 401),
+        ("/auth", vec![("authorization", "Bearer wrong")], 401),
+        ("/strict", ok.to_vec(), 200),
+    ];
+    for (path, headers, status) in cases {
+        let (got, _) = h2.connect(path, &headers).await;
+        assert_eq!(got.as_u16(), status, "{path} {headers:?}");
+    }
+    // Version 13 is required (426 names it).
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{}/echo", gate.addr))
+        .header("sec-websocket-version", "8")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .body(())
+        .unwrap();
+    let (response, _) = h2
+        .sender
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
+    let response = within("the 426", WAIT, response).await.unwrap();
+    assert_eq!(response.status(), 426);
+    assert_eq!(response.headers()["sec-websocket-version"], "13");
+    // A CONNECT that is not a WebSocket: no tunnels.
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{}/echo", gate.addr))
+        .extension(h2::ext::Protocol::from_static("not-websocket"))
+        .body(())
+        .unwrap();
+    let (response, _) = h2
+        .sender
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
+    assert_eq!(
+        within("the 405", WAIT, response).await.unwrap().status(),
+        405
+    );
+    // Good ones on the same connection, with the subprotocol and permessage-deflate agreed.
+    let (status, io) = h2
+        .connect(
+            "/auth",
+            &[
+                ("authorization", "Bearer s3cret"),
+                ("sec-websocket-extensions", "permessage-deflate"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    drop(io);
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{}/strict", gate.addr))
+        .header("sec-websocket-version", "13")
+        .header("origin", "https://ok.example")
+        .header("sec-websocket-protocol", "chat, binary")
+        .header(
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits",
+        )
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .body(())
+        .unwrap();
+    let (response, _send) = h2
+        .sender
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
+    let response = within("the 200", WAIT, response).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "binary");
+    assert!(response.headers()["sec-websocket-extensions"]
+        .to_str()
+        .unwrap()
+        .starts_with("permessage-deflate"));
+    assert!(response.headers().get("sec-websocket-accept").is_none());
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "the connection outlived six refusals").await;
+}
+
+#[tokio::test]
+async fn streams_count_against_max_connections_and_the_per_client_and_route_limits() {
+    // Per client: two places; the connection's streams take them one each.
+    let gate = h2c_gate(
+        "max_connections_per_ip = 2",
+        &[
+            route("/a", "echo", ""),
+            route("/b", "echo", "max_connections = 1"),
+        ]
+        .concat(),
+    )
+    .await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let mut first = h2.ws("/a", &[]).await;
+    let (status, _) = h2.connect("/b", &[]).await;
+    assert_eq!(status, 200, "the second place");
+    let (status, _) = h2.connect("/a", &[]).await;
+    assert_eq!(
+        status, 503,
+        "a third stream from the same client is over the limit"
+    );
+    round_trip(&mut first, "still fine").await;
+    drop(h2);
+
+    // Per route: /b holds one session at once, from any connection.
+    let gate = h2c_gate("", &[route("/b", "echo", "max_connections = 1")].concat()).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let _held = h2.ws("/b", &[]).await;
+    let (status, _) = h2.connect("/b", &[]).await;
+    assert_eq!(status, 503);
+
+    // max_connections: the connection takes one place, each WebSocket stream one more.
+    let gate = h2c_gate("max_connections = 3", &route("/a", "echo", "")).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let _one = h2.ws("/a", &[]).await;
+    let _two = h2.ws("/a", &[]).await;
+    let (status, _) = h2.connect("/a", &[]).await;
+    assert_eq!(status, 503, "connection + 2 streams = max_connections");
+}
+
+#[tokio::test]
+async fn pages_and_proxied_requests_share_the_connection_with_websockets() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("index.html"), "<h1>desk</h1>").unwrap();
+    let app = crate::proxy::fixed_app(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 9\r\nconnection: close\r\n\r\nfrom app\n",
+    )
+    .await;
+    let routes = [
+        route(
+            "/",
+            "echo",
+            &format!("static = \"{}\"", dir.path().display()),
+        ),
+        route("/app", &format!("ws://{app}"), ""),
+    ]
+    .concat();
+    let gate = h2c_gate("", &routes).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let (status, _, body) = h2.get("/index.html").await;
+    assert_eq!(
+        (status.as_u16(), body.as_slice()),
+        (200, &b"<h1>desk</h1>"[..])
+    );
+    let mut ws = h2.ws("/", &[]).await;
+    round_trip(&mut ws, "beside the page").await;
+    let (status, headers, body) = h2.get("/app/x").await;
+    assert_eq!(
+        (status.as_u16(), body.as_slice()),
+        (200, &b"from app\n"[..])
+    );
+    assert!(
+        headers.get("connection").is_none(),
+        "no connection-specific headers on h2"
+    );
+    let (status, _, _) = h2.get("/..%2fetc/passwd").await;
+    assert_eq!(status, 400, "the canonical path holds on h2 too");
 }

@@ -60,7 +60,7 @@ pub fn header(seen: &Seen, name: &str) -> Option<String> {
 }
 
 /// An app that reads a request head and answers with `response` verbatim.
-async fn fixed_app(response: &'static str) -> std::net::SocketAddr {
+pub async fn fixed_app(response: &'static str) -> std::net::SocketAddr {
     fixed_app_bytes(response.as_bytes()).await
 }
 
@@ -282,34 +282,8 @@ async fn wss_backend_is_verified_against_the_route_ca() {
 /// tls:// bridge backend: the relay over a rustls client connection.
 #[tokio::test]
 async fn tls_bridge_backend() {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = dev_certs();
-    let chain = vec![CertificateDer::from_pem_file(certs.path().join("server.crt")).unwrap()];
-    let key = PrivateKeyDer::from_pem_file(certs.path().join("server.key")).unwrap();
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let (mut r, mut w) = tokio::io::split(tls);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let port = tls_echo_backend(certs.path()).await;
     let d = certs.path().display();
     let g = Gate::route(
         "/",

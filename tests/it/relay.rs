@@ -72,15 +72,7 @@ async fn echo_through_tcp_backend() {
 async fn unix_socket_backend() {
     let dir = TempDir::new();
     let path = dir.path().join("backend.sock");
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    unix_echo_backend(&path);
     let g = Gate::route("/", &format!("unix:{}", path.display()), "", "").await;
     let mut ws = connect(&g.url("/")).await;
     ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
