@@ -5,6 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::{SinkExt, StreamExt};
@@ -123,7 +124,19 @@ impl H2Client {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = within("the HTTP/2 handshake", WAIT, h2::client::handshake(io))
+        H2Client::over_with(io, authority, scheme, &h2::client::Builder::new()).await
+    }
+
+    pub async fn over_with<S>(
+        io: S,
+        authority: String,
+        scheme: &'static str,
+        builder: &h2::client::Builder,
+    ) -> H2Client
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = within("the HTTP/2 handshake", WAIT, builder.handshake(io))
             .await
             .expect("HTTP/2 handshake");
         let conn = tokio::spawn(connection);
@@ -641,4 +654,245 @@ async fn pages_and_proxied_requests_share_the_connection_with_websockets() {
     );
     let (status, _, _) = h2.get("/..%2fetc/passwd").await;
     assert_eq!(status, 400, "the canonical path holds on h2 too");
+}
+
+/// Reads until tungstenite has the close handshake done, then waits for the server's
+/// END_STREAM.
+async fn until_server_end_stream(ws: &mut WebSocketStream<H2Io>) {
+    while let Some(Ok(_)) = within("the server's close", WAIT, ws.next()).await {}
+    eventually("the server's END_STREAM", WAIT, || {
+        let ended = ws.get_ref().recv.is_end_stream();
+        async move { ended }
+    })
+    .await;
+}
+
+/// Whether the server has reset the stream by now (no waiting).
+fn reset_now(io: &mut H2Io) -> Option<h2::Reason> {
+    let waker = futures_util::task::noop_waker();
+    match io.send.poll_reset(&mut Context::from_waker(&waker)) {
+        Poll::Ready(Ok(reason)) => Some(reason),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn after_the_close_handshake_both_sides_end_the_stream_and_only_a_silent_client_is_reset() {
+    let gate = h2c_gate("close_timeout = \"1s\"", &route("/echo", "echo", "")).await;
+    let admin = gate.admin.unwrap();
+    let open = r#"wsgate_sessions_open{route="/echo",http_version="2"}"#;
+    let mut h2 = H2Client::plain(gate.addr).await;
+
+    // The client closes and ends its side as soon as the server has: no reset, and the
+    // session ends at once (long before close_timeout).
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "hello").await;
+    ws.close(None).await.unwrap();
+    until_server_end_stream(&mut ws).await;
+    let ended_ours = std::time::Instant::now();
+    ws.get_mut().send.send_data(Bytes::new(), true).unwrap();
+    eventually("the session to end", WAIT, || async {
+        metric(admin, open).await == 0.0
+    })
+    .await;
+    assert!(
+        ended_ours.elapsed() < Duration::from_millis(700),
+        "the server waited for our END_STREAM, not for close_timeout"
+    );
+    assert_eq!(
+        reset_now(ws.get_mut()),
+        None,
+        "no RST_STREAM after a clean ending"
+    );
+
+    // A client that stays silent after the close handshake gets RST_STREAM, but only once
+    // close_timeout (1 s) has passed.
+    let mut ws = h2.ws("/echo", &[]).await;
+    ws.close(None).await.unwrap();
+    until_server_end_stream(&mut ws).await;
+    let server_done = std::time::Instant::now();
+    let reason = within(
+        "the RST_STREAM at close_timeout",
+        WAIT,
+        futures_util::future::poll_fn(|cx| ws.get_mut().send.poll_reset(cx)),
+    )
+    .await
+    .expect("a reset, not a connection error");
+    let after = server_done.elapsed();
+    assert!(
+        after >= Duration::from_millis(800) && after < Duration::from_millis(1800),
+        "reset {after:?} after the server's END_STREAM (close_timeout 1 s), reason {reason:?}"
+    );
+    // The connection is fine.
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "next").await;
+}
+
+#[tokio::test]
+async fn a_client_reset_mid_message_ends_the_session_and_closes_the_backend_at_once() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<std::time::Instant>();
+    let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+    let backend = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(std::time::Instant::now());
+            }
+        }
+    })
+    .await;
+    let gate = h2c_gate(
+        "",
+        &[
+            route("/tcp", &format!("tcp://{backend}"), ""),
+            route("/echo", "echo", ""),
+        ]
+        .concat(),
+    )
+    .await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let (status, io) = h2.connect("/tcp", &[]).await;
+    assert_eq!(status, 200);
+    let mut io = io.unwrap();
+    // Half of a masked binary frame that says 1000 bytes.
+    let mut partial = client_frame(
+        true,
+        wsgate::protocol::frame::OpCode::Binary,
+        &[7; 1000],
+        [1, 2, 3, 4],
+    );
+    partial.truncate(500);
+    io.send.send_data(Bytes::from(partial), false).unwrap();
+    io.send.send_reset(h2::Reason::CANCEL);
+    let reset_at = std::time::Instant::now();
+    let eof_at = within("the backend's EOF", WAIT, rx).await.unwrap();
+    assert!(
+        eof_at.duration_since(reset_at) < Duration::from_millis(500),
+        "the backend was closed {:?} after the client's RST_STREAM",
+        eof_at.duration_since(reset_at)
+    );
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "the connection goes on").await;
+}
+
+#[tokio::test]
+async fn drain_sends_goaway_then_close_1001_at_the_drain_deadline() {
+    let mut gate = h2c_gate(
+        "drain_timeout = \"1s\"\nclose_timeout = \"1s\"",
+        &route("/echo", "echo", ""),
+    )
+    .await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "before").await;
+    let drain = gate.stop();
+    let signalled = std::time::Instant::now();
+    // GOAWAY: the client may open no new stream (the h2 client refuses once it has one).
+    eventually("GOAWAY to stop new streams", WAIT, || {
+        let mut sender = h2.sender.clone();
+        let url = format!("http://{}/echo", gate.addr);
+        async move {
+            let req = Request::builder().uri(url).body(()).unwrap();
+            match sender.send_request(req, true) {
+                Err(_) => true,
+                Ok((response, _)) => response.await.is_err(),
+            }
+        }
+    })
+    .await;
+    // The WebSocket goes on until the drain deadline…
+    round_trip(&mut ws, "during the drain").await;
+    // …then gets 1001.
+    let close = loop {
+        match within("close 1001 at the drain deadline", WAIT, ws.next()).await {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let at = signalled.elapsed();
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    assert!(
+        at >= Duration::from_millis(900) && at < Duration::from_millis(2500),
+        "1001 {at:?} after SIGTERM with drain_timeout 1 s"
+    );
+    drop(ws);
+    within("the drain to finish", WAIT, drain).await.unwrap();
+    within("the connection to end", WAIT, h2.conn)
+        .await
+        .unwrap()
+        .ok();
+}
+
+/// Sends messages of `size` until one is not taken within a second (the stream's window
+/// and every buffer behind it are full), at most `max`; returns how many went.
+async fn fill(ws: &mut WebSocketStream<H2Io>, size: usize, max: usize) -> usize {
+    let payload = vec![0x5a; size];
+    for sent in 0..max {
+        let send = ws.send(Message::binary(payload.clone()));
+        match tokio::time::timeout(Duration::from_secs(1), send).await {
+            Err(_) => return sent,
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("send {sent} failed: {e}"),
+        }
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_never_stalls_the_others() {
+    let stalled = never_read_backend(Duration::from_secs(60)).await;
+    let gate = h2c_gate(
+        "",
+        &[
+            route("/stalled", &format!("tcp://{stalled}"), ""),
+            route("/echo", "echo", ""),
+        ]
+        .concat(),
+    )
+    .await;
+    // A client that keeps whatever it is sent unread (its own budget for tiny frames set out
+    // of the way, so only the server's is tried).
+    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_connection_window_size(1 << 30)
+        .data_frame_budget(usize::MAX / 2);
+    let mut h2 = H2Client::over_with(tcp, gate.addr.to_string(), "http", &builder).await;
+    // A backend that stopped reading: big messages until nothing more is taken.
+    let mut dead = h2.ws("/stalled", &[]).await;
+    let sent = fill(&mut dead, 1 << 20, 256).await;
+    assert!(
+        sent < 256,
+        "the stalled stream stopped taking data ({sent} MiB went)"
+    );
+    // VNC-sized input (one small message per DATA frame) on streams whose echoes are not
+    // read: once the echo waits on the client, wsgate stops reading the stream, which
+    // fills with tiny frames; the budget h2 keeps for those (it answers exhaustion with
+    // GOAWAY ENHANCE_YOUR_CALM) must not end the connection.
+    let mut tiny = Vec::new();
+    for _ in 0..4 {
+        let mut ws = h2.ws("/echo", &[]).await;
+        let sent = fill(&mut ws, 10, 200_000).await;
+        assert!(
+            sent > 16_000 && sent < 200_000,
+            "the stream took {sent} tiny messages, then stopped"
+        );
+        tiny.push(ws);
+    }
+    // Another stream on the same connection still works both ways.
+    let mut live = h2.ws("/echo", &[]).await;
+    for i in 0..20 {
+        round_trip(&mut live, &format!("still moving {i}")).await;
+    }
+    let big = pattern(1 << 20, 5);
+    live.send(Message::binary(big.clone())).await.unwrap();
+    let back = within("1 MiB back", WAIT, live.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(back.into_data().as_ref() == big.as_slice());
+    assert!(!h2.conn.is_finished(), "no GOAWAY: the connection is up");
 }
