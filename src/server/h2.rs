@@ -20,6 +20,7 @@
 //! go on. What a connection can hold buffered is bounded by its streams × [`STREAM_WINDOW`].
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,18 +62,22 @@ where
 /// The streams a connection has open: requests being answered and WebSocket sessions.
 pub(super) struct Streams {
     open: watch::Sender<usize>,
+    /// Streams opened over the connection's life (its log line).
+    total: AtomicU64,
 }
 
 impl Streams {
     pub(super) fn new() -> Streams {
         Streams {
             open: watch::Sender::new(0),
+            total: AtomicU64::new(0),
         }
     }
 
     /// Counts a stream as open until the guard is dropped.
     pub(super) fn open(self: &Arc<Self>) -> StreamGuard {
         self.open.send_modify(|n| *n += 1);
+        self.total.fetch_add(1, Ordering::Relaxed);
         StreamGuard(self.clone())
     }
 
@@ -125,6 +130,10 @@ where
     let peer = conn.peer.clone();
     state.metrics.h2_connections.inc();
     let _open = Gauge::new(&state.metrics.h2_connections_open);
+    let _logged = ClosedLine {
+        peer: peer.to_string(),
+        streams: streams.clone(),
+    };
     let handler = conn.clone();
     // Each stream's request runs on a task of its own: in the connection's span.
     let span = Span::current();
@@ -179,6 +188,19 @@ where
                 }
             }
         }
+    }
+}
+
+/// Logs (debug) how many streams a connection carried when it ends, however it ends.
+struct ClosedLine {
+    peer: String,
+    streams: Arc<Streams>,
+}
+
+impl Drop for ClosedLine {
+    fn drop(&mut self) {
+        let streams = self.streams.total.load(Ordering::Relaxed);
+        debug!(peer = %self.peer, streams, "http/2 connection closed");
     }
 }
 

@@ -42,6 +42,7 @@ class Browser:
     def __init__(self, cdp):
         self.cdp = cdp
         self.ids = iter(range(1, 1_000_000))
+        self.events = []  # every event seen while waiting for replies (after Network.enable…)
 
     async def call(self, method, params=None, session=None):
         msg_id = next(self.ids)
@@ -55,12 +56,21 @@ class Browser:
                 if "error" in reply:
                     raise RuntimeError(reply["error"])
                 return reply["result"]
+            if "method" in reply:
+                self.events.append(reply)
 
-    async def open(self, url):
-        target = (await self.call("Target.createTarget", {"url": url}))["targetId"]
+    async def open(self, url, network=False):
+        """A new tab at `url`; with `network`, the Network domain is on before it loads, so
+        `events` gets its requests and WebSocket handshakes."""
+        target = (await self.call("Target.createTarget",
+                                  {"url": "about:blank" if network else url}))["targetId"]
         session = (await self.call("Target.attachToTarget",
                                    {"targetId": target, "flatten": True}))["sessionId"]
-        return Page(self, session)
+        page = Page(self, session)
+        if network:
+            await self.call("Network.enable", {}, session)
+            await self.call("Page.navigate", {"url": url}, session)
+        return page
 
 
 @asynccontextmanager

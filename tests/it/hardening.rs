@@ -65,7 +65,12 @@ async fn sessions_stuck_on_a_backend_that_never_reads_end_after_clients_reset() 
         );
     }
     eventually("all sessions to be up and stuck", WAIT, || async {
-        metric(admin, "wsgate_sessions_open{route=\"/\"}").await == CLIENTS as f64
+        metric(
+            admin,
+            "wsgate_sessions_open{route=\"/\",http_version=\"1.1\"}",
+        )
+        .await
+            == CLIENTS as f64
     })
     .await;
     for ws in clients {
@@ -75,7 +80,14 @@ async fn sessions_stuck_on_a_backend_that_never_reads_end_after_clients_reset() 
     let took = eventually(
         "every stuck session to end",
         Duration::from_secs(8),
-        || async { metric(admin, "wsgate_sessions_open{route=\"/\"}").await == 0.0 },
+        || async {
+            metric(
+                admin,
+                "wsgate_sessions_open{route=\"/\",http_version=\"1.1\"}",
+            )
+            .await
+                == 0.0
+        },
     )
     .await;
     assert!(took <= Duration::from_millis(4500), "took {took:?}");
@@ -565,7 +577,13 @@ async fn proxy_session_whose_client_never_reads_is_cut_at_idle_timeout() {
     let admin = gate.admin.unwrap();
     let mut ws = raw_ws(gate.addr, "/").await.into_inner();
     let started = std::time::Instant::now();
-    let open = || async { metric(admin, "wsgate_sessions_open{route=\"/\"}").await };
+    let open = || async {
+        metric(
+            admin,
+            "wsgate_sessions_open{route=\"/\",http_version=\"1.1\"}",
+        )
+        .await
+    };
     eventually("the session to start", WAIT, || async {
         open().await == 1.0
     })

@@ -3,7 +3,8 @@
 //! headless Chromium running the page (tests/browser/novnc_driver.py). The RFB connection
 //! must come up, the canvas must show the screen's colour, and a pointer move on the page
 //! must move the X server's pointer. Once with websockify's command line, once with a token
-//! file choosing between two VNC servers.
+//! file choosing between two VNC servers, once over HTTP/2 (wss, the page and its WebSocket
+//! on one TLS connection).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -83,6 +84,11 @@ fn novnc_web() -> PathBuf {
 /// Runs the driver over `cases` (url, display, colour, pointer target) and checks each result.
 fn drive(cases: &[(String, &Xvnc, &str, (u32, u32))]) {
     let profile = TempDir::new();
+    drive_in(profile.path(), cases);
+}
+
+/// As [`drive`], with Chromium's profile in `profile` (one that trusts a test CA).
+fn drive_in(profile: &Path, cases: &[(String, &Xvnc, &str, (u32, u32))]) {
     let json: Vec<serde_json::Value> = cases
         .iter()
         .map(|(url, x, colour, (px, py))| {
@@ -93,7 +99,7 @@ fn drive(cases: &[(String, &Xvnc, &str, (u32, u32))]) {
         Command::new(python())
             .arg(format!("{ROOT}/tests/browser/novnc_driver.py"))
             .arg(chromium())
-            .arg(profile.path())
+            .arg(profile)
             .arg(serde_json::Value::Array(json).to_string()),
         Duration::from_secs(150),
     );
@@ -170,4 +176,34 @@ fn novnc_token_file_chooses_between_two_vnc_servers() {
             (250, 30),
         ),
     ]);
+}
+
+/// The example's config over wss: HTTP/2 by ALPN, so noVNC's page, its modules and its
+/// WebSocket (an RFC 8441 stream) share one TLS connection.
+#[test]
+fn novnc_over_http2() {
+    let web = novnc_web();
+    let vnc = Xvnc::start("00ff00");
+    let dir = TempDir::new();
+    gen_certs(dir.path(), "ec", "server", "localhost");
+    let profile = dir.path().join("profile");
+    crate::browser::trust_in_profile(&profile, &dir.path().join("ca.crt"));
+    let d = dir.path().display();
+    let gate = GateProcess::start(&format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{d}/server.crt\", key = \"{d}/server.key\" }}\n\
+         [[route]]\npath = \"/\"\nstatic = \"{}\"\nbackend = \"tcp://127.0.0.1:{}\"\n",
+        web.display(),
+        vnc.port
+    ));
+    drive_in(
+        &profile,
+        &[(
+            format!("https://localhost:{}/index.html", gate.addr.port()),
+            &vnc,
+            "00ff00",
+            (77, 99),
+        )],
+    );
+    let upgraded = gate.wait_for_log(" upgraded ");
+    assert!(upgraded.contains("http_version=\"2\""), "{upgraded}");
 }

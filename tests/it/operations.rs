@@ -79,11 +79,26 @@ origins = ["https://ok.example"]
     .await;
 
     let m = metrics_until(admin, |m| {
-        get(m, r#"wsgate_session_duration_seconds_count{route="/echo"}"#) == 2.0
+        get(
+            m,
+            r#"wsgate_session_duration_seconds_count{route="/echo",http_version="1.1"}"#,
+        ) == 2.0
     })
     .await;
-    assert_eq!(get(&m, r#"wsgate_sessions_total{route="/echo"}"#), 2.0);
-    assert_eq!(get(&m, r#"wsgate_sessions_open{route="/echo"}"#), 0.0);
+    assert_eq!(
+        get(
+            &m,
+            r#"wsgate_sessions_total{route="/echo",http_version="1.1"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            r#"wsgate_sessions_open{route="/echo",http_version="1.1"}"#
+        ),
+        0.0
+    );
     assert_eq!(
         get(
             &m,
