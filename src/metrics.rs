@@ -577,15 +577,13 @@ mod tests {
     #[test]
     fn exposition_has_the_metrics_and_bounded_labels() {
         let m = Metrics::new();
-        m.sessions_total
-            .get_or_create(&Metrics::route("/echo"))
-            .inc();
+        m.for_route("/echo", "2").sessions_total.inc();
         m.close_codes
             .get_or_create(&Metrics::close("/echo", "received", Some(4321)))
             .inc();
         let text = m.encode();
         assert!(
-            text.contains("wsgate_sessions_total{route=\"/echo\"} 1"),
+            text.contains("wsgate_sessions_total{route=\"/echo\",http_version=\"2\"} 1"),
             "{text}"
         );
         assert!(text.contains("code=\"4xxx\""), "{text}");

@@ -151,6 +151,16 @@ impl H2Client {
         }
     }
 
+    /// Another handle on the same connection (for a task of its own).
+    pub fn clone_client(&self) -> H2Client {
+        H2Client {
+            sender: self.sender.clone(),
+            authority: self.authority.clone(),
+            scheme: self.scheme,
+            conn: tokio::spawn(std::future::pending()),
+        }
+    }
+
     /// An extended CONNECT for a WebSocket on `path` with `headers`; its status and, on 200,
     /// the stream.
     pub async fn connect(
@@ -478,7 +488,8 @@ async fn checks_answer_as_on_http1_and_a_refusal_ends_only_its_stream() {
         ("sec-websocket-protocol", "binary"),
     ];
     // Each refusal is a status on its stream; the connection goes on.
-    let cases: [(&str, Vec<(&str, &str)>, u16); 6] = [
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
+    let cases: [Case; 6] = [
         (
             "/strict",
             vec![("origin", "https://evil.example"), ok[1]],
@@ -895,4 +906,184 @@ async fn a_stalled_stream_never_stalls_the_others() {
         .unwrap();
     assert!(back.into_data().as_ref() == big.as_slice());
     assert!(!h2.conn.is_finished(), "no GOAWAY: the connection is up");
+}
+
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A header block of literals without indexing (names and values under 127 bytes).
+fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// Reads one frame: (type, flags, stream, payload).
+async fn read_frame_h2(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    within("a frame from the server", WAIT, s.read_exact(&mut head))
+        .await
+        .unwrap();
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    within("its payload", WAIT, s.read_exact(&mut payload))
+        .await
+        .unwrap();
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    (head[3], head[4], stream, payload)
+}
+
+/// max_streams_per_connection is advertised as SETTINGS_MAX_CONCURRENT_STREAMS, a client
+/// that keeps to it waits for room, and one that ignores it gets its extra stream refused
+/// (frames written by hand: no client library sends them) while the others go on.
+#[tokio::test]
+async fn streams_per_connection_are_advertised_and_enforced() {
+    let gate = h2c_gate(
+        "max_streams_per_connection = 3",
+        &route("/echo", "echo", ""),
+    )
+    .await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let sender = h2.sender.clone();
+    eventually(
+        "the server's SETTINGS_MAX_CONCURRENT_STREAMS = 3",
+        WAIT,
+        || {
+            let advertised = sender.current_max_send_streams();
+            async move { advertised == 3 }
+        },
+    )
+    .await;
+    let first = h2.ws("/echo", &[]).await;
+    let _second = h2.ws("/echo", &[]).await;
+    let mut third = h2.ws("/echo", &[]).await;
+    // A fourth waits in the client until one ends.
+    let mut client = h2.clone_client();
+    let fourth = tokio::spawn(async move { client.connect("/echo", &[]).await.0 });
+    round_trip(&mut third, "three open").await;
+    assert!(!fourth.is_finished(), "the fourth stream waits for room");
+    drop(first);
+    assert_eq!(
+        within("the fourth stream", WAIT, fourth).await.unwrap(),
+        200
+    );
+
+    // By hand: SETTINGS acknowledged, then four CONNECTs at once.
+    use tokio::io::AsyncWriteExt;
+    let mut raw = TcpStream::connect(gate.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    raw.write_all(&hello).await.unwrap();
+    loop {
+        let (kind, flags, _, _) = read_frame_h2(&mut raw).await;
+        if kind == 0x4 && flags & 1 == 0 {
+            raw.write_all(&frame(0x4, 1, 0, &[])).await.unwrap();
+            break;
+        }
+    }
+    let authority = gate.addr.to_string();
+    let block = header_block(&[
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "http"),
+        (":path", "/echo"),
+        (":authority", &authority),
+        ("sec-websocket-version", "13"),
+    ]);
+    let mut four = Vec::new();
+    for stream in [1, 3, 5, 7] {
+        four.extend(frame(0x1, 0x4, stream, &block));
+    }
+    raw.write_all(&four).await.unwrap();
+    let (mut answered, mut refused) = (Vec::new(), Vec::new());
+    while answered.len() + refused.len() < 4 {
+        match read_frame_h2(&mut raw).await {
+            (0x1, _, stream, _) => answered.push(stream),
+            (0x3, _, stream, code) => {
+                refused.push((stream, u32::from_be_bytes(code[..4].try_into().unwrap())))
+            }
+            (0x7, ..) => panic!("GOAWAY: the whole connection was ended"),
+            _ => {}
+        }
+    }
+    assert_eq!(answered, [1, 3, 5], "three streams answered");
+    assert_eq!(refused, [(7, 0x7)], "the fourth refused (REFUSED_STREAM)");
+}
+
+#[tokio::test]
+async fn idle_connections_get_goaway_after_keepalive_timeout_and_silent_ones_at_handshake_timeout()
+{
+    let gate = h2c_gate(
+        "keepalive_timeout = \"1s\"\nhandshake_timeout = \"1s\"",
+        &route("/echo", "echo", ""),
+    )
+    .await;
+    // A stream, then nothing: GOAWAY and the end one keepalive_timeout after the last stream.
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "one").await;
+    ws.close(None).await.unwrap();
+    until_server_end_stream(&mut ws).await;
+    ws.get_mut().send.send_data(Bytes::new(), true).unwrap();
+    let last = std::time::Instant::now();
+    let ended = within("the idle connection to end", WAIT, h2.conn)
+        .await
+        .unwrap();
+    let after = last.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "ended {after:?} after its last stream (keepalive_timeout 1 s): {ended:?}"
+    );
+    // A connection that never opens a stream: closed at handshake_timeout.
+    let opened = std::time::Instant::now();
+    let h2 = H2Client::plain(gate.addr).await;
+    within("the silent connection to end", WAIT, h2.conn)
+        .await
+        .unwrap()
+        .ok();
+    let after = opened.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "ended {after:?} after accept (handshake_timeout 1 s)"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_http2_connections_and_their_streams() {
+    let dir = TempDir::new();
+    let path = dir.path().join("wsgate.toml");
+    let config = |extra: &str| {
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\nhttp2 = true\n[[route]]\npath = \"/echo\"\nbackend = \"echo\"\n{extra}")
+    };
+    std::fs::write(&path, config("")).unwrap();
+    let gate = Gate::from_file(&path).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let mut ws = h2.ws("/echo", &[]).await;
+    round_trip(&mut ws, "before").await;
+    std::fs::write(
+        &path,
+        config("[[route]]\npath = \"/more\"\nbackend = \"echo\"\n"),
+    )
+    .unwrap();
+    gate.handle.reload().await.expect("reload");
+    round_trip(&mut ws, "after").await;
+    let mut again = h2.ws("/echo", &[]).await;
+    round_trip(&mut again, "a new stream on the old connection").await;
+    // New connections see the new config.
+    let mut fresh = H2Client::plain(gate.addr).await;
+    let mut more = fresh.ws("/more", &[]).await;
+    round_trip(&mut more, "new route").await;
 }
