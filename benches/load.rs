@@ -24,6 +24,11 @@
 //! LOAD_ONLY=deflate compares one text route (JSON lines, `framing = "lines"`) used by clients
 //! that offer permessage-deflate and by clients that do not: round trips/s, wsgate's CPU per
 //! round trip, bytes on the wire, and KiB per idle and per active session.
+//! Then (LOAD_ONLY=h2 for only this) WebSockets over HTTP/2 (RFC 8441) through wsgate's wss
+//! proxy route beside Debian's HAProxy (RFC 8441 on its frontend, HTTP/1.1 to the same ws
+//! app): new sessions per second on open connections, round trips with 64 streams on 4
+//! connections, one stream's throughput beside wsgate's own HTTP/1.1 wss, and KiB per idle
+//! stream.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -31,11 +36,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use wsgate::protocol::frame::{encode_frame, FrameHeader, OpCode};
 use wsgate::stream::Io;
+
+#[path = "../tests/support/h2io.rs"]
+mod h2io;
 
 const ROLE: &str = "WSGATE_LOAD_ROLE";
 
@@ -99,6 +108,10 @@ fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("h2") {
+        h2_bench(phase, reps, idle);
+        return;
+    }
     if std::env::var("LOAD_ONLY").as_deref() == Ok("deflate") {
         deflate_bench(phase, reps, idle);
         return;
@@ -117,6 +130,9 @@ fn main() {
     }
 
     anchors(phase, reps, idle);
+    if rows_wanted("h2") {
+        h2_bench(phase, reps, idle);
+    }
     let flood: usize = std::env::var("LOAD_FLOOD")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -689,6 +705,66 @@ struct Target {
     tls: Option<TlsConnector>,
     /// Send a PROXY v1 header first (a listener with proxy_protocol = true).
     proxy_header: bool,
+    /// WebSockets as streams of these open HTTP/2 connections (RFC 8441), taken in turn.
+    h2: Option<H2Pool>,
+}
+
+/// Open HTTP/2 connections (TLS, ALPN h2) that new WebSockets are opened on, in turn.
+#[derive(Clone)]
+struct H2Pool {
+    senders: Arc<Vec<h2::client::SendRequest<Bytes>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl H2Pool {
+    /// `n` connections to `addr`, each with the server's SETTINGS in hand.
+    async fn connect(addr: SocketAddr, connector: &TlsConnector, n: usize) -> H2Pool {
+        let mut senders = Vec::with_capacity(n);
+        for _ in 0..n {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN h2");
+            let (sender, conn) = h2::client::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(1 << 30)
+                .handshake(tls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let sender = sender.ready().await.unwrap();
+            // The server's SETTINGS (extended CONNECT on, its stream cap) before the first
+            // stream: bounded, 10 s.
+            let started = Instant::now();
+            while sender.current_max_send_streams() == usize::MAX {
+                assert!(started.elapsed() < Duration::from_secs(10), "no SETTINGS");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            senders.push(sender);
+        }
+        H2Pool {
+            senders: Arc::new(senders),
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A WebSocket on the next connection: extended CONNECT, and its 200.
+    async fn websocket(&self, addr: SocketAddr) -> h2io::H2Io {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.senders.len();
+        let mut sender = self.senders[i].clone().ready().await.unwrap();
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("https://localhost:{}/", addr.port()))
+            .header("sec-websocket-version", "13")
+            .extension(h2::ext::Protocol::from_static("websocket"))
+            .body(())
+            .unwrap();
+        let (response, send) = sender.send_request(req, false).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200, "extended CONNECT answered");
+        h2io::H2Io::new(send, response.into_body())
+    }
 }
 
 impl Target {
@@ -698,6 +774,7 @@ impl Target {
             ws: false,
             tls: None,
             proxy_header: false,
+            h2: None,
         }
     }
     fn ws(addr: SocketAddr) -> Target {
@@ -706,6 +783,7 @@ impl Target {
             ws: true,
             tls: None,
             proxy_header: false,
+            h2: None,
         }
     }
 }
@@ -713,6 +791,11 @@ impl Target {
 /// A client TLS config trusting the run's CA; `resume` keeps rustls's in-memory session
 /// store (tickets), so a returning client resumes; without it every handshake is a full one.
 fn tls_connector(ca: &std::path::Path, resume: bool) -> TlsConnector {
+    tls_connector_alpn(ca, resume, &[])
+}
+
+/// As [`tls_connector`], offering these ALPN protocols.
+fn tls_connector_alpn(ca: &std::path::Path, resume: bool, alpn: &[&[u8]]) -> TlsConnector {
     use rustls_pki_types::pem::PemObject;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots
@@ -727,6 +810,7 @@ fn tls_connector(ca: &std::path::Path, resume: bool) -> TlsConnector {
     if !resume {
         config.resumption = tokio_rustls::rustls::client::Resumption::disabled();
     }
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     TlsConnector::from(Arc::new(config))
 }
 
@@ -863,10 +947,20 @@ struct Client {
     stream: Box<dyn Io>,
     ws: bool,
     inbuf: Vec<u8>,
+    /// An HTTP/2 stream: its close ends with our END_STREAM.
+    h2: bool,
 }
 
 impl Client {
     async fn connect(target: &Target) -> Client {
+        if let Some(pool) = &target.h2 {
+            return Client {
+                stream: Box::new(pool.websocket(target.addr).await),
+                ws: true,
+                inbuf: Vec::new(),
+                h2: true,
+            };
+        }
         let mut tcp = TcpStream::connect(target.addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
         if target.proxy_header {
@@ -910,7 +1004,12 @@ impl Client {
                 }
             }
         }
-        Client { stream, ws, inbuf }
+        Client {
+            stream,
+            ws,
+            inbuf,
+            h2: false,
+        }
     }
 
     /// The bytes to send one message: a masked binary frame, or the raw payload.
@@ -987,6 +1086,10 @@ impl Client {
             if n == 0 {
                 break;
             }
+        }
+        // An HTTP/2 stream: our END_STREAM too (the server waits for it, RFC 8441).
+        if self.h2 {
+            let _ = self.stream.shutdown().await;
         }
     }
 }
@@ -1500,6 +1603,285 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
     let (a, b) = (median(idle_kib[0].clone()), median(idle_kib[1].clone()));
     println!("| KiB per idle session | {a:.1} | {b:.1} | {:.2}× |", b / a);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- WebSockets over HTTP/2 (RFC 8441), beside HAProxy ----
+
+/// wsgate's wss proxy route (HTTP/2 by ALPN) and Debian's HAProxy (RFC 8441 on its frontend,
+/// one thread), both in front of the same ws app over HTTP/1.1: new WebSocket sessions per
+/// second on already-open HTTP/2 connections (beside wsgate's own new wss connections with
+/// full TLS handshakes), round trips with 64 streams on 4 connections, one stream's
+/// throughput (beside wsgate's HTTP/1.1 wss on the same listener), and KiB per idle stream
+/// (`idle` streams over 10 connections, fresh process).
+fn h2_bench(phase: Duration, reps: usize, idle: usize) {
+    let dir = std::env::temp_dir().join(format!("wsgate-load-h2-{}", std::process::id()));
+    let made = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-certs.sh"
+    ))
+    .arg(&dir)
+    .arg("localhost")
+    .output()
+    .expect("certs/gen-dev-certs.sh (needs openssl)");
+    assert!(made.status.success());
+    let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
+    let gate_conf = |name: &str| {
+        config_file(
+            &dir,
+            name,
+            format!(
+                "[[listen]]\naddr = \"{}\"\ntls = {{ cert = \"{d}/server.crt\", key = \"{d}/server.key\" }}\n[limits]\nmax_streams_per_connection = 128\n[[route]]\npath = \"/\"\nbackend = \"ws://{}\"\n",
+                free_addr(),
+                app.addr,
+                d = dir.display(),
+            ),
+        )
+    };
+    let gate = Server::spawn_config(&gate_conf("h2.toml"));
+    let haproxy = Haproxy::start(&dir, app.addr);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let h2_tls = tls_connector_alpn(&dir.join("ca.crt"), false, &[b"h2"]);
+    let full = tls_connector(&dir.join("ca.crt"), false);
+    let over_h2 = |addr: SocketAddr, conns: usize| Target {
+        h2: Some(rt.block_on(H2Pool::connect(addr, &h2_tls, conns))),
+        ..Target::ws(addr)
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // `f` against each (target, pid) `reps` times, order rotated: median rate, CPU µs/unit.
+    let measure = |f: &dyn Fn(&Target) -> f64, peers: &[(&Target, u32)]| -> Vec<(f64, f64)> {
+        let mut runs = vec![(Vec::new(), Vec::new()); peers.len()];
+        for rep in 0..reps.max(1) {
+            for k in 0..peers.len() {
+                let i = (k + rep) % peers.len();
+                let c0 = cpu_secs(peers[i].1);
+                let t0 = Instant::now();
+                let v = f(peers[i].0);
+                let cpu = cpu_secs(peers[i].1) - c0;
+                runs[i].0.push(v);
+                runs[i].1.push(cpu * 1e6 / (v * t0.elapsed().as_secs_f64()));
+            }
+        }
+        runs.into_iter()
+            .map(|(v, c)| (median(v), median(c)))
+            .collect()
+    };
+    let (gate_pid, haproxy_pid) = (gate.child.id(), haproxy.child.id());
+    println!(
+        "\nWebSockets over HTTP/2 (RFC 8441): wsgate's wss proxy route and Debian's HAProxy {} (1 thread), both to the same ws app over HTTP/1.1; phase {}s, {reps} runs each (median)\n",
+        haproxy.version,
+        phase.as_secs()
+    );
+    println!("| measure | wsgate h2 | HAProxy h2 | wsgate HTTP/1.1 wss | ratio | target |\n|---|---:|---:|---:|---:|---|");
+    let line = |measure: &str,
+                ours: f64,
+                hap: Option<f64>,
+                h1: Option<f64>,
+                goal: &str,
+                ratio: f64,
+                met: bool| {
+        let f = |v: Option<f64>| {
+            v.map_or("—".into(), |v| {
+                if v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            })
+        };
+        println!(
+            "| {measure} | {} | {} | {} | {ratio:.2}× | {goal} {} |",
+            f(Some(ours)),
+            f(hap),
+            f(h1),
+            if met { "met" } else { "**not met**" }
+        );
+    };
+
+    // New sessions on open connections (16 at a time over 4 connections), and wsgate's own
+    // new wss connections with full handshakes on the same listener.
+    let (g4, h4) = (over_h2(gate.addr, 4), over_h2(haproxy.addr, 4));
+    let wss_full = Target {
+        tls: Some(full.clone()),
+        ..Target::ws(gate.addr)
+    };
+    let r = measure(
+        &|t| rt.block_on(new_connections(t, phase)),
+        &[(&g4, gate_pid), (&h4, haproxy_pid), (&wss_full, gate_pid)],
+    );
+    line(
+        "new WebSocket sessions/s on 4 open connections (HTTP/1.1: new wss connections/s, full TLS handshakes)",
+        r[0].0,
+        Some(r[1].0),
+        Some(r[2].0),
+        "≥ 5× wsgate HTTP/1.1",
+        r[0].0 / r[2].0,
+        r[0].0 >= 5.0 * r[2].0,
+    );
+    line(
+        "new WebSocket sessions/s, beside HAProxy",
+        r[0].0,
+        Some(r[1].0),
+        None,
+        "≥ 1.0× HAProxy",
+        r[0].0 / r[1].0,
+        r[0].0 >= r[1].0,
+    );
+    line(
+        "CPU µs per new session",
+        r[0].1,
+        Some(r[1].1),
+        Some(r[2].1),
+        "(HAProxy)",
+        r[0].1 / r[1].1,
+        true,
+    );
+    // Round trips: 64 streams over 4 connections.
+    let r = measure(
+        &|t| rt.block_on(round_trips(t, 64, phase)),
+        &[(&g4, gate_pid), (&h4, haproxy_pid)],
+    );
+    line(
+        "round trips/s, 64 streams on 4 connections, 32 B",
+        r[0].0,
+        Some(r[1].0),
+        None,
+        "≥ 1.0× HAProxy",
+        r[0].0 / r[1].0,
+        r[0].0 >= r[1].0,
+    );
+    line(
+        "CPU µs per round trip",
+        r[0].1,
+        Some(r[1].1),
+        None,
+        "(HAProxy)",
+        r[0].1 / r[1].1,
+        true,
+    );
+    drop((g4, h4));
+    // One stream's throughput, beside one HTTP/1.1 wss connection to the same listener.
+    let (g1, h1) = (over_h2(gate.addr, 1), over_h2(haproxy.addr, 1));
+    let r = measure(
+        &|t| rt.block_on(throughput(t, phase)),
+        &[(&g1, gate_pid), (&h1, haproxy_pid), (&wss_full, gate_pid)],
+    );
+    line(
+        "MB/s, 1 stream, 64 KiB messages (HTTP/1.1: 1 wss connection)",
+        r[0].0,
+        Some(r[1].0),
+        Some(r[2].0),
+        "≥ 0.8× wsgate HTTP/1.1",
+        r[0].0 / r[2].0,
+        r[0].0 >= 0.8 * r[2].0,
+    );
+    drop((g1, h1));
+    // Memory: idle streams over 10 connections, a fresh wsgate each time.
+    let kib = median(
+        (0..reps.clamp(1, 3))
+            .map(|i| {
+                let fresh = Server::spawn_config(&gate_conf(&format!("fresh{i}.toml")));
+                let pid = fresh.child.id();
+                let target = over_h2(fresh.addr, 10);
+                let before = rss_kib_of(pid);
+                let held = rt.block_on(async {
+                    let mut held = Vec::with_capacity(idle);
+                    for _ in 0..idle {
+                        let mut c = Client::connect(&target).await;
+                        let msg = c.message(b"hi");
+                        c.stream.write_all(&msg).await.unwrap();
+                        c.read_payload(b"hi").await;
+                        held.push(c);
+                    }
+                    held
+                });
+                let after = rss_kib_of(pid);
+                drop(held);
+                (after - before) / idle as f64
+            })
+            .collect(),
+    );
+    line(
+        &format!("KiB per idle WebSocket stream ({idle} over 10 connections, fresh process)"),
+        kib,
+        None,
+        None,
+        "≤ 16",
+        kib / 16.0,
+        kib <= 16.0,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Debian's HAProxy in the foreground, one thread: TLS with ALPN h2 and http/1.1 on its
+/// frontend (RFC 8441 there), HTTP/1.1 to `app`.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    version: String,
+}
+
+impl Haproxy {
+    fn start(dir: &std::path::Path, app: SocketAddr) -> Haproxy {
+        let pem = dir.join("haproxy.pem");
+        let mut both = std::fs::read(dir.join("server.crt")).unwrap();
+        both.extend(std::fs::read(dir.join("server.key")).unwrap());
+        std::fs::write(&pem, both).unwrap();
+        let addr = free_addr();
+        let conf = config_file(
+            dir,
+            "haproxy.cfg",
+            format!(
+                "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\nfrontend fe\n  bind {addr} ssl crt {} alpn h2,http/1.1\n  default_backend app\nbackend app\n  server app {app}\n",
+                pem.display()
+            ),
+        );
+        let version = Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .nth(2)
+                    .unwrap_or("?")
+                    .to_owned()
+            })
+            .expect("haproxy (Debian's haproxy package)");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "HAProxy did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Haproxy {
+            child,
+            addr,
+            version,
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 // ---- nginx as the anchor for proxy routes ----

@@ -2,19 +2,17 @@
 //! (RFC 8441 extended CONNECT), driven by the `h2` crate's client (hyper's own HTTP/2 layer,
 //! written by others) with tokio-tungstenite speaking RFC 6455 over each stream.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
@@ -24,72 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::common::*;
 
-/// One HTTP/2 stream as a byte stream (what RFC 8441 makes of it): DATA frames both ways,
-/// END_STREAM as shutdown and EOF.
-pub struct H2Io {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
-    buf: Bytes,
-}
-
-impl AsyncRead for H2Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        while self.buf.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(b)) => {
-                    let _ = self.recv.flow_control().release_capacity(b.len());
-                    self.buf = b;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-            }
-        }
-        let n = out.remaining().min(self.buf.len());
-        out.put_slice(&self.buf[..n]);
-        self.buf.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        self.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    self.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map_err(std::io::Error::other)?;
-                    return Poll::Ready(Ok(n));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let _ = self.send.send_data(Bytes::new(), true);
-        Poll::Ready(Ok(()))
-    }
-}
+use crate::h2io::H2Io;
 
 /// An HTTP/2 client connection (prior knowledge over TCP, or TLS with ALPN h2).
 pub struct H2Client {
@@ -189,14 +122,7 @@ impl H2Client {
         let status = response.status();
         let recv = response.into_body();
         match status {
-            StatusCode::OK => (
-                status,
-                Some(H2Io {
-                    send,
-                    recv,
-                    buf: Bytes::new(),
-                }),
-            ),
+            StatusCode::OK => (status, Some(H2Io::new(send, recv))),
             _ => (status, None),
         }
     }

@@ -18,6 +18,8 @@ mod docs;
 mod failover;
 mod fleet;
 mod fuzz_corpus;
+#[path = "../support/h2io.rs"]
+mod h2io;
 mod handshake;
 mod hardening;
 mod http2;
