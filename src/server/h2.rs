@@ -82,27 +82,25 @@ impl Streams {
     }
 
     /// Waits until no stream has been open for `idle` (or, before the first stream, until
-    /// `first`), then returns.
+    /// `first`), then returns. Every change of the count (a stream opened or closed, even
+    /// both between two looks) starts the idle time anew.
     async fn idle(&self, first: Instant, idle: Duration) {
         let mut rx = self.open.subscribe();
-        let mut deadline = Some(first);
+        let mut deadline = first;
         loop {
             let open = *rx.borrow_and_update();
-            match (open, deadline) {
-                (0, Some(at)) => tokio::select! {
-                    () = tokio::time::sleep_until(at) => return,
-                    changed = rx.changed() => if changed.is_err() { return },
-                },
-                (0, None) => deadline = Some(Instant::now() + idle),
-                _ => {
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                    if *rx.borrow() == 0 {
-                        deadline = Some(Instant::now() + idle);
-                    }
+            let changed = if open == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => return,
+                    changed = rx.changed() => changed,
                 }
+            } else {
+                rx.changed().await
+            };
+            if changed.is_err() {
+                return;
             }
+            deadline = Instant::now() + idle;
         }
     }
 }
@@ -156,6 +154,10 @@ where
     let tick =
         (limits.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut shut: Option<Instant> = None;
+    // One idle timer for the connection's life (made anew each turn, it would start over
+    // from the accept-time deadline).
+    let idle = streams.idle(deadline, limits.keepalive_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -169,7 +171,7 @@ where
                 connection.as_mut().graceful_shutdown();
                 shut = Some(Instant::now());
             }
-            () = streams.idle(deadline, limits.keepalive_timeout), if shut.is_none() => {
+            () = &mut idle, if shut.is_none() => {
                 debug!(%peer, "http/2 connection idle: GOAWAY");
                 connection.as_mut().graceful_shutdown();
                 shut = Some(Instant::now());
