@@ -94,35 +94,46 @@ impl H2Client {
         }
     }
 
-    /// An extended CONNECT for a WebSocket on `path` with `headers`; its status and, on 200,
-    /// the stream.
-    pub async fn connect(
+    /// A CONNECT on `path` with `:protocol` `protocol` and exactly these `headers`: the
+    /// answer's head (with the stream's receiving half) and the sending half.
+    pub async fn raw_connect(
         &mut self,
         path: &str,
+        protocol: &'static str,
         headers: &[(&str, &str)],
-    ) -> (StatusCode, Option<H2Io>) {
+    ) -> (http::Response<h2::RecvStream>, h2::SendStream<Bytes>) {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(format!("{}://{}{path}", self.scheme, self.authority))
-            .header("sec-websocket-version", "13")
-            .extension(h2::ext::Protocol::from_static("websocket"));
+            .extension(h2::ext::Protocol::from_static(protocol));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let sender = within("room for a stream", WAIT, self.sender.clone().ready())
+        let mut sender = within("room for a stream", WAIT, self.sender.clone().ready())
             .await
             .expect("the connection takes streams");
-        let mut sender = sender;
         let (response, send) = sender
             .send_request(req.body(()).unwrap(), false)
             .expect("send CONNECT");
         let response = within("the CONNECT's answer", WAIT, response)
             .await
             .expect("an answer");
+        (response, send)
+    }
+
+    /// An extended CONNECT for a WebSocket on `path` (version 13 and `headers`); its status
+    /// and, on 200, the stream.
+    pub async fn connect(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<H2Io>) {
+        let mut all = vec![("sec-websocket-version", "13")];
+        all.extend_from_slice(headers);
+        let (response, send) = self.raw_connect(path, "websocket", &all).await;
         let status = response.status();
-        let recv = response.into_body();
         match status {
-            StatusCode::OK => (status, Some(H2Io::new(send, recv))),
+            StatusCode::OK => (status, Some(H2Io::new(send, response.into_body()))),
             _ => (status, None),
         }
     }
@@ -432,43 +443,14 @@ async fn checks_answer_as_on_http1_and_a_refusal_ends_only_its_stream() {
         assert_eq!(got.as_u16(), status, "{path} {headers:?}");
     }
     // Version 13 is required (426 names it).
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(format!("http://{}/echo", gate.addr))
-        .header("sec-websocket-version", "8")
-        .extension(h2::ext::Protocol::from_static("websocket"))
-        .body(())
-        .unwrap();
     let (response, _) = h2
-        .sender
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(req, false)
-        .unwrap();
-    let response = within("the 426", WAIT, response).await.unwrap();
+        .raw_connect("/echo", "websocket", &[("sec-websocket-version", "8")])
+        .await;
     assert_eq!(response.status(), 426);
     assert_eq!(response.headers()["sec-websocket-version"], "13");
     // A CONNECT that is not a WebSocket: no tunnels.
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(format!("http://{}/echo", gate.addr))
-        .extension(h2::ext::Protocol::from_static("not-websocket"))
-        .body(())
-        .unwrap();
-    let (response, _) = h2
-        .sender
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(req, false)
-        .unwrap();
-    assert_eq!(
-        within("the 405", WAIT, response).await.unwrap().status(),
-        405
-    );
+    let (response, _) = h2.raw_connect("/echo", "not-websocket", &[]).await;
+    assert_eq!(response.status(), 405);
     // Good ones on the same connection, with the subprotocol and permessage-deflate agreed.
     let (status, io) = h2
         .connect(
@@ -481,28 +463,21 @@ async fn checks_answer_as_on_http1_and_a_refusal_ends_only_its_stream() {
         .await;
     assert_eq!(status, 200);
     drop(io);
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(format!("http://{}/strict", gate.addr))
-        .header("sec-websocket-version", "13")
-        .header("origin", "https://ok.example")
-        .header("sec-websocket-protocol", "chat, binary")
-        .header(
-            "sec-websocket-extensions",
-            "permessage-deflate; client_max_window_bits",
-        )
-        .extension(h2::ext::Protocol::from_static("websocket"))
-        .body(())
-        .unwrap();
     let (response, _send) = h2
-        .sender
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(req, false)
-        .unwrap();
-    let response = within("the 200", WAIT, response).await.unwrap();
+        .raw_connect(
+            "/strict",
+            "websocket",
+            &[
+                ("sec-websocket-version", "13"),
+                ("origin", "https://ok.example"),
+                ("sec-websocket-protocol", "chat, binary"),
+                (
+                    "sec-websocket-extensions",
+                    "permessage-deflate; client_max_window_bits",
+                ),
+            ],
+        )
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["sec-websocket-protocol"], "binary");
     assert!(response.headers()["sec-websocket-extensions"]
