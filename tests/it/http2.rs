@@ -993,3 +993,55 @@ async fn a_reload_keeps_http2_connections_and_their_streams() {
     let mut more = fresh.ws("/more", &[]).await;
     round_trip(&mut more, "new route").await;
 }
+
+/// The admin listener lists HTTP/2 WebSockets (many on one connection) and closes one
+/// stream's session with the code its client sees, leaving its neighbours on the connection.
+#[tokio::test]
+async fn the_session_api_lists_and_closes_http2_streams_one_by_one() {
+    // The closed client does not answer the close here: its session ends at close_timeout.
+    let gate = h2c_gate("close_timeout = \"1s\"", &route("/echo", "echo", "")).await;
+    let admin = gate.admin.unwrap();
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let mut one = h2.ws("/echo", &[]).await;
+    let mut two = h2.ws("/echo", &[]).await;
+    round_trip(&mut one, "one").await;
+    round_trip(&mut two, "two").await;
+    let (status, body) = http_get(admin, "/sessions").await;
+    assert_eq!(status, 200);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.len(), 2, "{body}");
+    let peers: std::collections::HashSet<_> =
+        listed.iter().map(|s| s["peer"].to_string()).collect();
+    assert_eq!(peers.len(), 1, "both from one connection: {body}");
+    let id = listed[0]["id"].as_u64().unwrap();
+    let closed = raw_request(
+        admin,
+        format!("POST /sessions/{id}/close?code=4001&reason=moved HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(closed.status, 200, "{closed:?}");
+    eventually("the closed session to leave the list", WAIT, || async {
+        let (_, body) = http_get(admin, "/sessions").await;
+        serde_json::from_str::<Vec<serde_json::Value>>(&body)
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    // Whichever stream it was has 4001 waiting; the other echoes a probe.
+    let (mut got, mut echoed) = (None, 0);
+    for ws in [&mut one, &mut two] {
+        let _ = ws.send(Message::Text("probe".into())).await;
+        match within("a close or an echo", WAIT, ws.next()).await {
+            Some(Ok(Message::Close(Some(frame)))) => got = Some(u16::from(frame.code)),
+            Some(Ok(Message::Text(t))) if t.as_str() == "probe" => echoed += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(echoed, 1, "the other stream on the connection goes on");
+    assert_eq!(
+        got,
+        Some(4001),
+        "the closed stream's client saw the operator's code"
+    );
+}
