@@ -249,19 +249,50 @@ impl Row {
     }
 }
 
-/// The load table: wsgate's bridge, proxy and wss paths beside a plain tokio relay and
-/// Debian's nginx (when installed), all in front of the same backends, in one run.
-fn anchors(phase: Duration, reps: usize, idle: usize) {
-    let dir = std::env::temp_dir().join(format!("wsgate-load-{}", std::process::id()));
+/// The median of `v`.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `f` against each peer `reps` times, the order rotated each time; the median rate and
+/// the median CPU µs per unit (unit = what the rate counts, per second) of each.
+fn measure_rotated(reps: usize, f: &dyn Fn(&Target) -> f64, peers: &[&Peer]) -> Vec<(f64, f64)> {
+    let mut runs = vec![(Vec::new(), Vec::new()); peers.len()];
+    for rep in 0..reps.max(1) {
+        for k in 0..peers.len() {
+            let i = (k + rep) % peers.len();
+            let c0 = cpu_secs(peers[i].pid);
+            let t0 = Instant::now();
+            let v = f(&peers[i].target);
+            let cpu = cpu_secs(peers[i].pid) - c0;
+            runs[i].0.push(v);
+            runs[i].1.push(cpu * 1e6 / (v * t0.elapsed().as_secs_f64()));
+        }
+    }
+    runs.into_iter()
+        .map(|(v, c)| (median(v), median(c)))
+        .collect()
+}
+
+/// A development CA and a localhost certificate in `dir` (certs/gen-dev-certs.sh).
+fn dev_certs(dir: &std::path::Path) {
     let made = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/certs/gen-dev-certs.sh"
     ))
-    .arg(&dir)
+    .arg(dir)
     .arg("localhost")
     .output()
     .expect("certs/gen-dev-certs.sh (needs openssl)");
     assert!(made.status.success());
+}
+
+/// The load table: wsgate's bridge, proxy and wss paths beside a plain tokio relay and
+/// Debian's nginx (when installed), all in front of the same backends, in one run.
+fn anchors(phase: Duration, reps: usize, idle: usize) {
+    let dir = std::env::temp_dir().join(format!("wsgate-load-{}", std::process::id()));
+    dev_certs(&dir);
     // The backends: a TCP echo for the bridge and the relay, a ws app (a wsgate echo route in
     // its own process) for the proxies.
     let echo = Server::spawn_role("echo", None);
@@ -318,29 +349,7 @@ fn anchors(phase: Duration, reps: usize, idle: usize) {
         .enable_all()
         .build()
         .unwrap();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    // Runs `f` against each peer `reps` times, the order rotated each time; the median rate
-    // and the median CPU µs per unit (unit = what the rate counts, per second) of each.
-    let measure = |f: &dyn Fn(&Target) -> f64, peers: &[&Peer]| -> Vec<(f64, f64)> {
-        let mut runs = vec![(Vec::new(), Vec::new()); peers.len()];
-        for rep in 0..reps.max(1) {
-            for k in 0..peers.len() {
-                let i = (k + rep) % peers.len();
-                let c0 = cpu_secs(peers[i].pid);
-                let t0 = Instant::now();
-                let v = f(&peers[i].target);
-                let cpu = cpu_secs(peers[i].pid) - c0;
-                runs[i].0.push(v);
-                runs[i].1.push(cpu * 1e6 / (v * t0.elapsed().as_secs_f64()));
-            }
-        }
-        runs.into_iter()
-            .map(|(v, c)| (median(v), median(c)))
-            .collect()
-    };
+    let measure = |f: &dyn Fn(&Target) -> f64, peers: &[&Peer]| measure_rotated(reps, f, peers);
     // Memory from a fresh process each time: the median of `reps` (at most 3) fresh starts.
     let fresh_memory = |start: &dyn Fn() -> Fresh| {
         median(
@@ -1561,10 +1570,6 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
         .enable_all()
         .build()
         .unwrap();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let mut runs: [Vec<DeflateFigures>; 2] = [Vec::new(), Vec::new()];
     let mut idle_kib: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for rep in 0..reps.max(1) {
@@ -1621,15 +1626,7 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
 /// (`idle` streams over 10 connections, fresh process).
 fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let dir = std::env::temp_dir().join(format!("wsgate-load-h2-{}", std::process::id()));
-    let made = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/certs/gen-dev-certs.sh"
-    ))
-    .arg(&dir)
-    .arg("localhost")
-    .output()
-    .expect("certs/gen-dev-certs.sh (needs openssl)");
-    assert!(made.status.success());
+    dev_certs(&dir);
     let app = Server::spawn_wsgate(&["127.0.0.1:0", "echo"]);
     let conf_for = |name: &str, backend: &str| {
         config_file(
@@ -1659,27 +1656,15 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         h2: Some(rt.block_on(H2Pool::connect(addr, &h2_tls, conns))),
         ..Target::ws(addr)
     };
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    // `f` against each (target, pid) `reps` times, order rotated: median rate, CPU µs/unit.
-    let measure = |f: &dyn Fn(&Target) -> f64, peers: &[(&Target, u32)]| -> Vec<(f64, f64)> {
-        let mut runs = vec![(Vec::new(), Vec::new()); peers.len()];
-        for rep in 0..reps.max(1) {
-            for k in 0..peers.len() {
-                let i = (k + rep) % peers.len();
-                let c0 = cpu_secs(peers[i].1);
-                let t0 = Instant::now();
-                let v = f(peers[i].0);
-                let cpu = cpu_secs(peers[i].1) - c0;
-                runs[i].0.push(v);
-                runs[i].1.push(cpu * 1e6 / (v * t0.elapsed().as_secs_f64()));
-            }
-        }
-        runs.into_iter()
-            .map(|(v, c)| (median(v), median(c)))
-            .collect()
+    let measure = |f: &dyn Fn(&Target) -> f64, peers: &[(&Target, u32)]| {
+        let peers: Vec<Peer> = peers
+            .iter()
+            .map(|(target, pid)| Peer {
+                target: (*target).clone(),
+                pid: *pid,
+            })
+            .collect();
+        measure_rotated(reps, f, &peers.iter().collect::<Vec<_>>())
     };
     let (gate_pid, haproxy_pid) = (gate.child.id(), haproxy.child.id());
     println!(
@@ -1767,46 +1752,43 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         r[0].0 / r[2].0,
         true,
     );
-    line(
+    // A rate beside HAProxy's (held to ≥ 1.0×), then the CPU per unit beside it.
+    let beside_haproxy = |rate: &str, cpu: &str, r: &[(f64, f64)]| {
+        let (ours, theirs) = (r[0], r[1]);
+        let goal = "≥ 1.0× HAProxy";
+        line(
+            rate,
+            ours.0,
+            Some(theirs.0),
+            None,
+            goal,
+            ours.0 / theirs.0,
+            ours.0 >= theirs.0,
+        );
+        line(
+            cpu,
+            ours.1,
+            Some(theirs.1),
+            None,
+            "(HAProxy)",
+            ours.1 / theirs.1,
+            true,
+        );
+    };
+    beside_haproxy(
         "proxy route: new WebSocket sessions/s, beside HAProxy",
-        r[0].0,
-        Some(r[1].0),
-        None,
-        "≥ 1.0× HAProxy",
-        r[0].0 / r[1].0,
-        r[0].0 >= r[1].0,
-    );
-    line(
         "proxy route: CPU µs per new session",
-        r[0].1,
-        Some(r[1].1),
-        Some(r[2].1),
-        "(HAProxy)",
-        r[0].1 / r[1].1,
-        true,
+        &r,
     );
     // Round trips: 64 streams over 4 connections.
     let r = measure(
         &|t| rt.block_on(round_trips(t, 64, phase)),
         &[(&g4, gate_pid), (&h4, haproxy_pid)],
     );
-    line(
+    beside_haproxy(
         "proxy route: round trips/s, 64 streams on 4 connections, 32 B",
-        r[0].0,
-        Some(r[1].0),
-        None,
-        "≥ 1.0× HAProxy",
-        r[0].0 / r[1].0,
-        r[0].0 >= r[1].0,
-    );
-    line(
         "proxy route: CPU µs per round trip",
-        r[0].1,
-        Some(r[1].1),
-        None,
-        "(HAProxy)",
-        r[0].1 / r[1].1,
-        true,
+        &r,
     );
     drop((g4, h4));
     // One stream's throughput, beside one HTTP/1.1 wss connection to the same listener.
