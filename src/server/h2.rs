@@ -151,8 +151,9 @@ where
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     let drain = state.drain_started.clone();
-    let tick =
-        (limits.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    // Checked a few times per send_timeout, at most once a second: an HTTP/2 connection
+    // usually lives as long as its page, so its quiet hours should cost next to nothing.
+    let tick = (limits.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut shut: Option<Instant> = None;
     // One idle timer for the connection's life (made anew each turn, it would start over
     // from the accept-time deadline).
