@@ -80,20 +80,10 @@ fn parse_node(node: &str) -> Option<IpAddr> {
     host.parse().ok()
 }
 
-/// The client's address: `peer` itself unless `peer` is trusted (`peer_trusted`: in the
-/// networks, or a unix-socket peer with `"unix:"` listed), then the rightmost address of the
-/// forwarding chain that is not trusted (the leftmost when all are).
-pub fn client_ip(
-    peer: IpAddr,
-    peer_trusted: bool,
-    headers: &HeaderMap,
-    trusted: &TrustedProxies,
-) -> IpAddr {
-    forwarded_client(peer_trusted, headers, trusted).unwrap_or(peer)
-}
-
-/// The client a trusted peer's forwarding chain names, as [`client_ip`] picks it; `None`
-/// when the peer is not trusted or names nobody (the peer is the client then).
+/// The client a trusted peer's forwarding chain names (`peer_trusted`: the peer is in the
+/// networks, or is a unix-socket peer with `"unix:"` listed): the rightmost address of the
+/// chain that is not trusted (the leftmost when all are). `None` when the peer is not
+/// trusted or names nobody: the peer is the client then.
 pub fn forwarded_client(
     peer_trusted: bool,
     headers: &HeaderMap,
@@ -134,9 +124,9 @@ pub fn forwarded_for(peer: IpAddr, headers: &HeaderMap, peer_trusted: bool) -> S
 mod tests {
     use super::*;
 
-    /// A TCP peer: trusted when it is in the networks.
+    /// The client behind a TCP peer (trusted when it is in the networks).
     fn client_via(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
-        client_ip(peer, trusted.contains(peer), headers, trusted)
+        forwarded_client(trusted.contains(peer), headers, trusted).unwrap_or(peer)
     }
 
     fn trusted(nets: &[&str]) -> TrustedProxies {

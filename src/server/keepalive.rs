@@ -128,18 +128,17 @@ impl KeepAlive {
     /// connections, whose requests are not timed here).
     pub(super) fn write_stalled(&self, send_timeout: Duration) -> bool {
         let blocked = self.write_blocked_since.load(Ordering::Relaxed);
-        blocked != 0
-            && self.now_ms() - blocked.min(self.now_ms()) >= send_timeout.as_millis() as u64
+        let now = self.now_ms();
+        blocked != 0 && now - blocked.min(now) >= send_timeout.as_millis() as u64
     }
 
     /// Whether what waits on the client has been stuck past `send_timeout`.
     fn stalled(&self, send_timeout: Duration) -> Option<Expired> {
-        let now = self.now_ms();
-        let limit = send_timeout.as_millis() as u64;
-        let blocked = self.write_blocked_since.load(Ordering::Relaxed);
-        if blocked != 0 && now - blocked.min(now) >= limit {
+        if self.write_stalled(send_timeout) {
             return Some(Expired::SendStalled);
         }
+        let now = self.now_ms();
+        let limit = send_timeout.as_millis() as u64;
         if self.body_open.load(Ordering::Acquire) {
             if now - self.body_last.load(Ordering::Relaxed).min(now) >= limit {
                 return Some(Expired::SendStalled);
