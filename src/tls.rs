@@ -152,8 +152,9 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Builds the rustls server config for a listener.
-pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// Builds the rustls server config for a listener; with `http2`, ALPN offers `h2` first
+/// (`http/1.1` stays for clients without it).
+pub(crate) fn server_config(files: &TlsFiles, http2: bool) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = server_provider();
     let default = Arc::new(certified_key(&files.cert, &files.key, &provider)?);
     let mut by_name = HashMap::new();
@@ -177,7 +178,10 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsEr
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match http2 {
+        true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        false => vec![b"http/1.1".to_vec()],
+    };
     config.ignore_client_order = true;
     if files.client_ca.is_some() {
         // No resumption where client certificates are checked: rustls does not compare
