@@ -127,11 +127,7 @@ where
         .expect("an HTTP/2 connection counts its streams");
     let peer = conn.peer.clone();
     state.metrics.h2_connections.inc();
-    let _open = Gauge::new(&state.metrics.h2_connections_open);
-    let _logged = ClosedLine {
-        peer: peer.to_string(),
-        streams: streams.clone(),
-    };
+    let _open = Open::new(&state.metrics.h2_connections_open, &peer, &streams);
     let handler = conn.clone();
     // Each stream's request runs on a task of its own: in the connection's span.
     let span = Span::current();
@@ -194,31 +190,33 @@ where
     }
 }
 
-/// Logs (debug) how many streams a connection carried when it ends, however it ends.
-struct ClosedLine {
+/// An HTTP/2 connection while it is open: counted in the open gauge, and when it ends,
+/// however it ends, the gauge goes down and a debug line says how many streams it carried.
+struct Open<'a> {
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
     peer: String,
     streams: Arc<Streams>,
 }
 
-impl Drop for ClosedLine {
+impl<'a> Open<'a> {
+    fn new(
+        gauge: &'a prometheus_client::metrics::gauge::Gauge,
+        peer: &impl std::fmt::Display,
+        streams: &Arc<Streams>,
+    ) -> Self {
+        gauge.inc();
+        Open {
+            gauge,
+            peer: peer.to_string(),
+            streams: streams.clone(),
+        }
+    }
+}
+
+impl Drop for Open<'_> {
     fn drop(&mut self) {
+        self.gauge.dec();
         let streams = self.streams.total.load(Ordering::Relaxed);
         debug!(peer = %self.peer, streams, "http/2 connection closed");
-    }
-}
-
-/// Holds a gauge up while it lives.
-struct Gauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> Gauge<'a> {
-    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        Gauge(g)
-    }
-}
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
