@@ -34,20 +34,26 @@ async fn echo_once<S>(stream: S, host: &str) -> tokio_tungstenite::WebSocketStre
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let url = format!("ws://{host}/echo");
+    echo_with(stream, format!("ws://{host}/echo"), "over the socket").await
+}
+
+/// The handshake for `request` over `stream` (101 expected), then `text` echoed.
+async fn echo_with<S, R>(stream: S, request: R, text: &str) -> tokio_tungstenite::WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
     let (mut ws, response) = within(
-        "the handshake over the unix socket",
+        "the WebSocket handshake",
         WAIT,
-        tokio_tungstenite::client_async(url, stream),
+        tokio_tungstenite::client_async(request, stream),
     )
     .await
     .expect("handshake");
     assert_eq!(response.status(), 101);
-    ws.send(Message::Text("over the socket".into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text(text.into())).await.unwrap();
     let back = within("the echo", WAIT, ws.next()).await.unwrap().unwrap();
-    assert_eq!(back, Message::Text("over the socket".into()));
+    assert_eq!(back, Message::Text(text.into()));
     ws
 }
 
@@ -394,20 +400,7 @@ async fn behind_nginx_over_the_unix_socket() {
         request
             .headers_mut()
             .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
-        let (mut ws, response) = within(
-            "the handshake through nginx",
-            WAIT,
-            tokio_tungstenite::client_async(request, tcp),
-        )
-        .await
-        .expect("handshake through nginx");
-        assert_eq!(response.status(), 101);
-        ws.send(Message::Text("via nginx".into())).await.unwrap();
-        let back = within("the echo through nginx", WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(back, Message::Text("via nginx".into()));
+        let _ws = echo_with(tcp, request, "via nginx").await;
         let listed = sessions(gate.admin.unwrap()).await;
         let peer = listed[0]["peer"].as_str().unwrap().to_owned();
         if trusted {
