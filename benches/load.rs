@@ -51,6 +51,7 @@ const ROLE: &str = "WSGATE_LOAD_ROLE";
 fn main() {
     match std::env::var(ROLE).as_deref() {
         Ok("echo") => return serve_role(None),
+        Ok("h2floor") => return h2_floor(),
         Ok("relay") => {
             let target: SocketAddr = std::env::var("WSGATE_LOAD_TARGET")
                 .unwrap()
@@ -956,6 +957,106 @@ fn serve_role(target: Option<SocketAddr>) {
     });
 }
 
+/// The floor of wsgate's stack for RFC 8441 proxying: the least a proxy built on the same
+/// crates (tokio, tokio-rustls, h2) can do per stream, with nothing of wsgate's in it (no
+/// routes, checks, limits, logs, metrics or timers). TLS with ALPN h2, wsgate's windows and
+/// stream cap; each extended CONNECT becomes a TCP connection to the app with a fixed HTTP/1.1
+/// upgrade request, the app's 101 answered as 200, then `copy_bidirectional`. It tells how
+/// much of the gap to HAProxy is wsgate's own and how much the stack's.
+fn h2_floor() {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let dir = std::path::PathBuf::from(std::env::var("WSGATE_LOAD_CERTS").unwrap());
+    let app: SocketAddr = std::env::var("WSGATE_LOAD_TARGET")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let mut config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        eprintln!("addr={}", listener.local_addr().unwrap());
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .enable_connect_protocol()
+                    .max_concurrent_streams(128)
+                    .initial_window_size(256 * 1024)
+                    .initial_connection_window_size((1 << 31) - 1)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    tokio::spawn(floor_stream(req, respond, app));
+                }
+            });
+        }
+    });
+}
+
+/// One stream of [`h2_floor`]: the app's upgrade, the 200, then bytes both ways.
+async fn floor_stream(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    app: SocketAddr,
+) {
+    let Ok(mut tcp) = TcpStream::connect(app).await else {
+        return;
+    };
+    tcp.set_nodelay(true).unwrap();
+    let upgrade = format!(
+        "GET / HTTP/1.1\r\nHost: {app}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    if tcp.write_all(upgrade.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut head = Vec::with_capacity(512);
+    let end = loop {
+        let mut buf = [0u8; 512];
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if head.len() > 8192 {
+            return;
+        }
+    };
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return;
+    }
+    let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+        return;
+    };
+    let mut client = h2io::H2Io::new(send, req.into_body());
+    if end < head.len() && client.write_all(&head[end..]).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut tcp).await;
+}
+
 // ---- a minimal client: raw TCP, or WebSocket with our own masked frames ----
 
 struct Client {
@@ -1645,6 +1746,15 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     // The echo route: what multiplexing saves, without an app's connection per session.
     let echo_gate = Server::spawn_config(&conf_for("h2echo.toml", "echo"));
     let haproxy = Haproxy::start(&dir, app.addr);
+    // The stack's floor (see `h2_floor`), in front of the same app.
+    let floor = {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env(ROLE, "h2floor")
+            .env("TOKIO_WORKER_THREADS", workers())
+            .env("WSGATE_LOAD_TARGET", app.addr.to_string())
+            .env("WSGATE_LOAD_CERTS", &dir);
+        Server::start(cmd, "addr=")
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1735,13 +1845,20 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     );
     drop(e4);
     let (g4, h4) = (over_h2(gate.addr, 4), over_h2(haproxy.addr, 4));
+    let f4 = over_h2(floor.addr, 4);
+    let floor_pid = floor.child.id();
     let wss_full = Target {
         tls: Some(full.clone()),
         ..Target::ws(gate.addr)
     };
     let r = measure(
         &|t| rt.block_on(new_connections(t, phase)),
-        &[(&g4, gate_pid), (&h4, haproxy_pid), (&wss_full, gate_pid)],
+        &[
+            (&g4, gate_pid),
+            (&h4, haproxy_pid),
+            (&wss_full, gate_pid),
+            (&f4, floor_pid),
+        ],
     );
     line(
         "proxy route: new WebSocket sessions/s on 4 open connections (HTTP/1.1: new wss connections/s, full TLS handshakes)",
@@ -1775,22 +1892,46 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
             true,
         );
     };
+    // The floor's rate and CPU, beside HAProxy's and wsgate's (reported, no target).
+    let beside_floor = |what: &str, floor: &(f64, f64), ours: &(f64, f64), hap: &(f64, f64)| {
+        println!(
+            "| {what} | {:.0} / {:.1} | HAProxy {:.2}× / {:.2}×, wsgate {:.2}× / {:.2}× of the floor | | | (reported) |",
+            floor.0,
+            floor.1,
+            floor.0 / hap.0,
+            floor.1 / hap.1,
+            ours.0 / floor.0,
+            ours.1 / floor.1,
+        );
+    };
     beside_haproxy(
         "proxy route: new WebSocket sessions/s, beside HAProxy",
         "proxy route: CPU µs per new session",
         &r,
     );
+    beside_floor(
+        "stack floor (tokio + h2 + rustls, nothing else): new sessions/s, CPU µs per session",
+        &r[3],
+        &r[0],
+        &r[1],
+    );
     // Round trips: 64 streams over 4 connections.
     let r = measure(
         &|t| rt.block_on(round_trips(t, 64, phase)),
-        &[(&g4, gate_pid), (&h4, haproxy_pid)],
+        &[(&g4, gate_pid), (&h4, haproxy_pid), (&f4, floor_pid)],
     );
     beside_haproxy(
         "proxy route: round trips/s, 64 streams on 4 connections, 32 B",
         "proxy route: CPU µs per round trip",
         &r,
     );
-    drop((g4, h4));
+    beside_floor(
+        "stack floor (tokio + h2 + rustls, nothing else): round trips/s, CPU µs per round trip",
+        &r[2],
+        &r[0],
+        &r[1],
+    );
+    drop((g4, h4, f4));
     // One stream's throughput, beside one HTTP/1.1 wss connection to the same listener.
     let (g1, h1) = (over_h2(gate.addr, 1), over_h2(haproxy.addr, 1));
     let r = measure(
