@@ -72,8 +72,8 @@ where
 
 /// Forwards the client's upgrade to the app and checks its answer within `timeout`. On a good
 /// 101 returns the app's side of the upgrade and what the client's 101 carries over.
-pub(crate) async fn upgrade(
-    req: &Request<Incoming>,
+pub(crate) async fn upgrade<T>(
+    req: &Request<T>,
     route: &Route,
     io: Box<dyn Io>,
     client: ForwardedFor,

@@ -6,8 +6,11 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
@@ -19,6 +22,7 @@ use super::h2::{self, Streams};
 use super::keepalive::{watched, Expired, KeepAlive};
 use super::listen::{ClientStream, Peer};
 use super::reload::ListenerSettings;
+use super::respond::RequestBody;
 use super::session::Pending;
 use super::{dispatch, State};
 use crate::config::Config;
@@ -74,7 +78,7 @@ pub(super) async fn serve<S: ClientStream>(
     // (The session's future is made before it is awaited, so this task holds it alone.)
     let requests = serve_requests(state, stream, peer, slot, settings);
     let session = match Box::pin(requests).instrument(span.clone()).await {
-        Some(upgraded) => upgraded.run(span),
+        Some(upgraded) => upgraded.run(None, span),
         None => return,
     };
     session.await;
@@ -183,7 +187,7 @@ async fn serve_requests<S: ClientStream>(
                 h2::serve(conn, io, deadline).await;
                 return None;
             }
-            serve_http(conn, io, deadline).await
+            serve_http(conn, TokioIo::new(io), deadline).await
         }
         Some(acceptor) => {
             let metrics = &state.metrics;
@@ -206,7 +210,7 @@ async fn serve_requests<S: ClientStream>(
                         h2::serve(conn, io, deadline).await;
                         return None;
                     }
-                    serve_http(conn, io, deadline).await
+                    serve_http(conn, TokioIo::new(io), deadline).await
                 }
                 Ok(Err(e)) => {
                     metrics.tls_failures.inc();
@@ -269,9 +273,20 @@ where
 {
     let peer = conn.peer.clone();
     let handler = conn.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let conn = handler.clone();
-        async move { Ok::<_, Infallible>(dispatch::handle(conn, req).await) }
+        async move {
+            let (response, session) =
+                dispatch::handle(conn.clone(), req.map(RequestBody::Http1)).await;
+            if let Some(session) = session {
+                // Run by this connection's task once hyper has sent the 101 and handed the
+                // connection over.
+                if let Ok(mut slot) = conn.session.lock() {
+                    *slot = Some(session);
+                }
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let http = http1::Builder::new()
         .max_buf_size(MAX_REQUEST_HEAD)

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
@@ -19,8 +18,8 @@ use super::client_limits::{Held, OverLimit};
 use super::conn::Conn;
 use super::keepalive::{mark_end, WatchedBody};
 use super::listen::Peer;
-use super::respond::{forward_failed, full, passthrough, refuse, Body};
-use super::session::{Pending, Session, SessionBackend};
+use super::respond::{forward_failed, full, passthrough, refuse, Body, RequestBody};
+use super::session::{ClientSide, Pending, Session, SessionBackend};
 use crate::auth::Presented;
 use crate::backend::{self, BackendConn, ClientAddrs};
 use crate::bridge::SessionLimits;
@@ -36,11 +35,26 @@ use crate::proxy::headers::BackendAccept;
 use crate::route::{Backend, Route};
 use crate::targets::LookupError;
 
-pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
-    // HTTP/2: this stream is open until the request is answered (or, for a WebSocket, until
-    // its session ends); HTTP/1.1 keeps its keep-alive phases instead.
-    let stream = conn.streams.as_ref().map(|s| s.open());
-    let http2 = stream.is_some();
+/// One request's answer, and the session it agreed on (an upgrade), which the caller runs once
+/// the answer is sent: the HTTP/1.1 connection's task after hyper hands the connection over,
+/// or the HTTP/2 stream's task after the 200.
+pub(super) async fn handle(
+    conn: Arc<Conn>,
+    req: Request<RequestBody>,
+) -> (Response<Body>, Option<Pending>) {
+    let mut session = None;
+    let response = answer(conn, req, &mut session).await;
+    (response, session)
+}
+
+async fn answer(
+    conn: Arc<Conn>,
+    mut req: Request<RequestBody>,
+    session_out: &mut Option<Pending>,
+) -> Response<Body> {
+    // HTTP/2: each request is a stream of its own (its task counts it open); HTTP/1.1 keeps
+    // its keep-alive phases instead.
+    let http2 = conn.streams.is_some();
     let last_request = !http2 && conn.keepalive.request_started();
     let state = &conn.state;
     let is_upgrade = match http2 {
@@ -221,6 +235,10 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
     let response = switching_protocols(&accepted, proxy_accept, deflate.as_ref(), http2);
 
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let client_side = match req.into_body() {
+        RequestBody::H2(body) => ClientSide::H2(body.into_recv()),
+        RequestBody::Http1(_) => ClientSide::Http1(on_upgrade),
+    };
     let places = match http2 {
         true => (stream_slot, stream_held, on_backend),
         false => {
@@ -246,29 +264,12 @@ pub(super) async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Respo
         backend_name: Arc::new(route.backend.clone()),
         metrics: route_metrics,
     };
-    let pending = Pending {
+    *session_out = Some(Pending {
         session,
-        on_upgrade,
+        client: client_side,
         backend,
         places,
-    };
-    match stream {
-        // HTTP/2: the stream's session runs on a task of its own (the connection goes on),
-        // and the stream counts as open until it ends.
-        Some(stream) => {
-            let run = pending.run(tracing::Span::current());
-            state.tracker.spawn(async move {
-                run.await;
-                drop(stream);
-            });
-        }
-        // HTTP/1.1: the connection's task runs it once hyper has handed the connection over.
-        None => {
-            if let Ok(mut slot) = conn.session.lock() {
-                *slot = Some(pending);
-            }
-        }
-    }
+    });
     response
 }
 
@@ -278,7 +279,7 @@ fn is_extended_connect<B>(req: &Request<B>) -> bool {
     req.method() == Method::CONNECT
         && req
             .extensions()
-            .get::<hyper::ext::Protocol>()
+            .get::<::h2::ext::Protocol>()
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
 }
 
@@ -352,7 +353,7 @@ fn switching_protocols(
 /// A plain HTTP request on a proxy route: forwarded to the app, both bodies streamed.
 async fn proxy_http(
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     route: &Route,
     client: ForwardedFor,
     addrs: ClientAddrs,
@@ -382,7 +383,11 @@ async fn proxy_http(
 /// A plain GET or HEAD on a route with `static`: the file, the route's prefix taken off the
 /// path. The route's own path without its trailing slash is redirected to it, so relative
 /// links in its index page resolve inside the route.
-async fn serve_static(req: &Request<Incoming>, route: &Route, dir: &StaticDir) -> Response<Body> {
+async fn serve_static(
+    req: &Request<RequestBody>,
+    route: &Route,
+    dir: &StaticDir,
+) -> Response<Body> {
     let path = req.uri().path();
     let below = match route.path.as_str() {
         "/" => path,
@@ -411,7 +416,7 @@ async fn serve_static(req: &Request<Incoming>, route: &Route, dir: &StaticDir) -
 /// each lookup is counted by result, with its time.
 async fn token_target(
     conn: &Conn,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     route: &Route,
 ) -> Result<Route, Rejection> {
     let token = query_param(req.uri().query(), "token")
@@ -572,7 +577,7 @@ type Connected<'r> = (
 /// app's own refusal).
 async fn connect_with_failover<'r>(
     conn: &Conn,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     route: &'r Route,
     addrs: ClientAddrs,
     forwarded_for: ForwardedFor,

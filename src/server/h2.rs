@@ -1,9 +1,11 @@
 //! HTTP/2 connections (ALPN `h2` on TLS listeners, prior knowledge on plain ones with
 //! `http2 = true`), with WebSockets as extended CONNECT streams (RFC 8441).
 //!
-//! hyper runs the connection; each stream's request is handled on its own task, spawned on
-//! the server's tracker so a drain waits for it, and a stream that becomes a WebSocket runs
-//! its session on a task of its own. This task watches the connection as a whole:
+//! The h2 crate runs the connection (hyper's own HTTP/2 layer, driven directly: hyper's
+//! server would add a task and a channel per upgraded stream). Each stream is one task,
+//! spawned on the server's tracker so a drain waits for it: its request answered and, for a
+//! WebSocket, its session run on the stream (see `h2_stream`). This task watches the
+//! connection as a whole:
 //!
 //! - the first stream must open within `handshake_timeout` of accept;
 //! - a connection with no stream open for `keepalive_timeout` is shut down gracefully
@@ -19,20 +21,24 @@
 //! read itself) holds at most its own window and never the connection's: the other streams
 //! go on. What a connection can hold buffered is bounded by its streams × [`STREAM_WINDOW`].
 
-use std::future::Future;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
+use ::h2::server::SendResponse;
+use ::h2::RecvStream;
+use bytes::Bytes;
+use hyper::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, Instrument, Span};
 
 use super::conn::Conn;
 use super::dispatch;
+use super::h2_stream::{send_head, send_response, H2Body, SendError};
+use super::respond::RequestBody;
 
 /// Receive window of each stream: what one stream may have in flight towards wsgate.
 pub(super) const STREAM_WINDOW: u32 = 256 * 1024;
@@ -44,20 +50,6 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// The client connection's part of the largest request head (HPACK-decoded header list).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
-
-/// Runs futures hyper hands over (each stream's request, each upgraded stream's sender) on
-/// the server's tracker, so the drain sees them.
-#[derive(Clone)]
-pub(super) struct TrackerExec(pub(super) TaskTracker);
-
-impl<F> hyper::rt::Executor<F> for TrackerExec
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        self.0.spawn(fut);
-    }
-}
 
 /// The streams a connection has open: requests being answered and WebSocket sessions.
 pub(super) struct Streams {
@@ -117,7 +109,7 @@ impl Drop for StreamGuard {
 /// Serves an HTTP/2 connection to its end.
 pub(super) async fn serve<I>(conn: Arc<Conn>, io: I, deadline: Instant)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = conn.state.clone();
     let limits = conn.config.limits.clone();
@@ -128,52 +120,63 @@ where
     let peer = conn.peer.clone();
     state.metrics.h2_connections.inc();
     let _open = Open::new(&state.metrics.h2_connections_open, &peer, &streams);
-    let handler = conn.clone();
-    // Each stream's request runs on a task of its own: in the connection's span.
-    let span = Span::current();
-    let service = service_fn(move |req| {
-        let conn = handler.clone();
-        let handled = dispatch::handle(conn, req).instrument(span.clone());
-        async move { Ok::<_, std::convert::Infallible>(handled.await) }
-    });
-    let mut builder = http2::Builder::new(TrackerExec(state.tracker.clone()));
+    let mut builder = ::h2::server::Builder::new();
     builder
         .enable_connect_protocol()
         .max_concurrent_streams(limits.max_streams_per_connection)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .auto_date_header(false);
-    let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
+        .max_header_list_size(MAX_HEADER_LIST);
+    // The preface and SETTINGS, within the accept-time deadline.
+    let mut connection = match tokio::time::timeout_at(deadline, builder.handshake(io)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "http/2 handshake failed"),
+        Err(_) => {
+            state.metrics.handshake_timeouts.inc();
+            return info!(%peer, "handshake timeout: no HTTP/2 preface in time; closed");
+        }
+    };
     let drain = state.drain_started.clone();
     // Checked a few times per send_timeout, at most once a second: an HTTP/2 connection
     // usually lives as long as its page, so its quiet hours should cost next to nothing.
     let tick = (limits.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval_at(Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shut: Option<Instant> = None;
     // One idle timer for the connection's life (made anew each turn, it would start over
     // from the accept-time deadline).
     let idle = streams.idle(deadline, limits.keepalive_timeout);
     tokio::pin!(idle);
+    let span = Span::current();
     loop {
         tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "http/2 connection error");
+            // Drives the connection (reads, writes, flow control) and yields its new streams.
+            accepted = connection.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    let guard = streams.open();
+                    let stream = serve_stream(conn.clone(), req, respond);
+                    state.tracker.spawn(
+                        async move {
+                            stream.await;
+                            drop(guard);
+                        }
+                        .instrument(span.clone()),
+                    );
                 }
-                return;
-            }
+                Some(Err(e)) => return debug!(%peer, error = %e, "http/2 connection error"),
+                None => return,
+            },
             () = drain.cancelled(), if shut.is_none() => {
                 debug!(%peer, "drain: GOAWAY");
-                connection.as_mut().graceful_shutdown();
+                connection.graceful_shutdown();
                 shut = Some(Instant::now());
             }
             () = &mut idle, if shut.is_none() => {
                 debug!(%peer, "http/2 connection idle: GOAWAY");
-                connection.as_mut().graceful_shutdown();
+                connection.graceful_shutdown();
                 shut = Some(Instant::now());
             }
-            () = tokio::time::sleep(tick) => {
+            _ = ticks.tick() => {
                 if conn.keepalive.write_stalled(limits.send_timeout) {
                     state.metrics.send_timeouts.inc();
                     info!(%peer, "send timeout: no progress with the client within send_timeout; closed");
@@ -186,6 +189,42 @@ where
                     }
                 }
             }
+        }
+    }
+}
+
+/// One stream, on a task of its own: the request answered, and for a WebSocket (RFC 8441)
+/// the session run on the stream after its 200. A client's RST_STREAM while the answer is
+/// being made drops it (a backend connection being opened is closed).
+async fn serve_stream(conn: Arc<Conn>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    let (parts, recv) = req.into_parts();
+    let body = H2Body::new(recv, &parts.headers);
+    let req = Request::from_parts(parts, RequestBody::H2(body));
+    // Boxed: the request's state (routes, checks, the backend's connect) is freed once it is
+    // answered instead of being kept beside the session while the stream lives.
+    let handled = Box::pin(dispatch::handle(conn.clone(), req));
+    let (response, session) = tokio::select! {
+        answer = handled => answer,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let send_timeout = conn.config.limits.send_timeout;
+    let Some(session) = session else {
+        if let Err(e) = send_response(&mut respond, response, send_timeout).await {
+            if matches!(e, SendError::Stalled) {
+                conn.state.metrics.send_timeouts.inc();
+                info!(peer = %conn.peer, "send timeout: the client kept the stream's window shut past send_timeout; stream reset");
+            } else {
+                debug!(peer = %conn.peer, error = %e, "http/2 response not sent whole");
+            }
+        }
+        return;
+    };
+    // The 200 opens the WebSocket: the stream stays open for its DATA.
+    let (parts, _) = response.into_parts();
+    match send_head(&mut respond, Response::from_parts(parts, ()), false) {
+        Ok(send) => session.run(Some(send), Span::current()).await,
+        Err(e) => {
+            debug!(peer = %conn.peer, error = %e, "the client reset the stream before its 200")
         }
     }
 }

@@ -24,11 +24,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::respond::{Body, BoxError};
+use super::respond::{Body, BoxError, RequestBody};
 use crate::stream::{Observed, Observer};
 
 /// Requests served on one connection; the last one's response carries `Connection: close`.
@@ -277,12 +276,12 @@ impl Observer for Arc<KeepAlive> {
 
 /// A request body whose progress `send_timeout` watches (bytes as they come, its end).
 pub(super) struct WatchedBody {
-    inner: hyper::body::Incoming,
+    inner: RequestBody,
     keepalive: Arc<KeepAlive>,
 }
 
 impl WatchedBody {
-    pub(super) fn new(inner: hyper::body::Incoming, keepalive: Arc<KeepAlive>) -> WatchedBody {
+    pub(super) fn new(inner: RequestBody, keepalive: Arc<KeepAlive>) -> WatchedBody {
         if !inner.is_end_stream() {
             keepalive.body_started();
         }
@@ -292,12 +291,12 @@ impl WatchedBody {
 
 impl HttpBody for WatchedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -329,10 +328,10 @@ impl Drop for WatchedBody {
     }
 }
 
-/// `inner` wrapped for hyper.
-pub(super) fn watched<S>(inner: S, keepalive: &Arc<KeepAlive>) -> TokioIo<Watched<S>> {
-    TokioIo::new(Observed {
+/// `inner` with its reads and blocked writes noted.
+pub(super) fn watched<S>(inner: S, keepalive: &Arc<KeepAlive>) -> Watched<S> {
+    Observed {
         inner,
         observer: keepalive.clone(),
-    })
+    }
 }

@@ -5,7 +5,8 @@
 //! listen.rs    TCP and unix listeners, the socket file, the client stream kinds
 //! accept.rs    accept loop, backoff, ConnectionSlot (max_connections)
 //! conn.rs      TLS and the handshake deadline, hyper's HTTP/1.1 connection
-//! h2.rs        HTTP/2 connections: streams, RFC 8441 WebSockets, GOAWAY on idle and drain
+//! h2.rs        HTTP/2 connections (the h2 crate): streams, GOAWAY on idle and drain
+//! h2_stream.rs one HTTP/2 stream: request body, response under flow control, RFC 8441 stream
 //! balance.rs   several backends per route: order, failover, ejection
 //! client_limits.rs  per-client and per-route limits
 //! dispatch.rs  one request: route, checks, backend connect, the 101 or a refusal
@@ -46,6 +47,7 @@ mod client_limits;
 mod conn;
 mod dispatch;
 mod h2;
+mod h2_stream;
 mod keepalive;
 mod listen;
 mod reload;

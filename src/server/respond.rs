@@ -1,15 +1,19 @@
 //! Responses the server builds itself: plain text, refusals (logged and counted here, in one
 //! place), and an app's answer passed through to the client.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use tracing::info;
 
 use super::conn::Conn;
+use super::h2_stream::H2Body;
 use crate::metrics::RejectionLabels;
 use crate::protocol::handshake::Rejection;
 use crate::proxy::forward::ForwardError;
@@ -20,6 +24,42 @@ use crate::proxy::headers::passthrough_headers;
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub(super) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A client request's body: hyper's (HTTP/1.1), or an HTTP/2 stream's DATA (wsgate serves
+/// HTTP/2 on the h2 crate itself, see `h2_stream`).
+pub(super) enum RequestBody {
+    Http1(Incoming),
+    H2(H2Body),
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            RequestBody::H2(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Http1(body) => body.is_end_stream(),
+            RequestBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Http1(body) => body.size_hint(),
+            RequestBody::H2(body) => body.size_hint(),
+        }
+    }
+}
 
 pub(super) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

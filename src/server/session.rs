@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use ::h2::{RecvStream, SendStream};
+use bytes::{Bytes, BytesMut};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -14,6 +15,7 @@ use tracing::{debug, info, Span};
 use super::accept::ConnectionSlot;
 use super::balance::OnBackend;
 use super::client_limits::Held;
+use super::h2_stream::H2Io;
 use super::keepalive::Watched;
 use super::listen::{ClientStream, Peer, UnixClient};
 use super::State;
@@ -51,36 +53,62 @@ pub(super) enum SessionBackend {
 /// per-route places, the backend's count): held until the session ends.
 pub(super) type Places = (Option<ConnectionSlot>, Option<Held>, OnBackend);
 
-/// A session agreed on (its 101 is the request's answer), waiting for hyper to hand over the
-/// connection: the connection's own task runs it once hyper's part is done.
+/// Where the client's side of a session comes from.
+pub(super) enum ClientSide {
+    /// HTTP/1.1: the connection, once hyper has sent the 101 and handed it over.
+    Http1(OnUpgrade),
+    /// HTTP/2 (RFC 8441): the stream's receiving side; its sending side comes with the 200.
+    H2(RecvStream),
+}
+
+/// The client's side of a running session.
+enum ClientIo {
+    Http1(Upgraded),
+    H2(H2Io),
+}
+
+/// A session agreed on (its 101 or 200 is the request's answer), waiting for the client's
+/// side: the connection's own task (HTTP/1.1) or the stream's (HTTP/2) runs it once the
+/// answer is sent.
 pub(super) struct Pending {
     pub(super) session: Session,
-    pub(super) on_upgrade: OnUpgrade,
+    pub(super) client: ClientSide,
     pub(super) backend: SessionBackend,
     pub(super) places: Places,
 }
 
 impl Pending {
-    /// Waits for the client's upgrade (already fulfilled once hyper's connection future has
-    /// ended), then runs the session; the places are held until it ends. One future holds the
-    /// session: `run` borrows it rather than taking a second copy into its own state.
-    /// (Not an `async fn`: the parts are moved into the future once, not kept twice in it.)
+    /// Waits for the client's side (an HTTP/1.1 upgrade is already fulfilled once hyper's
+    /// connection future has ended; an HTTP/2 stream's sending side is `h2_send`, given once
+    /// the 200 is sent), then runs the session; the places are held until it ends. One future
+    /// holds the session: `run` borrows it rather than taking a second copy into its own
+    /// state. (Not an `async fn`: the parts are moved into the future once, not kept twice in
+    /// it.)
     ///
     /// `span` is the connection's (`conn{id}`). It is entered around the session's log lines,
     /// not on every poll of its data path: nothing in between logs.
-    pub(super) fn run(self, span: Span) -> impl std::future::Future<Output = ()> + Send {
+    pub(super) fn run(
+        self,
+        h2_send: Option<SendStream<Bytes>>,
+        span: Span,
+    ) -> impl std::future::Future<Output = ()> + Send {
         let Pending {
             session,
-            on_upgrade,
+            client,
             backend,
             places,
         } = self;
         async move {
             let _places = places;
-            match on_upgrade.await {
-                Ok(upgraded) => session.run(upgraded, backend, &span).await,
-                Err(e) => span.in_scope(|| debug!(error = %e, "upgrade failed")),
-            }
+            let client = match (client, h2_send) {
+                (ClientSide::Http1(on_upgrade), _) => match on_upgrade.await {
+                    Ok(upgraded) => ClientIo::Http1(upgraded),
+                    Err(e) => return span.in_scope(|| debug!(error = %e, "upgrade failed")),
+                },
+                (ClientSide::H2(recv), Some(send)) => ClientIo::H2(H2Io::new(send, recv)),
+                (ClientSide::H2(_), None) => return,
+            };
+            session.run(client, backend, &span).await
         }
     }
 }
@@ -89,7 +117,7 @@ impl Session {
     /// Runs the session to its end. Cancel-safe only in that dropping it drops both
     /// connections (the drain, and an operator through the admin listener, stop it through
     /// its [`SessionControl`] instead).
-    async fn run(&self, upgraded: Upgraded, backend: SessionBackend, span: &Span) {
+    async fn run(&self, client: ClientIo, backend: SessionBackend, span: &Span) {
         let m = &self.state.metrics;
         let route = &self.route_path;
         let of_route = &self.metrics;
@@ -113,7 +141,17 @@ impl Session {
         let started = Instant::now();
         let summary = match backend {
             SessionBackend::Bridge(backend) => {
-                let (read, initial, write) = split_upgraded(upgraded);
+                let (read, initial, write) = match client {
+                    ClientIo::Http1(upgraded) => split_upgraded(upgraded),
+                    ClientIo::H2(stream) => {
+                        let (read, write) = stream.into_halves();
+                        (
+                            Box::pin(read) as BoxRead,
+                            BytesMut::new(),
+                            Box::pin(write) as BoxWrite,
+                        )
+                    }
+                };
                 bridge::run(
                     read,
                     initial,
@@ -128,15 +166,18 @@ impl Session {
             }
             SessionBackend::Proxy(app) => match app.await {
                 Ok(app) => {
-                    let spliced = splice(
-                        TokioIo::new(upgraded),
-                        TokioIo::new(app),
-                        self.limits.idle_timeout,
-                        &control,
+                    let idle = self.limits.idle_timeout;
+                    let (from, to) = (
                         counters.bytes_from_client.clone(),
                         counters.bytes_to_client.clone(),
-                    )
-                    .await;
+                    );
+                    let app = TokioIo::new(app);
+                    let spliced = match client {
+                        ClientIo::Http1(upgraded) => {
+                            splice(TokioIo::new(upgraded), app, idle, &control, from, to).await
+                        }
+                        ClientIo::H2(stream) => splice(stream, app, idle, &control, from, to).await,
+                    };
                     Summary {
                         bytes_from_client: spliced.from_client,
                         bytes_to_client: spliced.to_client,

@@ -568,6 +568,63 @@ async fn pages_and_proxied_requests_share_the_connection_with_websockets() {
     assert_eq!(status, 400, "the canonical path holds on h2 too");
 }
 
+/// A page's client that keeps its stream window shut (it stopped reading) holds the page's
+/// response: the stream is reset once the window has stayed shut for `send_timeout`, and the
+/// connection's other streams go on meanwhile.
+#[tokio::test]
+async fn a_page_whose_client_keeps_its_window_shut_is_reset_at_send_timeout() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; 1 << 20]).unwrap();
+    let routes = route(
+        "/",
+        "echo",
+        &format!("static = \"{}\"", dir.path().display()),
+    );
+    let gate = h2c_gate("send_timeout = \"1s\"", &routes).await;
+    // The stream's window stays at HTTP/2's default 64 KiB; the connection's is wide, so the
+    // shut stream cannot hold the others through it.
+    let mut builder = h2::client::Builder::new();
+    builder.initial_connection_window_size(1 << 24);
+    let tcp = within("connect", WAIT, TcpStream::connect(gate.addr))
+        .await
+        .unwrap();
+    let mut h2 = H2Client::over_with(tcp, gate.addr.to_string(), "http", &builder).await;
+    let req = Request::builder()
+        .uri(format!("http://{}/big.bin", gate.addr))
+        .body(())
+        .unwrap();
+    let mut sender = within("room for a stream", WAIT, h2.sender.clone().ready())
+        .await
+        .unwrap();
+    let (response, _) = sender.send_request(req, true).unwrap();
+    let response = within("the page's head", WAIT, response).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // Take what the window let through, never giving any of it back.
+    let mut got = 0;
+    while got < 65_535 {
+        let chunk = within("the first window's worth", WAIT, body.data()).await;
+        got += chunk.expect("data").expect("no reset yet").len();
+    }
+    let shut = std::time::Instant::now();
+    let mut ws = h2.ws("/", &[]).await;
+    round_trip(&mut ws, "beside a shut stream").await;
+    let ended = within("the shut stream's reset", WAIT, body.data()).await;
+    let waited = shut.elapsed();
+    let reason = ended.and_then(|r| r.err()).and_then(|e| e.reason());
+    assert_eq!(
+        reason,
+        Some(h2::Reason::CANCEL),
+        "reset, not ended or left open"
+    );
+    assert!(
+        waited >= Duration::from_millis(800) && waited <= Duration::from_millis(2500),
+        "reset {waited:?} after the window shut, with send_timeout = 1s"
+    );
+    assert!(got < 1 << 20, "the page was not sent whole");
+    round_trip(&mut ws, "after the reset").await;
+}
+
 /// Reads until tungstenite has the close handshake done, then waits for the server's
 /// END_STREAM.
 async fn until_server_end_stream(ws: &mut WebSocketStream<H2Io>) {
