@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::h2::server::SendResponse;
-use ::h2::RecvStream;
+use ::h2::{RecvStream, SendStream};
 use bytes::Bytes;
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -39,6 +39,7 @@ use super::conn::Conn;
 use super::dispatch;
 use super::h2_stream::{send_head, send_response, H2Body, SendError};
 use super::respond::RequestBody;
+use super::session::Pending;
 
 /// Receive window of each stream: what one stream may have in flight towards wsgate.
 pub(super) const STREAM_WINDOW: u32 = 256 * 1024;
@@ -194,21 +195,33 @@ where
 }
 
 /// One stream, on a task of its own: the request answered, and for a WebSocket (RFC 8441)
-/// the session run on the stream after its 200. A client's RST_STREAM while the answer is
-/// being made drops it (a backend connection being opened is closed).
-async fn serve_stream(conn: Arc<Conn>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+/// the session run on the stream after its 200.
+async fn serve_stream(conn: Arc<Conn>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
+    // Boxed: the answer's state (routes, checks, the backend's connect, a page's body) is
+    // freed once it is sent instead of being kept beside the session while the stream lives.
+    if let Some((session, send)) = Box::pin(answer(conn, req, respond)).await {
+        session.run(Some(send), Span::current()).await;
+    }
+}
+
+/// Answers a stream's request. A WebSocket's 200 is sent with the stream left open: the
+/// session agreed on and the stream's sending side are returned to run it. A client's
+/// RST_STREAM while the answer is being made drops it (a backend connection being opened is
+/// closed).
+async fn answer(
+    conn: Arc<Conn>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Option<(Pending, SendStream<Bytes>)> {
     let (parts, recv) = req.into_parts();
     let body = H2Body::new(recv, &parts.headers);
     let req = Request::from_parts(parts, RequestBody::H2(body));
-    // Boxed: the request's state (routes, checks, the backend's connect) is freed once it is
-    // answered instead of being kept beside the session while the stream lives.
-    let handled = Box::pin(dispatch::handle(conn.clone(), req));
     let (response, session) = tokio::select! {
-        answer = handled => answer,
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        answer = dispatch::handle(conn.clone(), req) => answer,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return None,
     };
-    let send_timeout = conn.config.limits.send_timeout;
     let Some(session) = session else {
+        let send_timeout = conn.config.limits.send_timeout;
         if let Err(e) = send_response(&mut respond, response, send_timeout).await {
             if matches!(e, SendError::Stalled) {
                 conn.state.metrics.send_timeouts.inc();
@@ -217,14 +230,15 @@ async fn serve_stream(conn: Arc<Conn>, req: Request<RecvStream>, mut respond: Se
                 debug!(peer = %conn.peer, error = %e, "http/2 response not sent whole");
             }
         }
-        return;
+        return None;
     };
     // The 200 opens the WebSocket: the stream stays open for its DATA.
     let (parts, _) = response.into_parts();
     match send_head(&mut respond, Response::from_parts(parts, ()), false) {
-        Ok(send) => session.run(Some(send), Span::current()).await,
+        Ok(send) => Some((session, send)),
         Err(e) => {
-            debug!(peer = %conn.peer, error = %e, "the client reset the stream before its 200")
+            debug!(peer = %conn.peer, error = %e, "the client reset the stream before its 200");
+            None
         }
     }
 }
