@@ -155,14 +155,11 @@ where
             accepted = connection.accept() => match accepted {
                 Some(Ok((req, respond))) => {
                     let guard = streams.open();
-                    let stream = serve_stream(conn.clone(), req, respond);
-                    state.tracker.spawn(
-                        async move {
-                            stream.await;
-                            drop(guard);
-                        }
-                        .instrument(span.clone()),
-                    );
+                    let stream = serve_stream(conn.clone(), req, respond, span.clone());
+                    state.tracker.spawn(async move {
+                        stream.await;
+                        drop(guard);
+                    });
                 }
                 Some(Err(e)) => return debug!(%peer, error = %e, "http/2 connection error"),
                 None => return,
@@ -196,11 +193,20 @@ where
 
 /// One stream, on a task of its own: the request answered, and for a WebSocket (RFC 8441)
 /// the session run on the stream after its 200.
-async fn serve_stream(conn: Arc<Conn>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
+///
+/// `span` is the connection's: the answer runs in it; the session enters it only around its
+/// log lines, not on every poll of its data path.
+async fn serve_stream(
+    conn: Arc<Conn>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    span: Span,
+) {
     // Boxed: the answer's state (routes, checks, the backend's connect, a page's body) is
     // freed once it is sent instead of being kept beside the session while the stream lives.
-    if let Some((session, send)) = Box::pin(answer(conn, req, respond)).await {
-        session.run(Some(send), Span::current()).await;
+    let answered = Box::pin(answer(conn, req, respond).instrument(span.clone())).await;
+    if let Some((session, send)) = answered {
+        session.run(Some(send), span).await;
     }
 }
 
