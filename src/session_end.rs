@@ -40,8 +40,6 @@ pub enum SessionEnd {
     Closed,
     /// Proxy route: one side failed.
     Error,
-    /// Proxy route: the app's side of the upgrade never completed.
-    BackendUpgradeFailed,
     /// Nothing recorded a reason (should not happen; kept so the log line always has one).
     Unknown,
 }
@@ -68,7 +66,6 @@ impl SessionEnd {
             SessionEnd::CloseTimeout => "close_timeout",
             SessionEnd::Closed => "closed",
             SessionEnd::Error => "error",
-            SessionEnd::BackendUpgradeFailed => "backend_upgrade_failed",
             SessionEnd::Unknown => "unknown",
         }
     }

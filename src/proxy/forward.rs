@@ -8,19 +8,24 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
-use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
+use super::exchange::{self, AppStream};
 use super::headers::{backend_request, check_backend_101, BackendAccept};
 use crate::protocol::handshake::{header_tokens, Rejection};
 use crate::route::Route;
 use crate::stream::Io;
+
+/// A response body from the app: streamed (a plain request's answer) or read whole (a
+/// refused upgrade's).
+pub(crate) type AppBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Who the request is forwarded for (X-Forwarded-For and -Proto).
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +44,7 @@ pub(crate) enum ForwardError {
     /// The app could not be spoken to, or its 101 was wrong: the client gets this refusal.
     Refused(Rejection),
     /// The app answered the upgrade with something else (403, 404, …): passed to the client.
-    AppRefused(Response<Incoming>),
+    AppRefused(Response<AppBody>),
 }
 
 /// The app's HTTP failed: the detail goes to the log, the client gets a fixed text.
@@ -70,17 +75,16 @@ where
     Ok(sender)
 }
 
-/// Forwards the client's upgrade to the app and checks its answer within `timeout`. On a good
-/// 101 returns the app's side of the upgrade and what the client's 101 carries over.
+/// Forwards the client's upgrade to the app over `io` and checks its answer, all within
+/// `timeout`. On a good 101 returns the app's side of the upgrade and what the client's 101
+/// carries over; on a refusal, the app's answer (its body read whole) for the client.
 pub(crate) async fn upgrade<T>(
     req: &Request<T>,
     route: &Route,
-    io: Box<dyn Io>,
+    mut io: Box<dyn Io>,
     client: ForwardedFor,
     timeout: Duration,
-    tracker: &TaskTracker,
-) -> Result<(OnUpgrade, BackendAccept), ForwardError> {
-    let mut sender = app_client(io, tracker).await?;
+) -> Result<(AppStream, BackendAccept), ForwardError> {
     let offered: Vec<String> = header_tokens(req.headers(), &header::SEC_WEBSOCKET_PROTOCOL)
         .map(str::to_owned)
         .collect();
@@ -92,7 +96,7 @@ pub(crate) async fn upgrade<T>(
     };
     let mut request = backend_request(
         req,
-        Empty::<Bytes>::new(),
+        (),
         route,
         client.peer,
         client.trusted,
@@ -102,21 +106,40 @@ pub(crate) async fn upgrade<T>(
     if let Ok(k) = HeaderValue::from_bytes(&key) {
         request.headers_mut().insert(header::SEC_WEBSOCKET_KEY, k);
     }
-    let response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
-        Ok(Ok(r)) => r,
+    let head = exchange::encode_head(&request);
+    let exchanged = tokio::time::timeout(timeout, async {
+        let mut answer = exchange::send_and_read_head(&mut io, &head).await?;
+        if answer.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok((answer, None));
+        }
+        let body = exchange::read_body(&mut io, &mut answer).await?;
+        Ok::<_, exchange::ExchangeError>((answer, Some(body)))
+    })
+    .await;
+    let (answer, body) = match exchanged {
+        Ok(Ok(a)) => a,
         Ok(Err(e)) => return Err(http_failed(e)),
         Err(_) => return Err(app_timeout()),
     };
-    match check_backend_101(response.status(), response.headers(), &key, &offered, route) {
-        Ok(accept) => Ok((hyper::upgrade::on(response), accept)),
-        Err(reason) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+    match check_backend_101(answer.status, &answer.headers, &key, &offered, route) {
+        Ok(accept) => Ok((AppStream::new(io, answer.rest), accept)),
+        Err(reason) if answer.status == StatusCode::SWITCHING_PROTOCOLS => {
             Err(ForwardError::Refused(Rejection::new(
                 StatusCode::BAD_GATEWAY,
                 "backend_bad_101",
                 reason,
             )))
         }
-        Err(_) => Err(ForwardError::AppRefused(response)),
+        Err(_) => {
+            let mut response = Response::new(
+                Full::new(body.unwrap_or_default())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            *response.status_mut() = answer.status;
+            *response.headers_mut() = answer.headers;
+            Err(ForwardError::AppRefused(response))
+        }
     }
 }
 

@@ -612,15 +612,9 @@ async fn connect_with_failover<'r>(
         };
         let (session, accept) = match backend {
             BackendConn::Proxy(io) => {
-                let forwarded = forward::upgrade(
-                    req,
-                    &attempt,
-                    io,
-                    forwarded_for,
-                    limits.connect_timeout,
-                    &state.tracker,
-                )
-                .await;
+                let forwarded =
+                    forward::upgrade(req, &attempt, io, forwarded_for, limits.connect_timeout)
+                        .await;
                 match forwarded {
                     Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
                     // A 4xx is the app's answer to this client, not a failure of the app: it

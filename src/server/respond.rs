@@ -109,9 +109,13 @@ pub(super) fn refuse(conn: &Conn, route: Option<&str>, rejection: Rejection) -> 
 
 /// The app's response for the client: its status, headers (hop-by-hop ones dropped) and
 /// streamed body.
-pub(super) fn passthrough(response: Response<Incoming>) -> Response<Body> {
+pub(super) fn passthrough<B>(response: Response<B>) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (parts, body) = response.into_parts();
-    let mut out = Response::new(body.map_err(BoxError::from).boxed_unsync());
+    let mut out = Response::new(body.map_err(Into::into).boxed_unsync());
     *out.status_mut() = parts.status;
     *out.headers_mut() = passthrough_headers(&parts.headers);
     out

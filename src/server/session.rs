@@ -22,9 +22,10 @@ use super::State;
 use crate::bridge::{self, SessionLimits, Summary};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::protocol::frame::close_code;
+use crate::proxy::exchange::AppStream;
 use crate::proxy::splice::splice;
 use crate::route::Backend;
-use crate::session_end::{SessionControl, SessionEnd};
+use crate::session_end::SessionControl;
 use crate::stream::{BoxRead, BoxWrite};
 
 pub(super) struct Session {
@@ -45,8 +46,8 @@ pub(super) struct Session {
 pub(super) enum SessionBackend {
     /// The bridge: a byte stream, or `None` for the built-in echo.
     Bridge(Option<(BoxRead, BoxWrite)>),
-    /// A proxy route: the app's side of the upgrade, ready once its 101 is through.
-    Proxy(OnUpgrade),
+    /// A proxy route: the app's side of the upgrade, its 101 checked.
+    Proxy(AppStream),
 }
 
 /// The connection's places under its limits (the connection slot, the per-client and
@@ -164,28 +165,24 @@ impl Session {
                 )
                 .await
             }
-            SessionBackend::Proxy(app) => match app.await {
-                Ok(app) => {
-                    let idle = self.limits.idle_timeout;
-                    let (from, to) = (
-                        counters.bytes_from_client.clone(),
-                        counters.bytes_to_client.clone(),
-                    );
-                    let app = TokioIo::new(app);
-                    let spliced = match client {
-                        ClientIo::Http1(upgraded) => {
-                            splice(TokioIo::new(upgraded), app, idle, &control, from, to).await
-                        }
-                        ClientIo::H2(stream) => splice(stream, app, idle, &control, from, to).await,
-                    };
-                    Summary {
-                        bytes_from_client: spliced.from_client,
-                        bytes_to_client: spliced.to_client,
-                        ..Summary::ended(spliced.end)
+            SessionBackend::Proxy(app) => {
+                let idle = self.limits.idle_timeout;
+                let (from, to) = (
+                    counters.bytes_from_client.clone(),
+                    counters.bytes_to_client.clone(),
+                );
+                let spliced = match client {
+                    ClientIo::Http1(upgraded) => {
+                        splice(TokioIo::new(upgraded), app, idle, &control, from, to).await
                     }
+                    ClientIo::H2(stream) => splice(stream, app, idle, &control, from, to).await,
+                };
+                Summary {
+                    bytes_from_client: spliced.from_client,
+                    bytes_to_client: spliced.to_client,
+                    ..Summary::ended(spliced.end)
                 }
-                Err(_) => Summary::ended(SessionEnd::BackendUpgradeFailed),
-            },
+            }
         };
         let duration = started.elapsed();
         of_route.sessions_open.dec();
