@@ -89,6 +89,9 @@ pub(crate) fn backend_request<T, B>(
         unreachable!("only proxy routes forward requests");
     };
     let mut headers = head.headers().clone();
+    // Room for what is added below (Host, the forwarding headers, the upgrade's), so the map
+    // is not grown and rehashed while they go in.
+    headers.reserve(8);
     strip_hop_by_hop(&mut headers);
     let original_host = head.headers().get(header::HOST).cloned();
     // HTTP/2 may split Cookie into one field per cookie; HTTP/1.1 wants one (RFC 9113

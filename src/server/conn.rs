@@ -3,7 +3,9 @@
 //! hyper's HTTP/1.1 connection with upgrades.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use hyper::body::Incoming;
@@ -77,22 +79,35 @@ pub(super) async fn serve<S: ClientStream>(
     // connection is upgraded instead of being kept beside the session while it runs.
     // (The session's future is made before it is awaited, so this task holds it alone.)
     let requests = serve_requests(state, stream, peer, slot, settings);
-    let session = match Box::pin(requests).instrument(span.clone()).await {
-        Some(upgraded) => upgraded.run(None, span),
-        None => return,
-    };
-    session.await;
+    match Box::pin(requests).instrument(span.clone()).await {
+        Some(Next::Session(upgraded)) => upgraded.run(None, span).await,
+        // Not instrumented: the connection's task is polled for every frame of every stream,
+        // and its few log lines enter the span themselves.
+        Some(Next::Http2(connection)) => connection.await,
+        None => {}
+    }
+}
+
+/// What a connection goes on with once its requests are done. (Returned once per connection
+/// and matched at once: boxing the session would cost an allocation per HTTP/1.1 session.)
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// The session an HTTP/1.1 upgrade agreed on.
+    Session(Pending),
+    /// An HTTP/2 connection, served to its end (see `h2::serve`).
+    Http2(Pin<Box<dyn Future<Output = ()> + Send>>),
 }
 
 /// The connection until it closes or a request upgrades it: the PROXY header, the TLS
-/// handshake, then hyper. Returns the session an upgrade agreed on.
+/// handshake, then hyper. Returns the session an upgrade agreed on, or the HTTP/2
+/// connection to serve.
 async fn serve_requests<S: ClientStream>(
     state: Arc<State>,
     stream: S,
     peer: Peer,
     slot: ConnectionSlot,
     settings: ListenerSettings,
-) -> Option<Pending> {
+) -> Option<Next> {
     let config = state.config();
     // The PROXY header, the TLS handshake and the request head must all arrive within
     // handshake_timeout.
@@ -184,10 +199,12 @@ async fn serve_requests<S: ClientStream>(
             let conn = conn(false, Vec::new(), http2);
             let io = watched(stream, &conn.keepalive);
             if http2 {
-                h2::serve(conn, io, deadline).await;
-                return None;
+                let span = Span::current();
+                return Some(Next::Http2(Box::pin(h2::serve(conn, io, deadline, span))));
             }
-            serve_http(conn, TokioIo::new(io), deadline).await
+            serve_http(conn, TokioIo::new(io), deadline)
+                .await
+                .map(Next::Session)
         }
         Some(acceptor) => {
             let metrics = &state.metrics;
@@ -207,10 +224,12 @@ async fn serve_requests<S: ClientStream>(
                     let conn = conn(true, names, http2);
                     let io = watched(stream, &conn.keepalive);
                     if http2 {
-                        h2::serve(conn, io, deadline).await;
-                        return None;
+                        let span = Span::current();
+                        return Some(Next::Http2(Box::pin(h2::serve(conn, io, deadline, span))));
                     }
-                    serve_http(conn, TokioIo::new(io), deadline).await
+                    serve_http(conn, TokioIo::new(io), deadline)
+                        .await
+                        .map(Next::Session)
                 }
                 Ok(Err(e)) => {
                     metrics.tls_failures.inc();

@@ -108,7 +108,10 @@ impl Drop for StreamGuard {
 }
 
 /// Serves an HTTP/2 connection to its end.
-pub(super) async fn serve<I>(conn: Arc<Conn>, io: I, deadline: Instant)
+///
+/// `span` is the connection's. The connection's task is not instrumented with it (it is
+/// polled for every frame of every stream): its log lines enter it themselves.
+pub(super) async fn serve<I>(conn: Arc<Conn>, io: I, deadline: Instant, span: Span)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -120,7 +123,7 @@ where
         .expect("an HTTP/2 connection counts its streams");
     let peer = conn.peer.clone();
     state.metrics.h2_connections.inc();
-    let _open = Open::new(&state.metrics.h2_connections_open, &peer, &streams);
+    let _open = Open::new(&state.metrics.h2_connections_open, &peer, &streams, &span);
     let mut builder = ::h2::server::Builder::new();
     builder
         .enable_connect_protocol()
@@ -131,10 +134,13 @@ where
     // The preface and SETTINGS, within the accept-time deadline.
     let mut connection = match tokio::time::timeout_at(deadline, builder.handshake(io)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return debug!(%peer, error = %e, "http/2 handshake failed"),
+        Ok(Err(e)) => {
+            return span.in_scope(|| debug!(%peer, error = %e, "http/2 handshake failed"))
+        }
         Err(_) => {
             state.metrics.handshake_timeouts.inc();
-            return info!(%peer, "handshake timeout: no HTTP/2 preface in time; closed");
+            return span
+                .in_scope(|| info!(%peer, "handshake timeout: no HTTP/2 preface in time; closed"));
         }
     };
     let drain = state.drain_started.clone();
@@ -148,7 +154,6 @@ where
     // from the accept-time deadline).
     let idle = streams.idle(deadline, limits.keepalive_timeout);
     tokio::pin!(idle);
-    let span = Span::current();
     loop {
         tokio::select! {
             // Drives the connection (reads, writes, flow control) and yields its new streams.
@@ -161,28 +166,30 @@ where
                         drop(guard);
                     });
                 }
-                Some(Err(e)) => return debug!(%peer, error = %e, "http/2 connection error"),
+                Some(Err(e)) => {
+                    return span.in_scope(|| debug!(%peer, error = %e, "http/2 connection error"))
+                }
                 None => return,
             },
             () = drain.cancelled(), if shut.is_none() => {
-                debug!(%peer, "drain: GOAWAY");
+                span.in_scope(|| debug!(%peer, "drain: GOAWAY"));
                 connection.graceful_shutdown();
                 shut = Some(Instant::now());
             }
             () = &mut idle, if shut.is_none() => {
-                debug!(%peer, "http/2 connection idle: GOAWAY");
+                span.in_scope(|| debug!(%peer, "http/2 connection idle: GOAWAY"));
                 connection.graceful_shutdown();
                 shut = Some(Instant::now());
             }
             _ = ticks.tick() => {
                 if conn.keepalive.write_stalled(limits.send_timeout) {
                     state.metrics.send_timeouts.inc();
-                    info!(%peer, "send timeout: no progress with the client within send_timeout; closed");
+                    span.in_scope(|| info!(%peer, "send timeout: no progress with the client within send_timeout; closed"));
                     return;
                 }
                 if let Some(at) = shut {
                     if *streams.open.borrow() == 0 && at.elapsed() >= limits.close_timeout {
-                        debug!(%peer, "http/2 connection not closed by the client after GOAWAY: dropped");
+                        span.in_scope(|| debug!(%peer, "http/2 connection not closed by the client after GOAWAY: dropped"));
                         return;
                     }
                 }
@@ -255,6 +262,7 @@ struct Open<'a> {
     gauge: &'a prometheus_client::metrics::gauge::Gauge,
     peer: String,
     streams: Arc<Streams>,
+    span: Span,
 }
 
 impl<'a> Open<'a> {
@@ -262,12 +270,14 @@ impl<'a> Open<'a> {
         gauge: &'a prometheus_client::metrics::gauge::Gauge,
         peer: &impl std::fmt::Display,
         streams: &Arc<Streams>,
+        span: &Span,
     ) -> Self {
         gauge.inc();
         Open {
             gauge,
             peer: peer.to_string(),
             streams: streams.clone(),
+            span: span.clone(),
         }
     }
 }
@@ -276,6 +286,7 @@ impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.gauge.dec();
         let streams = self.streams.total.load(Ordering::Relaxed);
-        debug!(peer = %self.peer, streams, "http/2 connection closed");
+        self.span
+            .in_scope(|| debug!(peer = %self.peer, streams, "http/2 connection closed"));
     }
 }

@@ -52,6 +52,8 @@ pub(super) enum Phase {
 /// A connection's keep-alive state, shared by its service, its response bodies and its reads.
 pub(super) struct KeepAlive {
     phase: watch::Sender<Phase>,
+    /// The phase is `Idle` (read without the phase's lock on every read of the connection).
+    idle: AtomicBool,
     requests: AtomicU32,
     /// Times below are milliseconds since this (0: none).
     base: Instant,
@@ -82,6 +84,7 @@ impl KeepAlive {
     pub(super) fn new() -> KeepAlive {
         KeepAlive {
             phase: watch::Sender::new(Phase::FirstHead),
+            idle: AtomicBool::new(false),
             requests: AtomicU32::new(0),
             base: Instant::now(),
             write_blocked_since: AtomicU64::new(0),
@@ -155,6 +158,7 @@ impl KeepAlive {
     /// serve (its response must close the connection).
     pub(super) fn request_started(&self) -> bool {
         self.phase.send_replace(Phase::InRequest);
+        self.idle.store(false, Ordering::Release);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REQUESTS
     }
 
@@ -162,6 +166,7 @@ impl KeepAlive {
         self.phase.send_if_modified(|p| {
             if *p == Phase::InRequest {
                 *p = Phase::Idle(Instant::now());
+                self.idle.store(true, Ordering::Release);
                 true
             } else {
                 false
@@ -170,9 +175,15 @@ impl KeepAlive {
     }
 
     fn bytes_read(&self) {
+        // Almost every read is not the first byte of a next request (an HTTP/2 connection's
+        // never is): those only look at a flag.
+        if !self.idle.load(Ordering::Acquire) {
+            return;
+        }
         self.phase.send_if_modified(|p| {
             if matches!(p, Phase::Idle(_)) {
                 *p = Phase::NextHead(Instant::now());
+                self.idle.store(false, Ordering::Release);
                 true
             } else {
                 false
