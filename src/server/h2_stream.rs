@@ -114,8 +114,8 @@ pub(super) fn send_head(
     respond.send_response(Response::from_parts(parts, ()), end)
 }
 
-/// Sends a whole response: its head (with `Content-Length` when the body's size is known and
-/// the head has none), then its body as the client's window allows, waiting at most
+/// Sends a whole response: its head (with `Content-Length` when the body is not empty, its
+/// size is known and the head has none), then its body as the client's window allows, waiting at most
 /// `send_timeout` each time for the window to open.
 pub(super) async fn send_response(
     respond: &mut SendResponse<Bytes>,
@@ -123,14 +123,15 @@ pub(super) async fn send_response(
     send_timeout: Duration,
 ) -> Result<(), SendError> {
     let (mut parts, body) = response.into_parts();
-    if let Some(len) = body.size_hint().exact() {
+    let end = body.is_end_stream();
+    // An empty answer (a 204, a 304, a refusal's empty 200) gets none: END_STREAM says it.
+    if let (false, Some(len)) = (end, body.size_hint().exact()) {
         if !parts.headers.contains_key(header::CONTENT_LENGTH) {
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
-    let end = body.is_end_stream();
     let mut send = send_head(respond, Response::from_parts(parts, ()), end)?;
     if end {
         return Ok(());
