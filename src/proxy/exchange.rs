@@ -6,15 +6,13 @@
 //! passed to the client.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::stream::Io;
+use crate::stream::{Io, ReadAhead};
 
 /// Largest answer head taken from an app (status line and headers).
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
@@ -245,65 +243,7 @@ async fn read_chunked<S: AsyncRead + Unpin>(
 
 /// The app's side of an upgraded connection: its socket, with whatever the app sent right
 /// behind its 101 read first.
-pub(crate) struct AppStream {
-    io: Box<dyn Io>,
-    early: Bytes,
-}
-
-impl AppStream {
-    pub(crate) fn new(io: Box<dyn Io>, early: BytesMut) -> AppStream {
-        AppStream {
-            io,
-            early: early.freeze(),
-        }
-    }
-}
-
-impl AsyncRead for AppStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.early.is_empty() {
-            let n = out.remaining().min(self.early.len());
-            out.put_slice(&self.early[..n]);
-            self.early.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, out)
-    }
-}
-
-impl AsyncWrite for AppStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+pub(crate) type AppStream = ReadAhead<Box<dyn Io>>;
 
 #[cfg(test)]
 mod tests {

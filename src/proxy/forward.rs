@@ -21,7 +21,7 @@ use super::exchange::{self, AppStream};
 use super::headers::{backend_request, check_backend_101, BackendAccept};
 use crate::protocol::handshake::{header_tokens, Rejection};
 use crate::route::Route;
-use crate::stream::Io;
+use crate::stream::{Io, ReadAhead};
 
 /// A response body from the app: streamed (a plain request's answer) or read whole (a
 /// refused upgrade's).
@@ -122,7 +122,7 @@ pub(crate) async fn upgrade<T>(
         Err(_) => return Err(app_timeout()),
     };
     match check_backend_101(answer.status, &answer.headers, &key, &offered, route) {
-        Ok(accept) => Ok((AppStream::new(io, answer.rest), accept)),
+        Ok(accept) => Ok((ReadAhead::new(io, answer.rest), accept)),
         Err(reason) if answer.status == StatusCode::SWITCHING_PROTOCOLS => {
             Err(ForwardError::Refused(Rejection::new(
                 StatusCode::BAD_GATEWAY,

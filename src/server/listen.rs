@@ -11,16 +11,14 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::ListenAddr;
-use crate::stream::{BoxRead, BoxWrite};
+use crate::stream::{BoxRead, BoxWrite, ReadAhead};
 
 /// A bound listening socket.
 pub(super) enum Bound {
@@ -102,7 +100,7 @@ impl Bound {
             Bound::Unix(l, file) => {
                 let (stream, _) = l.accept().await?;
                 Ok(Accepted::Unix(
-                    UnixClient::new(stream),
+                    ReadAhead::new(stream, BytesMut::new()),
                     Peer::unix(file.name.clone()),
                 ))
             }
@@ -210,30 +208,18 @@ impl ClientStream for TcpStream {
 
 /// A unix-socket client. The kernel can peek a unix socket, but the standard library keeps
 /// that behind an unstable feature, so bytes read ahead (a PROXY header, the first byte that
-/// tells TLS from plain) are kept here and read again first.
-pub(super) struct UnixClient {
-    ahead: BytesMut,
-    stream: UnixStream,
-}
-
-impl UnixClient {
-    fn new(stream: UnixStream) -> UnixClient {
-        UnixClient {
-            ahead: BytesMut::new(),
-            stream,
-        }
-    }
-}
+/// tells TLS from plain) are kept and read again first.
+pub(super) type UnixClient = ReadAhead<UnixStream>;
 
 impl ClientStream for UnixClient {
     async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // As a socket's peek: waits for a first byte, then returns what has arrived.
         let mut more = vec![0u8; buf.len().saturating_sub(self.ahead.len())];
         if self.ahead.is_empty() {
-            let n = self.stream.read(&mut more).await?;
+            let n = self.inner.read(&mut more).await?;
             self.ahead.extend_from_slice(&more[..n]);
         } else if !more.is_empty() {
-            match self.stream.try_read(&mut more) {
+            match self.inner.try_read(&mut more) {
                 Ok(n) => self.ahead.extend_from_slice(&more[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -245,7 +231,7 @@ impl ClientStream for UnixClient {
     }
 
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
-        self.stream.try_write(bytes)
+        self.inner.try_write(bytes)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -253,7 +239,7 @@ impl ClientStream for UnixClient {
     }
 
     fn into_halves(self) -> (BoxRead, BoxWrite) {
-        let (read, write) = self.stream.into_split();
+        let (read, write) = self.inner.into_split();
         if self.ahead.is_empty() {
             (Box::pin(read), Box::pin(write))
         } else {
@@ -262,52 +248,5 @@ impl ClientStream for UnixClient {
                 Box::pin(write),
             )
         }
-    }
-}
-
-impl AsyncRead for UnixClient {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.ahead.is_empty() {
-            let n = buf.remaining().min(this.ahead.len());
-            buf.put_slice(&this.ahead[..n]);
-            this.ahead.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for UnixClient {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
     }
 }
