@@ -452,6 +452,15 @@ pub fn unused_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// An address that refuses connections for as long as the socket returned is held: bound,
+/// never listening, so no other test can take the port in the meantime (an address from
+/// [`unused_addr`] is free again at once, and a concurrent test may listen on it).
+pub fn refusing_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
+}
+
 /// A deterministic byte pattern, distinct per `seed`.
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

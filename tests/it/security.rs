@@ -348,8 +348,12 @@ async fn what_a_token_file_names_never_becomes_a_metric_label() {
     let dir = TempDir::new();
     let echo = echo_backend().await;
     let mut tokens = format!("good: {echo}\n");
+    // Held while the test runs: a port freed at once could be taken by another test.
+    let mut refusing = Vec::new();
     for i in 0..40 {
-        tokens += &format!("t{i}: {}\n", unused_addr());
+        let (addr, held) = refusing_addr();
+        refusing.push(held);
+        tokens += &format!("t{i}: {addr}\n");
     }
     std::fs::write(dir.path().join("tokens"), tokens).unwrap();
     let gate = gate_in(
