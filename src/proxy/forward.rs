@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
@@ -22,10 +21,6 @@ use super::headers::{backend_request, check_backend_101, BackendAccept};
 use crate::protocol::handshake::{header_tokens, Rejection};
 use crate::route::Route;
 use crate::stream::{Io, ReadAhead};
-
-/// A response body from the app: streamed (a plain request's answer) or read whole (a
-/// refused upgrade's).
-pub(crate) type AppBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Who the request is forwarded for (X-Forwarded-For and -Proto).
 #[derive(Debug, Clone, Copy)]
@@ -43,8 +38,9 @@ pub(crate) struct ForwardedFor {
 pub(crate) enum ForwardError {
     /// The app could not be spoken to, or its 101 was wrong: the client gets this refusal.
     Refused(Rejection),
-    /// The app answered the upgrade with something else (403, 404, …): passed to the client.
-    AppRefused(Response<AppBody>),
+    /// The app answered the upgrade with something else (403, 404, …), its body read whole:
+    /// passed to the client.
+    AppRefused(Response<Full<Bytes>>),
 }
 
 /// The app's HTTP failed: the detail goes to the log, the client gets a fixed text.
@@ -131,11 +127,7 @@ pub(crate) async fn upgrade<T>(
             )))
         }
         Err(_) => {
-            let mut response = Response::new(
-                Full::new(body.unwrap_or_default())
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            );
+            let mut response = Response::new(Full::new(body.unwrap_or_default()));
             *response.status_mut() = answer.status;
             *response.headers_mut() = answer.headers;
             Err(ForwardError::AppRefused(response))
