@@ -22,7 +22,7 @@
 //! go on. What a connection can hold buffered is bounded by its streams × [`STREAM_WINDOW`].
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use ::h2::{RecvStream, SendStream};
 use bytes::Bytes;
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument, Span};
 
@@ -53,8 +53,14 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The streams a connection has open: requests being answered and WebSocket sessions.
+///
+/// The count is an atomic; only its moves between none and some wake the connection's idle
+/// watch (a stream opening or closing beside others does not wake the connection's task).
 pub(super) struct Streams {
-    open: watch::Sender<usize>,
+    open: AtomicUsize,
+    /// Told when the count leaves or reaches zero (one waiter: the connection's idle watch;
+    /// a move while it is not waiting is kept as a permit, so none is missed).
+    emptied_or_used: Notify,
     /// Streams opened over the connection's life (its log line).
     total: AtomicU64,
 }
@@ -62,36 +68,38 @@ pub(super) struct Streams {
 impl Streams {
     pub(super) fn new() -> Streams {
         Streams {
-            open: watch::Sender::new(0),
+            open: AtomicUsize::new(0),
+            emptied_or_used: Notify::new(),
             total: AtomicU64::new(0),
         }
     }
 
     /// Counts a stream as open until the guard is dropped.
     pub(super) fn open(self: &Arc<Self>) -> StreamGuard {
-        self.open.send_modify(|n| *n += 1);
+        if self.open.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.emptied_or_used.notify_one();
+        }
         self.total.fetch_add(1, Ordering::Relaxed);
         StreamGuard(self.clone())
     }
 
+    fn none_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) == 0
+    }
+
     /// Waits until no stream has been open for `idle` (or, before the first stream, until
-    /// `first`), then returns. Every change of the count (a stream opened or closed, even
-    /// both between two looks) starts the idle time anew.
+    /// `first`), then returns. Every time the count reaches zero (even a stream opened and
+    /// closed between two looks) starts the idle time anew.
     async fn idle(&self, first: Instant, idle: Duration) {
-        let mut rx = self.open.subscribe();
         let mut deadline = first;
         loop {
-            let open = *rx.borrow_and_update();
-            let changed = if open == 0 {
+            if self.none_open() {
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => return,
-                    changed = rx.changed() => changed,
+                    () = self.emptied_or_used.notified() => {}
                 }
             } else {
-                rx.changed().await
-            };
-            if changed.is_err() {
-                return;
+                self.emptied_or_used.notified().await;
             }
             deadline = Instant::now() + idle;
         }
@@ -103,7 +111,9 @@ pub(super) struct StreamGuard(Arc<Streams>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.open.send_modify(|n| *n -= 1);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied_or_used.notify_one();
+        }
     }
 }
 
@@ -143,7 +153,10 @@ where
                 .in_scope(|| info!(%peer, "handshake timeout: no HTTP/2 preface in time; closed"));
         }
     };
+    // Made once, not each turn of the loop (each would join and leave the token's waiters).
     let drain = state.drain_started.clone();
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
     // Checked a few times per send_timeout, at most once a second: an HTTP/2 connection
     // usually lives as long as its page, so its quiet hours should cost next to nothing.
     let tick = (limits.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -171,7 +184,7 @@ where
                 }
                 None => return,
             },
-            () = drain.cancelled(), if shut.is_none() => {
+            () = &mut drained, if shut.is_none() => {
                 span.in_scope(|| debug!(%peer, "drain: GOAWAY"));
                 connection.graceful_shutdown();
                 shut = Some(Instant::now());
@@ -188,7 +201,7 @@ where
                     return;
                 }
                 if let Some(at) = shut {
-                    if *streams.open.borrow() == 0 && at.elapsed() >= limits.close_timeout {
+                    if streams.none_open() && at.elapsed() >= limits.close_timeout {
                         span.in_scope(|| debug!(%peer, "http/2 connection not closed by the client after GOAWAY: dropped"));
                         return;
                     }
@@ -288,5 +301,56 @@ impl Drop for Open<'_> {
         let streams = self.streams.total.load(Ordering::Relaxed);
         self.span
             .in_scope(|| debug!(peer = %self.peer, streams, "http/2 connection closed"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The idle watch of a connection, on a paused clock: when it returns.
+    async fn idle_returns_at(streams: &Arc<Streams>, first: Duration, idle: Duration) -> Duration {
+        let start = Instant::now();
+        streams.idle(start + first, idle).await;
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_no_stream_is_idle_at_its_first_deadline() {
+        let streams = Arc::new(Streams::new());
+        let took = idle_returns_at(&streams, Duration::from_secs(2), Duration::from_secs(5)).await;
+        assert_eq!(took, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_opened_and_closed_between_two_looks_starts_the_idle_time_anew() {
+        let streams = Arc::new(Streams::new());
+        // Opened and closed before the watch first looks: it must still count.
+        drop(streams.open());
+        let took = idle_returns_at(&streams, Duration::from_secs(2), Duration::from_secs(5)).await;
+        assert_eq!(took, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_streams_hold_the_connection_and_the_last_one_closing_starts_the_idle_time() {
+        let streams = Arc::new(Streams::new());
+        let (a, b) = (streams.open(), streams.open());
+        let watch = {
+            let streams = streams.clone();
+            tokio::spawn(async move {
+                idle_returns_at(&streams, Duration::from_secs(1), Duration::from_secs(3)).await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!watch.is_finished(), "idle while two streams are open");
+        drop(a);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!watch.is_finished(), "idle while one stream is open");
+        drop(b);
+        let took = tokio::time::timeout(Duration::from_secs(60), watch)
+            .await
+            .expect("idle after the last stream closed")
+            .unwrap();
+        assert_eq!(took, Duration::from_secs(23));
     }
 }
