@@ -1758,7 +1758,8 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let gate = Server::spawn_config(&gate_conf("h2.toml"));
     // The echo route: what multiplexing saves, without an app's connection per session.
     let echo_gate = Server::spawn_config(&conf_for("h2echo.toml", "echo"));
-    let haproxy = Haproxy::start(&dir, app.addr);
+    let haproxy = Haproxy::start(&dir, app.addr, false);
+    let haproxy_duties = Haproxy::start(&dir, app.addr, true);
     // The stack's floor (see `h2_floor`), in front of the same app.
     let floor = {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -1860,6 +1861,8 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let (g4, h4) = (over_h2(gate.addr, 4), over_h2(haproxy.addr, 4));
     let f4 = over_h2(floor.addr, 4);
     let floor_pid = floor.child.id();
+    let d4 = over_h2(haproxy_duties.addr, 4);
+    let duties_pid = haproxy_duties.child.id();
     let wss_full = Target {
         tls: Some(full.clone()),
         ..Target::ws(gate.addr)
@@ -1871,6 +1874,7 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
             (&h4, haproxy_pid),
             (&wss_full, gate_pid),
             (&f4, floor_pid),
+            (&d4, duties_pid),
         ],
     );
     line(
@@ -1928,6 +1932,16 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         &r[0],
         &r[1],
     );
+    println!(
+        "| HAProxy doing wsgate's per-session duties (a log line, X-Forwarded-For/-Proto/-Host, X-Real-IP): new sessions/s, CPU µs per session | {:.0} / {:.1} | {:.2}× / {:.2}× of HAProxy without them; wsgate {:.2}× / {:.2}× of it | | | (reported) |",
+        r[4].0,
+        r[4].1,
+        r[4].0 / r[1].0,
+        r[4].1 / r[1].1,
+        r[0].0 / r[4].0,
+        r[0].1 / r[4].1,
+    );
+    drop(d4);
     // Round trips: 64 streams over 4 connections.
     let r = measure(
         &|t| rt.block_on(round_trips(t, 64, phase)),
@@ -2019,17 +2033,29 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    fn start(dir: &std::path::Path, app: SocketAddr) -> Haproxy {
+    /// Debian's HAProxy in front of `app`. With `duties`, it does per session what wsgate does
+    /// by default: a log line (`option httplog`, to stdout, which goes nowhere, as wsgate's
+    /// stderr does here) and the forwarding headers (X-Forwarded-For, -Proto, -Host and
+    /// X-Real-IP); without, nothing but the proxying.
+    fn start(dir: &std::path::Path, app: SocketAddr, duties: bool) -> Haproxy {
         let pem = dir.join("haproxy.pem");
         let mut both = std::fs::read(dir.join("server.crt")).unwrap();
         both.extend(std::fs::read(dir.join("server.key")).unwrap());
         std::fs::write(&pem, both).unwrap();
         let addr = free_addr();
+        let (global, defaults, frontend) = match duties {
+            false => ("", "", ""),
+            true => (
+                "  log stdout format raw local0 info\n",
+                "  log global\n  option httplog\n  option forwardfor\n",
+                "  http-request set-header X-Forwarded-Proto https\n  http-request set-header X-Forwarded-Host %[req.hdr(host)]\n  http-request set-header X-Real-IP %[src]\n",
+            ),
+        };
         let conf = config_file(
             dir,
-            "haproxy.cfg",
+            if duties { "haproxy-duties.cfg" } else { "haproxy.cfg" },
             format!(
-                "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\nfrontend fe\n  bind {addr} ssl crt {} alpn h2,http/1.1\n  default_backend app\nbackend app\n  server app {app}\n",
+                "global\n  nbthread 1\n  maxconn 4000\n{global}defaults\n  mode http\n{defaults}  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\nfrontend fe\n  bind {addr} ssl crt {} alpn h2,http/1.1\n{frontend}  default_backend app\nbackend app\n  server app {app}\n",
                 pem.display()
             ),
         );

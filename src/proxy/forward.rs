@@ -170,10 +170,14 @@ where
 /// A `Sec-WebSocket-Key`: base64 of 16 random bytes.
 fn fresh_key() -> String {
     use base64::Engine;
+    use std::hash::BuildHasher;
+    // Sixteen bytes no one can guess: SipHash under keys the thread drew from the system once
+    // (std's RandomState: a new state bumps them, so each call hashes under new keys). The
+    // key is a nonce for the handshake, not a secret; this spares a getrandom call per session.
+    let state = std::collections::hash_map::RandomState::new();
     let mut raw = [0u8; 16];
-    // The system's generator failing is as unlikely as it is harmless here: the key only
-    // has to differ between handshakes the app sees, so a fixed fallback still works.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw);
+    raw[..8].copy_from_slice(&state.hash_one(0u8).to_le_bytes());
+    raw[8..].copy_from_slice(&state.hash_one(1u8).to_le_bytes());
     base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
@@ -183,4 +187,27 @@ fn app_timeout() -> ForwardError {
         "backend_timeout",
         "the backend did not answer in time",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    /// The key sent to the app for an HTTP/2 client: 16 bytes in base64 (RFC 6455 §4.1), a
+    /// new one each time, on every thread.
+    #[test]
+    fn fresh_keys_are_sixteen_bytes_and_never_repeat() {
+        let on_one_thread = || (0..2000).map(|_| fresh_key()).collect::<Vec<_>>();
+        let mut keys = on_one_thread();
+        keys.extend(std::thread::spawn(on_one_thread).join().unwrap());
+        for key in &keys {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(key)
+                .expect("base64");
+            assert_eq!(raw.len(), 16, "{key}");
+        }
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "a key repeated");
+    }
 }
