@@ -169,21 +169,9 @@ where
     tokio::pin!(idle);
     loop {
         tokio::select! {
-            // Drives the connection (reads, writes, flow control) and yields its new streams.
-            accepted = connection.accept() => match accepted {
-                Some(Ok((req, respond))) => {
-                    let guard = streams.open();
-                    let stream = serve_stream(conn.clone(), req, respond, span.clone());
-                    state.tracker.spawn(async move {
-                        stream.await;
-                        drop(guard);
-                    });
-                }
-                Some(Err(e)) => {
-                    return span.in_scope(|| debug!(%peer, error = %e, "http/2 connection error"))
-                }
-                None => return,
-            },
+            // In this order, without select's random start: the rare branches (each a cheap
+            // look while nothing is due) before the connection, which is ready on most wakes.
+            biased;
             () = &mut drained, if shut.is_none() => {
                 span.in_scope(|| debug!(%peer, "drain: GOAWAY"));
                 connection.graceful_shutdown();
@@ -207,6 +195,22 @@ where
                     }
                 }
             }
+            // Drives the connection (reads, writes, flow control) and yields its new streams.
+            accepted = connection.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    let open = streams.open();
+                    let (conn, span) = (conn.clone(), span.clone());
+                    // The stream's future is made on its task, not moved into it.
+                    state.tracker.spawn(async move {
+                        serve_stream(conn, req, respond, span).await;
+                        drop(open);
+                    });
+                }
+                Some(Err(e)) => {
+                    return span.in_scope(|| debug!(%peer, error = %e, "http/2 connection error"))
+                }
+                None => return,
+            },
         }
     }
 }
