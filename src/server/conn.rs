@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument, Span};
 
@@ -196,15 +196,7 @@ async fn serve_requests<S: ClientStream>(
                     }
                 },
             };
-            let conn = conn(false, Vec::new(), http2);
-            let io = watched(stream, &conn.keepalive);
-            if http2 {
-                let span = Span::current();
-                return Some(Next::Http2(Box::pin(h2::serve(conn, io, deadline, span))));
-            }
-            serve_http(conn, TokioIo::new(io), deadline)
-                .await
-                .map(Next::Session)
+            serve_protocol(conn(false, Vec::new(), http2), stream, deadline).await
         }
         Some(acceptor) => {
             let metrics = &state.metrics;
@@ -221,15 +213,7 @@ async fn serve_requests<S: ClientStream>(
                     let session = stream.get_ref().1;
                     let names = cert_names(session.peer_certificates());
                     let http2 = session.alpn_protocol() == Some(b"h2");
-                    let conn = conn(true, names, http2);
-                    let io = watched(stream, &conn.keepalive);
-                    if http2 {
-                        let span = Span::current();
-                        return Some(Next::Http2(Box::pin(h2::serve(conn, io, deadline, span))));
-                    }
-                    serve_http(conn, TokioIo::new(io), deadline)
-                        .await
-                        .map(Next::Session)
+                    serve_protocol(conn(true, names, http2), stream, deadline).await
                 }
                 Ok(Err(e)) => {
                     metrics.tls_failures.inc();
@@ -281,6 +265,23 @@ fn cert_names(chain: Option<&[CertificateDer<'_>]>) -> Vec<String> {
             .collect(),
         Err(_) => Vec::new(),
     }
+}
+
+/// The connection's protocol over its stream (plain or TLS), its reads and writes watched for
+/// keep-alive: HTTP/2 handed back to be served on this task (outside the span entered for
+/// the requests), HTTP/1.1 served here until an upgrade or the end.
+async fn serve_protocol<I>(conn: Arc<Conn>, stream: I, deadline: Instant) -> Option<Next>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = watched(stream, &conn.keepalive);
+    if conn.streams.is_some() {
+        let span = Span::current();
+        return Some(Next::Http2(Box::pin(h2::serve(conn, io, deadline, span))));
+    }
+    serve_http(conn, TokioIo::new(io), deadline)
+        .await
+        .map(Next::Session)
 }
 
 /// Serves the HTTP/1.1 requests of a connection (plain or TLS): the first head must arrive by

@@ -154,8 +154,7 @@ where
         }
     };
     // Made once, not each turn of the loop (each would join and leave the token's waiters).
-    let drain = state.drain_started.clone();
-    let drained = drain.cancelled();
+    let drained = state.drain_started.cancelled();
     tokio::pin!(drained);
     // Checked a few times per send_timeout, at most once a second: an HTTP/2 connection
     // usually lives as long as its page, so its quiet hours should cost next to nothing.
