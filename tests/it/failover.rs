@@ -38,7 +38,8 @@ fn failures(m: &std::collections::HashMap<String, f64>, backend: &str) -> f64 {
 
 #[tokio::test]
 async fn a_refusing_backend_is_skipped_before_the_client_gets_an_answer() {
-    let dead = format!("tcp://{}", unused_addr());
+    let (dead, _held) = refusing_addr();
+    let dead = format!("tcp://{dead}");
     let live = echo_backend().await;
     let gate = Gate::start(&gate_toml(
         &[dead.clone(), format!("tcp://{live}")],
@@ -63,10 +64,8 @@ async fn a_refusing_backend_is_skipped_before_the_client_gets_an_answer() {
 
 #[tokio::test]
 async fn when_every_backend_fails_the_client_gets_502() {
-    let (a, b) = (
-        format!("tcp://{}", unused_addr()),
-        format!("tcp://{}", unused_addr()),
-    );
+    let ((a, _held_a), (b, _held_b)) = (refusing_addr(), refusing_addr());
+    let (a, b) = (format!("tcp://{a}"), format!("tcp://{b}"));
     let gate = Gate::start(&gate_toml(&[a.clone(), b.clone()], "", "")).await;
     let (r, _) = upgrade_head(gate.addr, upgrade_request("/", "").as_bytes()).await;
     assert_eq!(r.status, 502, "{r:?}");
@@ -162,7 +161,8 @@ async fn fixed_reply(reply: &'static [u8]) -> std::net::SocketAddr {
 /// eject_after failures in a row skip a backend for eject_for; then it is tried again.
 #[tokio::test]
 async fn a_failing_backend_is_ejected_then_tried_again() {
-    let dead = format!("tcp://{}", unused_addr());
+    let (dead, _held) = refusing_addr();
+    let dead = format!("tcp://{dead}");
     let live = echo_backend().await;
     let gate = Gate::start(&gate_toml(
         &[dead.clone(), format!("tcp://{live}")],

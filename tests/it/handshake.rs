@@ -239,8 +239,8 @@ async fn handshaking_connections_count_toward_max_connections() {
 
 #[tokio::test]
 async fn backend_refused_is_502_and_client_not_upgraded() {
-    let port = unused_addr().port();
-    let g = Gate::route("/", &format!("tcp://127.0.0.1:{port}"), "", "").await;
+    let (dead, _held) = refusing_addr();
+    let g = Gate::route("/", &format!("tcp://{dead}"), "", "").await;
     assert_refused(
         &raw_request(g.addr, upgrade_request("/", "").as_bytes()).await,
         502,

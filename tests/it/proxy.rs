@@ -237,8 +237,8 @@ async fn plain_http_on_a_proxy_route_reaches_the_app() {
 
 #[tokio::test]
 async fn dead_app_is_502() {
-    let port = unused_addr().port();
-    let g = Gate::route("/", &format!("ws://127.0.0.1:{port}"), "", "").await;
+    let (dead, _held) = refusing_addr();
+    let g = Gate::route("/", &format!("ws://{dead}"), "", "").await;
     let r = raw_request(g.addr, upgrade_request("/", "").as_bytes()).await;
     assert_eq!(r.status, 502);
 }

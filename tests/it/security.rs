@@ -325,7 +325,7 @@ fn a_client_ca_listener_never_takes_plain_clients() {
 /// the client gets a fixed text and the detail stays in the log.
 #[tokio::test]
 async fn refusals_carry_fixed_texts_not_the_systems_words() {
-    let dead = unused_addr();
+    let (dead, _held) = refusing_addr();
     for backend in [format!("tcp://{dead}"), format!("ws://{dead}")] {
         let gate = Gate::route("/", &backend, "", "").await;
         let r = raw_request(gate.addr, upgrade_request("/", "").as_bytes()).await;
