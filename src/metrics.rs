@@ -4,7 +4,7 @@
 //! directions, close-code classes); never from client input, so the series count is bounded.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use crate::protocol::deflate::Tally;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -155,6 +155,37 @@ pub(crate) struct RouteMetrics {
     pub backend_connect_seconds: Histogram,
     /// Bytes and messages each way (a session adds its deflate tallies when it has them).
     pub counters: SessionCounters,
+    /// The close-code counters, each found in its family on its route's first use of it.
+    close_codes: [[OnceLock<Counter>; CLOSE_CODE_LABELS]; 2],
+}
+
+/// How many values the close-code label takes (see [`close_code_label`]).
+const CLOSE_CODE_LABELS: usize = 20;
+
+/// The slot of `code`'s label among [`CLOSE_CODE_LABELS`].
+fn close_code_slot(code: Option<u16>) -> usize {
+    match code {
+        None => 0,
+        Some(c @ 1000..=1015) => usize::from(c - 999),
+        Some(3000..=3999) => 17,
+        Some(4000..=4999) => 18,
+        Some(_) => 19,
+    }
+}
+
+impl RouteMetrics {
+    /// Counts a session's close code: `sent` by wsgate to the client, or else received from
+    /// it. The label set is made and looked up once per route and code, not per session.
+    pub(crate) fn count_close(&self, m: &Metrics, route: &str, sent: bool, code: Option<u16>) {
+        let (side, name) = if sent { (0, "sent") } else { (1, "received") };
+        self.close_codes[side][close_code_slot(code)]
+            .get_or_init(|| {
+                m.close_codes
+                    .get_or_create(&Metrics::close(route, name, code))
+                    .clone()
+            })
+            .inc();
+    }
 }
 
 /// Registers `metric` as `wsgate_NAME` and notes the name.
@@ -453,6 +484,7 @@ impl Metrics {
             session_seconds,
             backend_connect_seconds,
             counters: SessionCounters::for_route(self, path),
+            close_codes: Default::default(),
         });
         let mut known = self
             .by_route
@@ -572,6 +604,53 @@ mod tests {
         assert!(m
             .encode()
             .contains("wsgate_payload_bytes_total{route=\"/new\",direction=\"to_client\"} 5"));
+    }
+
+    /// A close code's counter slot stands for exactly one label: every code that shares a
+    /// slot shares its label, and no two labels share a slot; a count lands on its label.
+    #[test]
+    fn close_code_slots_match_their_labels() {
+        let mut codes: Vec<Option<u16>> = vec![None];
+        codes.extend((0..=u16::MAX).step_by(7).map(Some));
+        codes.extend(
+            (990..=1020)
+                .chain(2990..=3010)
+                .chain(3990..=4010)
+                .chain(4990..=5010)
+                .map(Some),
+        );
+        let mut label_of_slot = HashMap::new();
+        let mut slot_of_label = HashMap::new();
+        for code in codes {
+            let (slot, label) = (close_code_slot(code), close_code_label(code));
+            assert!(slot < CLOSE_CODE_LABELS);
+            assert_eq!(
+                label_of_slot.entry(slot).or_insert(label.clone()),
+                &label,
+                "{code:?}"
+            );
+            assert_eq!(
+                slot_of_label.entry(label).or_insert(slot),
+                &slot,
+                "{code:?}"
+            );
+        }
+        assert_eq!(label_of_slot.len(), CLOSE_CODE_LABELS);
+        let m = Metrics::new();
+        let route = m.for_route("/r", "2");
+        for code in [Some(1000), Some(1000), Some(4001), None] {
+            route.count_close(&m, "/r", true, code);
+        }
+        route.count_close(&m, "/r", false, Some(1006));
+        let text = m.encode();
+        for line in [
+            r#"wsgate_close_codes_total{route="/r",side="sent",code="1000"} 2"#,
+            r#"wsgate_close_codes_total{route="/r",side="sent",code="4xxx"} 1"#,
+            r#"wsgate_close_codes_total{route="/r",side="sent",code="none"} 1"#,
+            r#"wsgate_close_codes_total{route="/r",side="received",code="1006"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 
     #[test]

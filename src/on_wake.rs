@@ -26,6 +26,9 @@ pub(crate) struct OnWake<F> {
 pub(crate) struct WakeGate {
     gate: Arc<Gate>,
     waker: Waker,
+    /// The task's waker as last handed to the gate: the gate's lock is taken only when the
+    /// task's waker is another one (first poll, or the future moved to another task).
+    seen: Option<Waker>,
 }
 
 struct Gate {
@@ -57,6 +60,7 @@ impl Default for WakeGate {
         WakeGate {
             waker: Waker::from(gate.clone()),
             gate,
+            seen: None,
         }
     }
 }
@@ -65,15 +69,20 @@ impl WakeGate {
     /// Takes note of the task's waker (from `cx`) and says whether the part is to be polled
     /// now: its waker fired since the last time this said yes (or this is the first time).
     /// Poll it with [`WakeGate::waker`], not the task's.
-    pub(crate) fn open(&self, cx: &Context<'_>) -> bool {
-        {
-            let mut task = self.gate.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
+    pub(crate) fn open(&mut self, cx: &Context<'_>) -> bool {
+        if !self.seen.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *self.gate.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.clone());
+            self.seen = Some(task);
         }
         // Cleared before the part is polled: a wake during that poll makes the next count.
         self.gate.woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// Lets the next [`WakeGate::open`] through as if the part's waker had fired: for a part
+    /// that returned before it had looked at everything it waits on.
+    pub(crate) fn reopen(&self) {
+        self.gate.woken.store(true, Ordering::Release);
     }
 
     /// The part's own waker.
@@ -95,10 +104,10 @@ impl<F: Future> Future for OnWake<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        if !self.gate.open(cx) {
+        let this = &mut *self;
+        if !this.gate.open(cx) {
             return Poll::Pending;
         }
-        let this = &mut *self;
         this.inner
             .as_mut()
             .poll(&mut Context::from_waker(this.gate.waker()))
@@ -154,6 +163,43 @@ mod tests {
         for _ in 0..3 {
             assert!(gated.as_mut().poll(&mut cx).is_pending());
         }
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    /// The task's waker is kept without a lock while it stays the same; when the future is
+    /// polled by another task, that task's waker is the one its wakes go to.
+    #[test]
+    fn wakes_go_to_the_task_that_polled_last() {
+        let (polls, waker) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+        let mut gated = Box::pin(OnWake::new(Probe {
+            polls: polls.clone(),
+            waker: waker.clone(),
+        }));
+        let (first, second) = (
+            Arc::new(Task(AtomicUsize::new(0))),
+            Arc::new(Task(AtomicUsize::new(0))),
+        );
+        let first_waker = Waker::from(first.clone());
+        assert!(gated
+            .as_mut()
+            .poll(&mut Context::from_waker(&first_waker))
+            .is_pending());
+        let second_waker = Waker::from(second.clone());
+        assert!(gated
+            .as_mut()
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_pending());
+        waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0, "the old task was woken");
+        assert_eq!(
+            second.0.load(Ordering::SeqCst),
+            1,
+            "the new task was not woken"
+        );
+        assert!(gated
+            .as_mut()
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), 2);
     }
 }

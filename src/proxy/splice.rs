@@ -172,7 +172,7 @@ impl Direction {
     #[inline]
     fn poll_gated<R, W>(
         &mut self,
-        gate: &WakeGate,
+        gate: &mut WakeGate,
         cx: &Context<'_>,
         reader: Pin<&mut R>,
         writer: Pin<&mut W>,
@@ -292,14 +292,14 @@ where
         let this = self.get_mut();
         let (client, app) = (&mut *this.client, &mut *this.app);
         let up = this.up.poll_gated(
-            &this.up_gate,
+            &mut this.up_gate,
             cx,
             Pin::new(&mut *client),
             Pin::new(&mut *app),
         )?;
-        let down = this
-            .down
-            .poll_gated(&this.down_gate, cx, Pin::new(app), Pin::new(client))?;
+        let down =
+            this.down
+                .poll_gated(&mut this.down_gate, cx, Pin::new(app), Pin::new(client))?;
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {

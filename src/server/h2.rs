@@ -21,9 +21,10 @@
 //! read itself) holds at most its own window and never the connection's: the other streams
 //! go on. What a connection can hold buffered is bounded by its streams × [`STREAM_WINDOW`].
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ::h2::server::SendResponse;
@@ -40,6 +41,7 @@ use super::dispatch;
 use super::h2_stream::{send_head, send_response, H2Body, SendError};
 use super::respond::RequestBody;
 use super::session::Pending;
+use crate::on_wake::WakeGate;
 
 /// Receive window of each stream: what one stream may have in flight towards wsgate.
 pub(super) const STREAM_WINDOW: u32 = 256 * 1024;
@@ -106,6 +108,16 @@ impl Streams {
     }
 }
 
+/// What woke an HTTP/2 connection's task, besides the connection itself.
+enum Rare {
+    /// The drain began: GOAWAY.
+    Drain,
+    /// No stream for `keepalive_timeout`: GOAWAY.
+    Idle,
+    /// Time to check the send timeout and, after GOAWAY, the close timeout.
+    Tick,
+}
+
 /// One open stream of a connection.
 pub(super) struct StreamGuard(Arc<Streams>);
 
@@ -166,44 +178,69 @@ where
     // from the accept-time deadline).
     let idle = streams.idle(deadline, limits.keepalive_timeout);
     tokio::pin!(idle);
+    // The drain, the idle watch and the tick are polled only when one of them woke the task,
+    // not on every wake (every frame of every stream): each look costs a lock or a timer's.
+    let mut rare_gate = WakeGate::default();
     loop {
-        tokio::select! {
-            // In this order, without select's random start: the rare branches (each a cheap
-            // look while nothing is due) before the connection, which is ready on most wakes.
-            biased;
-            () = &mut drained, if shut.is_none() => {
-                span.in_scope(|| debug!(%peer, "drain: GOAWAY"));
-                connection.graceful_shutdown();
-                shut = Some(Instant::now());
+        let rare = poll_fn(|cx| {
+            if !rare_gate.open(cx) {
+                return Poll::Pending;
             }
-            () = &mut idle, if shut.is_none() => {
-                span.in_scope(|| debug!(%peer, "http/2 connection idle: GOAWAY"));
-                connection.graceful_shutdown();
-                shut = Some(Instant::now());
-            }
-            _ = ticks.tick() => {
-                if conn.keepalive.write_stalled(limits.send_timeout) {
-                    state.metrics.send_timeouts.inc();
-                    span.in_scope(|| info!(%peer, "send timeout: no progress with the client within send_timeout; closed"));
-                    return;
+            let mut cx = Context::from_waker(rare_gate.waker());
+            let due = if shut.is_none() && drained.as_mut().poll(&mut cx).is_ready() {
+                Some(Rare::Drain)
+            } else if shut.is_none() && idle.as_mut().poll(&mut cx).is_ready() {
+                Some(Rare::Idle)
+            } else if ticks.poll_tick(&mut cx).is_ready() {
+                Some(Rare::Tick)
+            } else {
+                None
+            };
+            match due {
+                Some(due) => {
+                    // The others were not all looked at: the next turn looks at them all.
+                    rare_gate.reopen();
+                    Poll::Ready(due)
                 }
-                if let Some(at) = shut {
-                    if streams.none_open() && at.elapsed() >= limits.close_timeout {
-                        span.in_scope(|| debug!(%peer, "http/2 connection not closed by the client after GOAWAY: dropped"));
+                None => Poll::Pending,
+            }
+        });
+        tokio::select! {
+            // In this order, without select's random start: the rare events (nothing to do
+            // unless one woke the task) before the connection, which is ready on most wakes.
+            biased;
+            due = rare => match due {
+                Rare::Drain => {
+                    span.in_scope(|| debug!(%peer, "drain: GOAWAY"));
+                    connection.graceful_shutdown();
+                    shut = Some(Instant::now());
+                }
+                Rare::Idle => {
+                    span.in_scope(|| debug!(%peer, "http/2 connection idle: GOAWAY"));
+                    connection.graceful_shutdown();
+                    shut = Some(Instant::now());
+                }
+                Rare::Tick => {
+                    if conn.keepalive.write_stalled(limits.send_timeout) {
+                        state.metrics.send_timeouts.inc();
+                        span.in_scope(|| info!(%peer, "send timeout: no progress with the client within send_timeout; closed"));
                         return;
                     }
+                    if let Some(at) = shut {
+                        if streams.none_open() && at.elapsed() >= limits.close_timeout {
+                            span.in_scope(|| debug!(%peer, "http/2 connection not closed by the client after GOAWAY: dropped"));
+                            return;
+                        }
+                    }
                 }
-            }
+            },
             // Drives the connection (reads, writes, flow control) and yields its new streams.
             accepted = connection.accept() => match accepted {
                 Some(Ok((req, respond))) => {
                     let open = streams.open();
-                    let (conn, span) = (conn.clone(), span.clone());
-                    // The stream's future is made on its task, not moved into it.
-                    state.tracker.spawn(async move {
-                        serve_stream(conn, req, respond, span).await;
-                        drop(open);
-                    });
+                    state
+                        .tracker
+                        .spawn(serve_stream(conn.clone(), req, respond, span.clone(), open));
                 }
                 Some(Err(e)) => {
                     return span.in_scope(|| debug!(%peer, error = %e, "http/2 connection error"))
@@ -218,12 +255,14 @@ where
 /// the session run on the stream after its 200.
 ///
 /// `span` is the connection's: the answer runs in it; the session enters it only around its
-/// log lines, not on every poll of its data path.
+/// log lines, not on every poll of its data path. `_open` counts the stream among the
+/// connection's open ones until the task ends.
 async fn serve_stream(
     conn: Arc<Conn>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     span: Span,
+    _open: StreamGuard,
 ) {
     // Boxed: the answer's state (routes, checks, the backend's connect, a page's body) is
     // freed once it is sent instead of being kept beside the session while the stream lives.

@@ -42,16 +42,24 @@ pub(super) struct Peer {
     pub(super) addr: SocketAddr,
     /// The listener's socket path (`unix:…`) when the peer is a unix-socket client.
     pub(super) unix: Option<Arc<str>>,
+    /// How it is shown, written once: each session logs it twice and lists it, and an
+    /// HTTP/2 connection's streams share it.
+    shown: Arc<str>,
 }
 
 impl Peer {
     pub(super) fn tcp(addr: SocketAddr) -> Peer {
-        Peer { addr, unix: None }
+        Peer {
+            addr,
+            unix: None,
+            shown: addr.to_string().into(),
+        }
     }
 
     fn unix(name: Arc<str>) -> Peer {
         Peer {
             addr: UNIX_STAND_IN,
+            shown: name.clone(),
             unix: Some(name),
         }
     }
@@ -59,10 +67,7 @@ impl Peer {
 
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.unix {
-            Some(name) => f.write_str(name),
-            None => self.addr.fmt(f),
-        }
+        f.pad(&self.shown)
     }
 }
 

@@ -20,7 +20,7 @@ use super::keepalive::Watched;
 use super::listen::{ClientStream, Peer, UnixClient};
 use super::State;
 use crate::bridge::{self, SessionLimits, Summary};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::RouteMetrics;
 use crate::protocol::frame::close_code;
 use crate::proxy::exchange::AppStream;
 use crate::proxy::splice::splice;
@@ -187,12 +187,8 @@ impl Session {
         let duration = started.elapsed();
         of_route.sessions_open.dec();
         of_route.session_seconds.observe(duration.as_secs_f64());
-        m.close_codes
-            .get_or_create(&Metrics::close(route, "sent", summary.close_sent))
-            .inc();
-        m.close_codes
-            .get_or_create(&Metrics::close(route, "received", summary.close_received))
-            .inc();
+        of_route.count_close(m, route, true, summary.close_sent);
+        of_route.count_close(m, route, false, summary.close_received);
         span.in_scope(|| {
             info!(
                 peer = %self.peer,
