@@ -29,7 +29,8 @@
 //! app): new sessions per second on open connections, round trips with 64 streams on 4
 //! connections, one stream's throughput beside wsgate's own HTTP/1.1 wss, and KiB per idle
 //! stream; with the stack's floor beside them (`h2_floor`: the same crates, nothing of
-//! wsgate's).
+//! wsgate's). LOAD_H2_BASELINE=path/to/wsgate adds another build of wsgate (say, main's) to
+//! the new-session and round-trip rotations, for an A/B of a change within one run.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -851,7 +852,11 @@ impl Server {
     }
 
     fn spawn_wsgate(args: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        Server::spawn_wsgate_from(env!("CARGO_BIN_EXE_wsgate"), args)
+    }
+
+    fn spawn_wsgate_from(binary: &str, args: &[&str]) -> Server {
+        let mut cmd = Command::new(binary);
         // LOAD_SESSION_LOG=off drops the two info lines each session writes (upgraded,
         // session ended), as the anchors run with their logs off.
         let filter = match std::env::var("LOAD_SESSION_LOG").as_deref() {
@@ -1756,6 +1761,11 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let app_backend = format!("ws://{}", app.addr);
     let gate_conf = |name: &str| conf_for(name, &app_backend);
     let gate = Server::spawn_config(&gate_conf("h2.toml"));
+    // Another build of wsgate with the same config, for an A/B within this run.
+    let baseline = std::env::var("LOAD_H2_BASELINE").ok().map(|binary| {
+        let conf = gate_conf("h2baseline.toml");
+        Server::spawn_wsgate_from(&binary, &["--config", conf.to_str().unwrap()])
+    });
     // The echo route: what multiplexing saves, without an app's connection per session.
     let echo_gate = Server::spawn_config(&conf_for("h2echo.toml", "echo"));
     let haproxy = Haproxy::start(&dir, app.addr, false);
@@ -1867,16 +1877,35 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         tls: Some(full.clone()),
         ..Target::ws(gate.addr)
     };
-    let r = measure(
-        &|t| rt.block_on(new_connections(t, phase)),
-        &[
-            (&g4, gate_pid),
-            (&h4, haproxy_pid),
-            (&wss_full, gate_pid),
-            (&f4, floor_pid),
-            (&d4, duties_pid),
-        ],
-    );
+    let b4 = baseline.as_ref().map(|b| {
+        let target = over_h2(b.addr, 4);
+        // A session on each connection now: a connection with no stream yet is closed at
+        // the accept-time deadline (10 s), and its turn may come later than that.
+        for _ in 0..4 {
+            rt.block_on(async { Client::connect(&target).await.close().await });
+        }
+        (target, b.child.id())
+    });
+    let mut peers = vec![
+        (&g4, gate_pid),
+        (&h4, haproxy_pid),
+        (&wss_full, gate_pid),
+        (&f4, floor_pid),
+        (&d4, duties_pid),
+    ];
+    peers.extend(b4.as_ref().map(|(t, pid)| (t, *pid)));
+    let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
+    let beside_baseline = |what: &str, ours: &(f64, f64), base: Option<&(f64, f64)>| {
+        if let Some(base) = base {
+            println!(
+                "| LOAD_H2_BASELINE's wsgate: {what} | {:.0} / {:.1} | this build {:.3}× / {:.3}× of it | | | (A/B) |",
+                base.0,
+                base.1,
+                ours.0 / base.0,
+                ours.1 / base.1,
+            );
+        }
+    };
     line(
         "proxy route: new WebSocket sessions/s on 4 open connections (HTTP/1.1: new wss connections/s, full TLS handshakes)",
         r[0].0,
@@ -1941,12 +1970,13 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         r[0].0 / r[4].0,
         r[0].1 / r[4].1,
     );
+    beside_baseline("new sessions/s, CPU µs per session", &r[0], r.get(5));
     drop(d4);
     // Round trips: 64 streams over 4 connections.
-    let r = measure(
-        &|t| rt.block_on(round_trips(t, 64, phase)),
-        &[(&g4, gate_pid), (&h4, haproxy_pid), (&f4, floor_pid)],
-    );
+    let mut peers = vec![(&g4, gate_pid), (&h4, haproxy_pid), (&f4, floor_pid)];
+    peers.extend(b4.as_ref().map(|(t, pid)| (t, *pid)));
+    let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &peers);
+    beside_baseline("round trips/s, CPU µs per round trip", &r[0], r.get(3));
     beside_haproxy(
         "proxy route: round trips/s, 64 streams on 4 connections, 32 B",
         "proxy route: CPU µs per round trip",
@@ -1958,7 +1988,7 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         &r[0],
         &r[1],
     );
-    drop((g4, h4, f4));
+    drop((g4, h4, f4, b4, baseline));
     // One stream's throughput, beside one HTTP/1.1 wss connection to the same listener.
     let (g1, h1) = (over_h2(gate.addr, 1), over_h2(haproxy.addr, 1));
     let f1 = over_h2(floor.addr, 1);
