@@ -110,10 +110,8 @@ impl Streams {
 
 /// What woke an HTTP/2 connection's task, besides the connection itself.
 enum Rare {
-    /// The drain began: GOAWAY.
-    Drain,
-    /// No stream for `keepalive_timeout`: GOAWAY.
-    Idle,
+    /// Time for GOAWAY, and why: the drain began, or no stream for `keepalive_timeout`.
+    GoAway(&'static str),
     /// Time to check the send timeout and, after GOAWAY, the close timeout.
     Tick,
 }
@@ -188,9 +186,9 @@ where
             }
             let mut cx = Context::from_waker(rare_gate.waker());
             let due = if shut.is_none() && drained.as_mut().poll(&mut cx).is_ready() {
-                Some(Rare::Drain)
+                Some(Rare::GoAway("drain: GOAWAY"))
             } else if shut.is_none() && idle.as_mut().poll(&mut cx).is_ready() {
-                Some(Rare::Idle)
+                Some(Rare::GoAway("http/2 connection idle: GOAWAY"))
             } else if ticks.poll_tick(&mut cx).is_ready() {
                 Some(Rare::Tick)
             } else {
@@ -210,13 +208,8 @@ where
             // unless one woke the task) before the connection, which is ready on most wakes.
             biased;
             due = rare => match due {
-                Rare::Drain => {
-                    span.in_scope(|| debug!(%peer, "drain: GOAWAY"));
-                    connection.graceful_shutdown();
-                    shut = Some(Instant::now());
-                }
-                Rare::Idle => {
-                    span.in_scope(|| debug!(%peer, "http/2 connection idle: GOAWAY"));
+                Rare::GoAway(why) => {
+                    span.in_scope(|| debug!(%peer, "{why}"));
                     connection.graceful_shutdown();
                     shut = Some(Instant::now());
                 }
