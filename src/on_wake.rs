@@ -75,8 +75,10 @@ impl WakeGate {
             *self.gate.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.clone());
             self.seen = Some(task);
         }
-        // Cleared before the part is polled: a wake during that poll makes the next count.
-        self.gate.woken.swap(false, Ordering::AcqRel)
+        // Looked at first with a plain load: most wakes of a session's task are for another
+        // part, and a locked swap on every look costs more than the look. Cleared before the
+        // part is polled: a wake during that poll makes the next count.
+        self.gate.woken.load(Ordering::Acquire) && self.gate.woken.swap(false, Ordering::AcqRel)
     }
 
     /// Lets the next [`WakeGate::open`] through as if the part's waker had fired: for a part

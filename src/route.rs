@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -259,7 +260,7 @@ impl Eq for ClientTls {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Normalised prefix: starts with "/", no trailing "/" except for the root route.
-    pub path: String,
+    pub path: Arc<str>,
     /// The backend a connection attempt uses: the first of `backends`, or, while wsgate fails
     /// over, the one being tried.
     pub backend: Backend,
@@ -366,9 +367,9 @@ impl Route {
     /// Whether this route's prefix covers `path` on whole segments ("/vnc" covers "/vnc" and
     /// "/vnc/x", not "/vncx").
     fn covers(&self, path: &str) -> bool {
-        self.path == "/"
+        &*self.path == "/"
             || path
-                .strip_prefix(self.path.as_str())
+                .strip_prefix(&*self.path)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
@@ -436,12 +437,12 @@ mod tests {
     #[test]
     fn longest_prefix_on_whole_segments() {
         let t = RouteTable::new(vec![route("/"), route("/vnc"), route("/vnc/admin/")]);
-        assert_eq!(t.find("/vnc").unwrap().path, "/vnc");
-        assert_eq!(t.find("/vnc/").unwrap().path, "/vnc");
-        assert_eq!(t.find("/vnc/1").unwrap().path, "/vnc");
-        assert_eq!(t.find("/vnc/admin").unwrap().path, "/vnc/admin");
-        assert_eq!(t.find("/vnc/admin/x").unwrap().path, "/vnc/admin");
-        assert_eq!(t.find("/vncx").unwrap().path, "/");
+        assert_eq!(&*t.find("/vnc").unwrap().path, "/vnc");
+        assert_eq!(&*t.find("/vnc/").unwrap().path, "/vnc");
+        assert_eq!(&*t.find("/vnc/1").unwrap().path, "/vnc");
+        assert_eq!(&*t.find("/vnc/admin").unwrap().path, "/vnc/admin");
+        assert_eq!(&*t.find("/vnc/admin/x").unwrap().path, "/vnc/admin");
+        assert_eq!(&*t.find("/vncx").unwrap().path, "/");
         let no_root = RouteTable::new(vec![route("/echo")]);
         assert!(no_root.find("/").is_none());
         assert!(no_root.find("/echoes").is_none());

@@ -51,10 +51,10 @@ fn backend_path(route: &Route, uri: &Uri) -> String {
         Backend::Ws {
             path: Some(base), ..
         } => {
-            let rest = if route.path == "/" {
+            let rest = if &*route.path == "/" {
                 path
             } else {
-                path.strip_prefix(route.path.as_str()).unwrap_or(path)
+                path.strip_prefix(&*route.path).unwrap_or(path)
             };
             match (base.as_str(), rest) {
                 (b, "") => b.to_owned(),

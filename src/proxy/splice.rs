@@ -20,18 +20,19 @@ use crate::stream::{Observed, Observer, PendingSince};
 
 /// One side of a splice as the timers see it: bytes read from it (counted into the route's
 /// metric and this session's total), when it last sent anything (the client's side only: the
-/// idle timer watches the client), and since when a write to it has been stalled.
-struct Side {
+/// idle timer watches the client), and since when a write to it has been stalled. It borrows
+/// the splice's clocks and the session's counts: both live as long as the splice.
+struct Side<'a> {
     counter: Counter,
     /// The session's live counts (the admin listener reads them): this side's reads go to
     /// `bytes_from_client` when it is the client, else to `bytes_to_client`.
-    live: Arc<SessionControl>,
+    live: &'a SessionControl,
     is_client: bool,
-    heard: Option<Arc<PendingSince>>,
-    stalled: Arc<PendingSince>,
+    heard: Option<&'a PendingSince>,
+    stalled: &'a PendingSince,
 }
 
-impl Observer for Side {
+impl Observer for Side<'_> {
     fn read(&mut self, n: usize) {
         self.counter.inc_by(n as u64);
         let live = if self.is_client {
@@ -40,7 +41,7 @@ impl Observer for Side {
             &self.live.bytes_to_client
         };
         live.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(heard) = &self.heard {
+        if let Some(heard) = self.heard {
             heard.reset();
         }
     }
@@ -80,27 +81,27 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let clock = || Arc::new(PendingSince::new(started));
+    let clock = || PendingSince::new(started);
     let (heard, client_stalled, app_stalled) = (clock(), clock(), clock());
     heard.mark();
     let mut client = Observed {
         inner: client,
         observer: Side {
             counter: from_client,
-            live: control.clone(),
+            live: control,
             is_client: true,
-            heard: Some(heard.clone()),
-            stalled: client_stalled.clone(),
+            heard: Some(&heard),
+            stalled: &client_stalled,
         },
     };
     let mut app = Observed {
         inner: app,
         observer: Side {
             counter: to_client,
-            live: control.clone(),
+            live: control,
             is_client: false,
             heard: None,
-            stalled: app_stalled.clone(),
+            stalled: &app_stalled,
         },
     };
     let copy = Both {

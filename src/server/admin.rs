@@ -106,7 +106,7 @@ async fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
                 .list()
                 .iter()
                 .filter(|s| {
-                    s.route == route
+                    *s.route == *route
                         && backend
                             .as_ref()
                             .map_or(true, |b| *b == s.backend.to_string())

@@ -88,10 +88,10 @@ impl Balancer {
         route: &Route,
     ) -> &'a mut RouteState {
         // Looked up by `&str` first: the path is copied only the first time.
-        if !routes.contains_key(&route.path) {
-            routes.insert(route.path.clone(), RouteState::default());
+        if !routes.contains_key(&*route.path) {
+            routes.insert(route.path.to_string(), RouteState::default());
         }
-        routes.get_mut(&route.path).expect("inserted above")
+        routes.get_mut(&*route.path).expect("inserted above")
     }
 
     /// The order in which to try the route's backends: those not ejected, by the balance
@@ -171,7 +171,7 @@ fn counted_as(route: &Route, index: usize) -> &Backend {
 
 fn labels(route: &Route, index: usize) -> BackendLabels {
     BackendLabels {
-        route: route.path.clone(),
+        route: route.path.to_string(),
         backend: counted_as(route, index).to_string(),
     }
 }

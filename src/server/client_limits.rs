@@ -65,7 +65,7 @@ pub(super) struct Held {
     /// Whom and which route it was taken for (a keep-alive connection's next request for
     /// another client or route takes a place of its own).
     ip: IpAddr,
-    route: String,
+    route: Arc<str>,
     /// The per-client count it holds (the client's key), when that limit is set.
     client_counted: Option<IpAddr>,
     /// Whether it holds a place in the route's count (the route has `max_connections`).
@@ -75,7 +75,7 @@ pub(super) struct Held {
 impl Held {
     /// Whether this place is the one a request from `client` to `route` needs.
     pub(super) fn is_for(&self, client: IpAddr, route: &str) -> bool {
-        self.ip == client && self.route == route
+        self.ip == client && &*self.route == route
     }
 }
 
@@ -86,12 +86,16 @@ impl Drop for Held {
             release(&mut t.per_client, &key);
         }
         if self.route_counted {
-            release(&mut t.per_route, &self.route);
+            release(&mut t.per_route, &*self.route);
         }
     }
 }
 
-fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+fn release<K, Q>(map: &mut HashMap<K, usize>, key: &Q)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
     if let Some(n) = map.get_mut(key) {
         *n -= 1;
         if *n == 0 {
@@ -168,7 +172,7 @@ impl ClientLimits {
     pub(super) fn hold(
         self: &Arc<Self>,
         ip: IpAddr,
-        route_path: &str,
+        route_path: &Arc<str>,
         route_max: Option<usize>,
         limits: &Limits,
     ) -> Result<Held, OverLimit> {
@@ -185,10 +189,16 @@ impl ClientLimits {
         };
         let route_counted = match route_max {
             Some(max) => {
-                if t.per_route.get(route_path).copied().unwrap_or(0) >= max {
+                if t.per_route.get(&**route_path).copied().unwrap_or(0) >= max {
                     return Err(OverLimit::RouteConnections);
                 }
-                *t.per_route.entry(route_path.to_owned()).or_insert(0) += 1;
+                // The path is copied only when the route has no place taken yet.
+                match t.per_route.get_mut(&**route_path) {
+                    Some(n) => *n += 1,
+                    None => {
+                        t.per_route.insert(route_path.to_string(), 1);
+                    }
+                }
                 true
             }
             None => false,
@@ -199,7 +209,7 @@ impl ClientLimits {
         Ok(Held {
             limits: self.clone(),
             ip,
-            route: route_path.to_owned(),
+            route: route_path.clone(),
             client_counted: client,
             route_counted,
         })
@@ -237,18 +247,28 @@ mod tests {
     fn connections_per_client_and_route_are_released() {
         let l = Arc::new(ClientLimits::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let one = l.hold(ip, "/a", Some(3), &limits()).unwrap();
-        let two = l.hold(ip, "/a", Some(3), &limits()).unwrap();
+        let one = l.hold(ip, &"/a".into(), Some(3), &limits()).unwrap();
+        let two = l.hold(ip, &"/a".into(), Some(3), &limits()).unwrap();
         assert_eq!(
-            l.hold(ip, "/a", Some(3), &limits()).err(),
+            l.hold(ip, &"/a".into(), Some(3), &limits()).err(),
             Some(OverLimit::ClientConnections)
         );
         let other = l
-            .hold("192.0.2.2".parse().unwrap(), "/a", Some(3), &limits())
+            .hold(
+                "192.0.2.2".parse().unwrap(),
+                &"/a".into(),
+                Some(3),
+                &limits(),
+            )
             .unwrap();
         assert_eq!(
-            l.hold("192.0.2.3".parse().unwrap(), "/a", Some(3), &limits())
-                .err(),
+            l.hold(
+                "192.0.2.3".parse().unwrap(),
+                &"/a".into(),
+                Some(3),
+                &limits()
+            )
+            .err(),
             Some(OverLimit::RouteConnections)
         );
         drop((one, two, other));

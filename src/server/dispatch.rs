@@ -289,6 +289,15 @@ fn canonicalize_target<B>(req: &mut Request<B>) -> Result<(), PathError> {
     let uri = req.uri();
     let path = match canonical(uri.path())? {
         Cow::Borrowed(_) if uri.scheme().is_none() => return Ok(()),
+        // Already canonical in an absolute form (every HTTP/2 request: :scheme and
+        // :authority): its path and query as they are, shared, not written out again.
+        Cow::Borrowed(_) => {
+            if let Some(target) = uri.path_and_query().cloned() {
+                *req.uri_mut() = target.into();
+                return Ok(());
+            }
+            Cow::Borrowed("/")
+        }
         path => path,
     };
     let target = match uri.query() {
@@ -389,7 +398,7 @@ async fn serve_static(
     dir: &StaticDir,
 ) -> Response<Body> {
     let path = req.uri().path();
-    let below = match route.path.as_str() {
+    let below = match &*route.path {
         "/" => path,
         prefix => &path[prefix.len()..],
     };

@@ -297,11 +297,11 @@ impl AsyncWrite for H2Write {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if self.send.capacity() == 0 {
-            // Asked for only when there is something to send: capacity held while idle
-            // would hold the connection's window too.
-            self.send.reserve_capacity(buf.len());
-        }
+        // Asked for only when there is something to send, and only as much: capacity held
+        // while idle would hold the connection's window too. (Asking again for what is
+        // already asked is a no-op in h2; each call takes the connection's lock, so this asks
+        // without looking first.)
+        self.send.reserve_capacity(buf.len());
         let n = match ready!(capacity(&mut self.send, cx)) {
             Ok(n) => n.min(buf.len()),
             Err(SendError::H2(e)) => return Poll::Ready(Err(std::io::Error::other(e))),

@@ -63,6 +63,11 @@ impl Peer {
             unix: Some(name),
         }
     }
+
+    /// How it is shown, shared rather than written again.
+    pub(super) fn shown(&self) -> Arc<str> {
+        self.shown.clone()
+    }
 }
 
 impl fmt::Display for Peer {

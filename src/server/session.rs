@@ -34,7 +34,7 @@ pub(super) struct Session {
     /// `1.1` or `2`: what the handshake came over (log line and metrics).
     pub(super) http_version: &'static str,
     /// The route's path (metrics labels, log lines) and the backend it connected to.
-    pub(super) route_path: String,
+    pub(super) route_path: Arc<str>,
     /// Shared with the session's entry in the admin list (made once per session).
     pub(super) backend_name: Arc<Backend>,
     /// The route's session metrics (found once, when the request was handled).

@@ -18,9 +18,9 @@ use crate::session_end::SessionControl;
 /// backend is the target the session connected to.
 pub(super) struct Live {
     pub(super) id: u64,
-    pub(super) route: String,
+    pub(super) route: Arc<str>,
     /// `ip:port`, or `unix:PATH` for a unix-socket client.
-    pub(super) peer: String,
+    pub(super) peer: Arc<str>,
     /// Formatted only when listed (a session's start formats nothing).
     pub(super) backend: Arc<Backend>,
     pub(super) started: SystemTime,
@@ -53,7 +53,7 @@ impl Registry {
     /// Adds a starting session; it is listed until the returned guard is dropped.
     pub(super) fn register(
         &self,
-        route: &str,
+        route: &Arc<str>,
         peer: &Peer,
         backend: Arc<Backend>,
         control: Arc<SessionControl>,
@@ -61,8 +61,8 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let live = Arc::new(Live {
             id,
-            route: route.to_owned(),
-            peer: peer.to_string(),
+            route: route.clone(),
+            peer: peer.shown(),
             backend,
             started: SystemTime::now(),
             control,
@@ -138,13 +138,13 @@ mod tests {
         let r = Registry::default();
         let control = Arc::new(SessionControl::default());
         let a = r.register(
-            "/vnc",
+            &"/vnc".into(),
             &Peer::tcp("192.0.2.1:5000".parse().unwrap()),
             Arc::new(Backend::Tcp("10.0.0.1:5900".into())),
             control.clone(),
         );
         let b = r.register(
-            "/a\"b",
+            &"/a\"b".into(),
             &Peer::tcp("[2001:db8::1]:1".parse().unwrap()),
             Arc::new(Backend::Echo),
             Arc::default(),

@@ -489,6 +489,48 @@ async fn checks_answer_as_on_http1_and_a_refusal_ends_only_its_stream() {
     round_trip(&mut ws, "the connection outlived six refusals").await;
 }
 
+/// Other spellings of a route's path reach that route over HTTP/2 too (its auth is not walked
+/// around), and the app of a proxy route gets the canonical path with the query unchanged,
+/// whether the client's spelling was already canonical or not.
+#[tokio::test]
+async fn other_spellings_of_a_path_are_the_same_route_on_h2() {
+    let dir = TempDir::new();
+    let bearer = dir.path().join("bearer.txt");
+    std::fs::write(&bearer, "s3cret\n").unwrap();
+    let (app, seen) = crate::proxy::ws_app(None).await;
+    let routes = [
+        route(
+            "/auth",
+            "echo",
+            &format!("auth = {{ bearer = \"{}\" }}", bearer.display()),
+        ),
+        route("/app", &format!("ws://{app}"), ""),
+        route("/", "echo", ""),
+    ]
+    .concat();
+    let gate = h2c_gate("", &routes).await;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    for path in ["/auth", "//auth", "///auth//x", "/%61uth", "/%61uth/x?q=1"] {
+        let (status, _) = h2.connect(path, &[]).await;
+        assert_eq!(status.as_u16(), 401, "{path} without credentials");
+        let (status, _) = h2
+            .connect(path, &[("authorization", "Bearer s3cret")])
+            .await;
+        assert_eq!(status.as_u16(), 200, "{path} with credentials");
+    }
+    for (path, app_sees) in [
+        ("/app/x?k=v&k2=%20", "/app/x?k=v&k2=%20"),
+        ("//app//x?k=v", "/app/x?k=v"),
+        ("/%61pp/x", "/app/x"),
+    ] {
+        let mut ws = h2.ws(path, &[]).await;
+        round_trip(&mut ws, path).await;
+        let got = crate::proxy::header(&seen, "path");
+        seen.lock().unwrap().clear();
+        assert_eq!(got.as_deref(), Some(app_sees), "{path}");
+    }
+}
+
 #[tokio::test]
 async fn streams_count_against_max_connections_and_the_per_client_and_route_limits() {
     // Per client: two places; the connection's streams take them one each.
