@@ -29,8 +29,11 @@
 //! app): new sessions per second on open connections, round trips with 64 streams on 4
 //! connections, one stream's throughput beside wsgate's own HTTP/1.1 wss, and KiB per idle
 //! stream; with the stack's floor beside them (`h2_floor`: the same crates, nothing of
-//! wsgate's). LOAD_H2_BASELINE=path/to/wsgate adds another build of wsgate (say, main's) to
-//! the new-session and round-trip rotations, for an A/B of a change within one run.
+//! wsgate's; like wsgate, it runs a connection's streams on the connection's task).
+//! LOAD_H2_BASELINE=path/to/wsgate adds another build of wsgate (say, main's) to the
+//! new-session and round-trip rotations, for an A/B of a change within one run;
+//! LOAD_H2_FLOOR2=spawn adds a floor with a task per stream (or `current`: that on a
+//! current-thread runtime) beside the floor.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -990,10 +993,18 @@ fn h2_floor() {
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // WSGATE_LOAD_FLOOR_MODE: "inline" (the bench's floor) runs every stream of a connection
+    // on the connection's own task, as wsgate does; "spawn" a task per stream; "current" a
+    // task per stream on a current-thread runtime (LOAD_H2_FLOOR2 runs one beside the floor).
+    let mode = std::env::var("WSGATE_LOAD_FLOOR_MODE").unwrap_or_default();
+    let rt = match mode.as_str() {
+        "current" => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .unwrap();
+    let inline = !matches!(mode.as_str(), "spawn" | "current");
     rt.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         eprintln!("addr={}", listener.local_addr().unwrap());
@@ -1015,8 +1026,21 @@ fn h2_floor() {
                 else {
                     return;
                 };
-                while let Some(Ok((req, respond))) = conn.accept().await {
-                    tokio::spawn(floor_stream(req, respond, app));
+                if !inline {
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(floor_stream(req, respond, app));
+                    }
+                    return;
+                }
+                let mut streams = futures_util::stream::FuturesUnordered::new();
+                loop {
+                    tokio::select! {
+                        accepted = conn.accept() => match accepted {
+                            Some(Ok((req, respond))) => streams.push(floor_stream(req, respond, app)),
+                            _ => return,
+                        },
+                        Some(()) = futures_util::StreamExt::next(&mut streams), if !streams.is_empty() => {}
+                    }
                 }
             });
         }
@@ -1222,7 +1246,15 @@ impl Client {
 /// MB/s of payload echoed through one connection, writer and reader running at once.
 async fn throughput(target: &Target, phase: Duration) -> f64 {
     let ws = target.ws;
-    let client = Client::connect(target).await;
+    // A server that stopped answering on this connection in an earlier phase (Debian's
+    // HAProxy has) ends this one too, said, rather than hanging the bench.
+    let Ok(client) = tokio::time::timeout(STALL, Client::connect(target)).await else {
+        eprintln!(
+            "warning: {} opened no session within {STALL:?}; its throughput phase ends here",
+            target.addr
+        );
+        return 0.0;
+    };
     // 64 KiB that repeat with no shorter period, checked on the way back.
     let pattern: Vec<u8> = (0..64 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -1771,14 +1803,19 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let haproxy = Haproxy::start(&dir, app.addr, false);
     let haproxy_duties = Haproxy::start(&dir, app.addr, true);
     // The stack's floor (see `h2_floor`), in front of the same app.
-    let floor = {
+    let floor_in = |mode: &str| {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.env(ROLE, "h2floor")
             .env("TOKIO_WORKER_THREADS", workers())
             .env("WSGATE_LOAD_TARGET", app.addr.to_string())
-            .env("WSGATE_LOAD_CERTS", &dir);
+            .env("WSGATE_LOAD_CERTS", &dir)
+            .env("WSGATE_LOAD_FLOOR_MODE", mode);
         Server::start(cmd, "addr=")
     };
+    let floor = floor_in("inline");
+    // LOAD_H2_FLOOR2=spawn|current: a second floor, built another way, beside the first.
+    let floor2_mode = std::env::var("LOAD_H2_FLOOR2").ok();
+    let floor2 = floor2_mode.as_deref().map(floor_in);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1901,7 +1938,25 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         (&d4, duties_pid),
     ];
     peers.extend(b4.as_ref().map(|(t, pid)| (t, *pid)));
+    let fl2 = floor2.as_ref().map(|f| (over_h2(f.addr, 4), f.child.id()));
+    peers.extend(fl2.as_ref().map(|(t, pid)| (t, *pid)));
+    let beside_floor2 = |what: &str, floor: &(f64, f64), theirs: Option<&(f64, f64)>| {
+        if let (Some(mode), Some(f2)) = (&floor2_mode, theirs) {
+            println!(
+                "| floor built another way ({mode}): {what} | {:.0} / {:.1} | {:.3}× / {:.3}× of the floor | | | (experiment) |",
+                f2.0,
+                f2.1,
+                f2.0 / floor.0,
+                f2.1 / floor.1,
+            );
+        }
+    };
     let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
+    beside_floor2(
+        "new sessions/s, CPU µs per session",
+        &r[3],
+        r.get(5 + b4.is_some() as usize),
+    );
     let beside_baseline = |what: &str, ours: &(f64, f64), base: Option<&(f64, f64)>| {
         if let Some(base) = base {
             println!(
@@ -1977,13 +2032,27 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         r[0].0 / r[4].0,
         r[0].1 / r[4].1,
     );
-    beside_baseline("new sessions/s, CPU µs per session", &r[0], r.get(5));
+    beside_baseline(
+        "new sessions/s, CPU µs per session",
+        &r[0],
+        b4.as_ref().and(r.get(5)),
+    );
     drop(d4);
     // Round trips: 64 streams over 4 connections.
     let mut peers = vec![(&g4, gate_pid), (&h4, haproxy_pid), (&f4, floor_pid)];
     peers.extend(b4.as_ref().map(|(t, pid)| (t, *pid)));
+    peers.extend(fl2.as_ref().map(|(t, pid)| (t, *pid)));
     let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &peers);
-    beside_baseline("round trips/s, CPU µs per round trip", &r[0], r.get(3));
+    beside_floor2(
+        "round trips/s, CPU µs per round trip",
+        &r[2],
+        r.get(3 + b4.is_some() as usize),
+    );
+    beside_baseline(
+        "round trips/s, CPU µs per round trip",
+        &r[0],
+        b4.as_ref().and(r.get(3)),
+    );
     beside_haproxy(
         "proxy route: round trips/s, 64 streams on 4 connections, 32 B",
         "proxy route: CPU µs per round trip",
@@ -1995,7 +2064,7 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         &r[0],
         &r[1],
     );
-    drop((g4, h4, f4, b4, baseline));
+    drop((g4, h4, f4, b4, baseline, fl2, floor2));
     // One stream's throughput, beside one HTTP/1.1 wss connection to the same listener.
     let (g1, h1) = (over_h2(gate.addr, 1), over_h2(haproxy.addr, 1));
     let f1 = over_h2(floor.addr, 1);
