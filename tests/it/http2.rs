@@ -788,6 +788,53 @@ async fn a_client_reset_mid_message_ends_the_session_and_closes_the_backend_at_o
     round_trip(&mut ws, "the connection goes on").await;
 }
 
+/// A client whose whole connection goes (TCP closed under open WebSocket streams): every
+/// session on it ends at once, as on a broken HTTP/1.1 connection, with its backend closed
+/// and its session counted out; the streams run on the connection's task, so this is the
+/// task finishing them after its connection, not dropping them.
+#[tokio::test]
+async fn a_lost_connection_ends_every_session_on_it_and_closes_their_backends() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::time::Instant>();
+    let backend = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+            let _ = tx.send(std::time::Instant::now());
+        }
+    })
+    .await;
+    let gate = h2c_gate("", &route("/tcp", &format!("tcp://{backend}"), "")).await;
+    let admin = gate.admin.unwrap();
+    let open = r#"wsgate_sessions_open{route="/tcp",http_version="2"}"#;
+    let mut h2 = H2Client::plain(gate.addr).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let (status, io) = h2.connect("/tcp", &[]).await;
+        assert_eq!(status, 200);
+        streams.push(io.unwrap());
+    }
+    eventually("three sessions open", WAIT, || async {
+        metric(admin, open).await == 3.0
+    })
+    .await;
+    h2.conn.abort();
+    let lost_at = std::time::Instant::now();
+    for i in 0..3 {
+        let eof_at = within("a backend's EOF", WAIT, rx.recv()).await.unwrap();
+        assert!(
+            eof_at.duration_since(lost_at) < Duration::from_millis(500),
+            "backend {i} was closed {:?} after the client's connection went",
+            eof_at.duration_since(lost_at)
+        );
+    }
+    eventually("every session counted out", WAIT, || async {
+        metric(admin, open).await == 0.0
+    })
+    .await;
+    drop(streams);
+}
+
 #[tokio::test]
 async fn drain_sends_goaway_then_close_1001_at_the_drain_deadline() {
     let mut gate = h2c_gate(
