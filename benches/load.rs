@@ -32,7 +32,7 @@
 //! wsgate's; like wsgate, it runs a connection's streams on the connection's task).
 //! LOAD_H2_BASELINE=path/to/wsgate adds another build of wsgate (say, main's) to the
 //! new-session and round-trip rotations, for an A/B of a change within one run;
-//! LOAD_H2_FLOOR2=spawn adds a floor with a task per stream (or `current`: that on a
+//! LOAD_H2_FLOOR2=spawn adds a floor with a task per stream (or `current`: the floor on a
 //! current-thread runtime) beside the floor.
 
 use std::net::SocketAddr;
@@ -994,8 +994,8 @@ fn h2_floor() {
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     // WSGATE_LOAD_FLOOR_MODE: "inline" (the bench's floor) runs every stream of a connection
-    // on the connection's own task, as wsgate does; "spawn" a task per stream; "current" a
-    // task per stream on a current-thread runtime (LOAD_H2_FLOOR2 runs one beside the floor).
+    // on the connection's own task, as wsgate does; "spawn" a task per stream; "current"
+    // inline on a current-thread runtime (LOAD_H2_FLOOR2 runs one beside the floor).
     let mode = std::env::var("WSGATE_LOAD_FLOOR_MODE").unwrap_or_default();
     let rt = match mode.as_str() {
         "current" => tokio::runtime::Builder::new_current_thread(),
@@ -1004,7 +1004,7 @@ fn h2_floor() {
     .enable_all()
     .build()
     .unwrap();
-    let inline = !matches!(mode.as_str(), "spawn" | "current");
+    let inline = mode != "spawn";
     rt.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         eprintln!("addr={}", listener.local_addr().unwrap());
