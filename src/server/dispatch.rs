@@ -1,6 +1,6 @@
 //! One request on a client connection: the route, the RFC 6455 checks, the backend connected
 //! (and, on proxy routes, the app's 101 checked) **before** the client's 101, then the session
-//! handed to its own task. Every refusal goes through [`refuse`].
+//! handed back to run once the answer is sent. Every refusal goes through [`refuse`].
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -37,7 +37,7 @@ use crate::targets::LookupError;
 
 /// One request's answer, and the session it agreed on (an upgrade), which the caller runs once
 /// the answer is sent: the HTTP/1.1 connection's task after hyper hands the connection over,
-/// or the HTTP/2 stream's task after the 200.
+/// or the HTTP/2 stream's future after the 200.
 pub(super) async fn handle(
     conn: Arc<Conn>,
     req: Request<RequestBody>,
@@ -52,7 +52,7 @@ async fn answer(
     mut req: Request<RequestBody>,
     session_out: &mut Option<Pending>,
 ) -> Response<Body> {
-    // HTTP/2: each request is a stream of its own (its task counts it open); HTTP/1.1 keeps
+    // HTTP/2: each request is a stream of its own (its future counts it open); HTTP/1.1 keeps
     // its keep-alive phases instead.
     let http2 = conn.streams.is_some();
     let last_request = !http2 && conn.keepalive.request_started();

@@ -273,12 +273,12 @@ fn isolated(stream: impl Future<Output = ()> + Send) -> impl Future<Output = ()>
     })
 }
 
-/// One stream, on a task of its own: the request answered, and for a WebSocket (RFC 8441)
-/// the session run on the stream after its 200.
+/// One stream, run on its connection's task: the request answered, and for a WebSocket
+/// (RFC 8441) the session run on the stream after its 200.
 ///
 /// `span` is the connection's: the answer runs in it; the session enters it only around its
 /// log lines, not on every poll of its data path. `_open` counts the stream among the
-/// connection's open ones until the task ends.
+/// connection's open ones until the stream's future ends.
 async fn serve_stream(
     conn: Arc<Conn>,
     req: Request<RecvStream>,

@@ -69,8 +69,9 @@ enum ClientIo {
 }
 
 /// A session agreed on (its 101 or 200 is the request's answer), waiting for the client's
-/// side: the connection's own task (HTTP/1.1) or the stream's (HTTP/2) runs it once the
-/// answer is sent.
+/// side: the connection's own task runs it once the answer is sent (HTTP/1.1: after hyper
+/// hands the connection over; HTTP/2: in the stream's future, beside the connection's other
+/// streams).
 pub(super) struct Pending {
     pub(super) session: Session,
     pub(super) client: ClientSide,
