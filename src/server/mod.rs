@@ -202,8 +202,10 @@ impl Server {
         }
         state.tracker.close();
         let limits = state.config().limits.clone();
+        // Sessions as the session list has them (an HTTP/2 connection's streams are one task
+        // with the connection, and a keep-alive connection is a task with no session).
         info!(
-            sessions = state.tracker.len(),
+            sessions = state.sessions.list().len(),
             drain_timeout = ?limits.drain_timeout,
             "draining"
         );
@@ -212,7 +214,7 @@ impl Server {
             .is_err()
         {
             info!(
-                sessions = state.tracker.len(),
+                sessions = state.sessions.list().len(),
                 "drain timeout: closing sessions with 1001"
             );
             state.sessions_stop.cancel();

@@ -171,21 +171,32 @@ origins = ["https://ok.example"]
     assert_eq!(get(&m, "wsgate_client_connections"), 0.0);
 }
 
-/// SIGTERM: /readyz turns 503, new connections are refused, the live session keeps working
-/// until drain_timeout, then gets 1001, and the process exits 0.
+/// SIGTERM: /readyz turns 503, the drain's line counts the open sessions (HTTP/2 streams each
+/// one), new connections are refused, the live session keeps working until drain_timeout, then
+/// gets 1001, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_with_1001_and_exits_0() {
     let mut gate = GateProcess::start(
-        "[[listen]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\ndrain_timeout = \"1s\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nhttp2 = true\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\ndrain_timeout = \"1s\"\n[[route]]\npath = \"/\"\nbackend = \"echo\"\n",
     );
     let admin = gate.admin.unwrap();
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", gate.addr))
         .await
         .unwrap();
+    // Two more sessions, as streams of one HTTP/2 connection: the drain's line counts
+    // sessions, not connections.
+    let mut h2 = crate::http2::H2Client::plain(gate.addr).await;
+    let streams = (h2.ws("/", &[]).await, h2.ws("/", &[]).await);
     gate.signal("TERM");
     let started = Instant::now();
-    gate.wait_for_log("draining");
+    let draining = gate.wait_for_log("draining");
+    assert!(
+        draining.contains("sessions=3"),
+        "three sessions open at the drain: {draining}"
+    );
+    // Gone now: the rest is about the HTTP/1.1 session.
+    drop((streams, h2));
     assert_eq!(
         http_get(admin, "/readyz").await,
         (503, "draining\n".to_string())
