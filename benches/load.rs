@@ -1775,6 +1775,36 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
 /// full TLS handshakes), round trips with 64 streams on 4 connections, one stream's
 /// throughput (beside wsgate's HTTP/1.1 wss on the same listener), and KiB per idle stream
 /// (`idle` streams over 10 connections, fresh process).
+/// Puts the optional peers that are there at the end of a rotation; where each one's result
+/// lands in the rotation's results.
+fn extra_peers<'a, const N: usize>(
+    peers: &mut Vec<(&'a Target, u32)>,
+    extras: [&'a Option<(Target, u32)>; N],
+) -> [Option<usize>; N] {
+    extras.map(|extra| {
+        extra.as_ref().map(|(target, pid)| {
+            peers.push((target, *pid));
+            peers.len() - 1
+        })
+    })
+}
+
+/// A table row for an optional peer: its rate and CPU, and two ratios (rate, CPU) against
+/// what it is compared with.
+fn compared_row(
+    label: &str,
+    shown: (f64, f64),
+    ratio: (f64, f64),
+    prefix: &str,
+    of: &str,
+    tag: &str,
+) {
+    println!(
+        "| {label} | {:.0} / {:.1} | {prefix}{:.3}× / {:.3}× {of} | | | ({tag}) |",
+        shown.0, shown.1, ratio.0, ratio.1
+    );
+}
+
 fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let dir = std::env::temp_dir().join(format!("wsgate-load-h2-{}", std::process::id()));
     dev_certs(&dir);
@@ -1937,37 +1967,38 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         (&f4, floor_pid),
         (&d4, duties_pid),
     ];
-    peers.extend(b4.as_ref().map(|(t, pid)| (t, *pid)));
     let fl2 = floor2.as_ref().map(|f| (over_h2(f.addr, 4), f.child.id()));
-    peers.extend(fl2.as_ref().map(|(t, pid)| (t, *pid)));
-    let beside_floor2 = |what: &str, floor: &(f64, f64), theirs: Option<&(f64, f64)>| {
-        if let (Some(mode), Some(f2)) = (&floor2_mode, theirs) {
-            println!(
-                "| floor built another way ({mode}): {what} | {:.0} / {:.1} | {:.3}× / {:.3}× of the floor | | | (experiment) |",
-                f2.0,
-                f2.1,
-                f2.0 / floor.0,
-                f2.1 / floor.1,
+    let [base_at, floor2_at] = extra_peers(&mut peers, [&b4, &fl2]);
+    // The optional peers' rows: LOAD_H2_BASELINE's build beside this one, and the floor built
+    // another way beside the floor (at `floor` in the results).
+    let beside_baseline = |what: &str, r: &[(f64, f64)], at: Option<usize>| {
+        if let Some(at) = at {
+            let (ours, base) = (r[0], r[at]);
+            compared_row(
+                &format!("LOAD_H2_BASELINE's wsgate: {what}"),
+                base,
+                (ours.0 / base.0, ours.1 / base.1),
+                "this build ",
+                "of it",
+                "A/B",
+            );
+        }
+    };
+    let beside_floor2 = |what: &str, r: &[(f64, f64)], floor: usize, at: Option<usize>| {
+        if let (Some(mode), Some(at)) = (&floor2_mode, at) {
+            let (other, floor) = (r[at], r[floor]);
+            compared_row(
+                &format!("floor built another way ({mode}): {what}"),
+                other,
+                (other.0 / floor.0, other.1 / floor.1),
+                "",
+                "of the floor",
+                "experiment",
             );
         }
     };
     let r = measure(&|t| rt.block_on(new_connections(t, phase)), &peers);
-    beside_floor2(
-        "new sessions/s, CPU µs per session",
-        &r[3],
-        r.get(5 + b4.is_some() as usize),
-    );
-    let beside_baseline = |what: &str, ours: &(f64, f64), base: Option<&(f64, f64)>| {
-        if let Some(base) = base {
-            println!(
-                "| LOAD_H2_BASELINE's wsgate: {what} | {:.0} / {:.1} | this build {:.3}× / {:.3}× of it | | | (A/B) |",
-                base.0,
-                base.1,
-                ours.0 / base.0,
-                ours.1 / base.1,
-            );
-        }
-    };
+    beside_floor2("new sessions/s, CPU µs per session", &r, 3, floor2_at);
     line(
         "proxy route: new WebSocket sessions/s on 4 open connections (HTTP/1.1: new wss connections/s, full TLS handshakes)",
         r[0].0,
@@ -2032,27 +2063,14 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         r[0].0 / r[4].0,
         r[0].1 / r[4].1,
     );
-    beside_baseline(
-        "new sessions/s, CPU µs per session",
-        &r[0],
-        b4.as_ref().and(r.get(5)),
-    );
+    beside_baseline("new sessions/s, CPU µs per session", &r, base_at);
     drop(d4);
     // Round trips: 64 streams over 4 connections.
     let mut peers = vec![(&g4, gate_pid), (&h4, haproxy_pid), (&f4, floor_pid)];
-    peers.extend(b4.as_ref().map(|(t, pid)| (t, *pid)));
-    peers.extend(fl2.as_ref().map(|(t, pid)| (t, *pid)));
+    let [base_at, floor2_at] = extra_peers(&mut peers, [&b4, &fl2]);
     let r = measure(&|t| rt.block_on(round_trips(t, 64, phase)), &peers);
-    beside_floor2(
-        "round trips/s, CPU µs per round trip",
-        &r[2],
-        r.get(3 + b4.is_some() as usize),
-    );
-    beside_baseline(
-        "round trips/s, CPU µs per round trip",
-        &r[0],
-        b4.as_ref().and(r.get(3)),
-    );
+    beside_floor2("round trips/s, CPU µs per round trip", &r, 2, floor2_at);
+    beside_baseline("round trips/s, CPU µs per round trip", &r, base_at);
     beside_haproxy(
         "proxy route: round trips/s, 64 streams on 4 connections, 32 B",
         "proxy route: CPU µs per round trip",

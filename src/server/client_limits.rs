@@ -189,11 +189,13 @@ impl ClientLimits {
         };
         let route_counted = match route_max {
             Some(max) => {
-                if t.per_route.get(&**route_path).copied().unwrap_or(0) >= max {
+                // One lookup: the count checked, then taken. The path is copied only when the
+                // route has no place taken yet.
+                let taken = t.per_route.get_mut(&**route_path);
+                if taken.as_deref().map_or(0, |n| *n) >= max {
                     return Err(OverLimit::RouteConnections);
                 }
-                // The path is copied only when the route has no place taken yet.
-                match t.per_route.get_mut(&**route_path) {
+                match taken {
                     Some(n) => *n += 1,
                     None => {
                         t.per_route.insert(route_path.to_string(), 1);
