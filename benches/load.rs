@@ -33,7 +33,8 @@
 //! LOAD_H2_BASELINE=path/to/wsgate adds another build of wsgate (say, main's) to the
 //! new-session and round-trip rotations, for an A/B of a change within one run;
 //! LOAD_H2_FLOOR2=spawn adds a floor with a task per stream (or `current`: the floor on a
-//! current-thread runtime) beside the floor.
+//! current-thread runtime; `connect`: the floor with tokio's connect, the request sent once
+//! tokio has seen the socket writable) beside the floor.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -995,7 +996,8 @@ fn h2_floor() {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     // WSGATE_LOAD_FLOOR_MODE: "inline" (the bench's floor) runs every stream of a connection
     // on the connection's own task, as wsgate does; "spawn" a task per stream; "current"
-    // inline on a current-thread runtime (LOAD_H2_FLOOR2 runs one beside the floor).
+    // inline on a current-thread runtime; "connect" with tokio's connect (LOAD_H2_FLOOR2 runs
+    // one beside the floor).
     let mode = std::env::var("WSGATE_LOAD_FLOOR_MODE").unwrap_or_default();
     let rt = match mode.as_str() {
         "current" => tokio::runtime::Builder::new_current_thread(),
@@ -1005,6 +1007,9 @@ fn h2_floor() {
     .build()
     .unwrap();
     let inline = mode != "spawn";
+    // As wsgate does (backend.rs, `dial`), the upgrade request is sent as soon as connect()
+    // returns, unless the mode is "connect".
+    let early = mode != "connect";
     rt.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         eprintln!("addr={}", listener.local_addr().unwrap());
@@ -1028,7 +1033,7 @@ fn h2_floor() {
                 };
                 if !inline {
                     while let Some(Ok((req, respond))) = conn.accept().await {
-                        tokio::spawn(floor_stream(req, respond, app));
+                        tokio::spawn(floor_stream(req, respond, app, early));
                     }
                     return;
                 }
@@ -1036,7 +1041,9 @@ fn h2_floor() {
                 loop {
                     tokio::select! {
                         accepted = conn.accept() => match accepted {
-                            Some(Ok((req, respond))) => streams.push(floor_stream(req, respond, app)),
+                            Some(Ok((req, respond))) => {
+                                streams.push(floor_stream(req, respond, app, early))
+                            }
                             _ => return,
                         },
                         Some(()) = futures_util::StreamExt::next(&mut streams), if !streams.is_empty() => {}
@@ -1052,17 +1059,41 @@ async fn floor_stream(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     app: SocketAddr,
+    early: bool,
 ) {
-    let Ok(mut tcp) = TcpStream::connect(app).await else {
-        return;
-    };
-    tcp.set_nodelay(true).unwrap();
     let upgrade = format!(
         "GET / HTTP/1.1\r\nHost: {app}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
-    if tcp.write_all(upgrade.as_bytes()).await.is_err() {
-        return;
-    }
+    let mut tcp = if early {
+        // The request written on the socket before tokio knows it is connected (on loopback
+        // the handshake completes within connect()), sparing the wait for its writability.
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM.nonblocking(),
+            None,
+        )
+        .unwrap();
+        socket.set_tcp_nodelay(true).unwrap();
+        match socket.connect(&app.into()) {
+            Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return,
+            _ => {}
+        }
+        let sent = socket.send(upgrade.as_bytes()).unwrap_or(0);
+        let mut tcp = TcpStream::from_std(socket.into()).unwrap();
+        if tcp.write_all(&upgrade.as_bytes()[sent..]).await.is_err() {
+            return;
+        }
+        tcp
+    } else {
+        let Ok(mut tcp) = TcpStream::connect(app).await else {
+            return;
+        };
+        tcp.set_nodelay(true).unwrap();
+        if tcp.write_all(upgrade.as_bytes()).await.is_err() {
+            return;
+        }
+        tcp
+    };
     let mut head = Vec::with_capacity(512);
     let end = loop {
         let mut buf = [0u8; 512];
@@ -1843,7 +1874,7 @@ fn h2_bench(phase: Duration, reps: usize, idle: usize) {
         Server::start(cmd, "addr=")
     };
     let floor = floor_in("inline");
-    // LOAD_H2_FLOOR2=spawn|current: a second floor, built another way, beside the first.
+    // LOAD_H2_FLOOR2=spawn|current|connect: a second floor, built another way, beside the first.
     let floor2_mode = std::env::var("LOAD_H2_FLOOR2").ok();
     let floor2 = floor2_mode.as_deref().map(floor_in);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -10,7 +10,7 @@ use std::io;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::stream::{Io, ReadAhead};
 
@@ -63,13 +63,8 @@ pub(crate) fn encode_head<B>(request: &Request<B>) -> Vec<u8> {
     head
 }
 
-/// Writes `head` and reads the app's answer head.
-pub(crate) async fn send_and_read_head<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    head: &[u8],
-) -> Result<Answer, ExchangeError> {
-    io.write_all(head).await?;
-    io.flush().await?;
+/// Reads the app's answer head (the request went out with the connection).
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<Answer, ExchangeError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if io.read_buf(&mut buf).await? == 0 {
@@ -248,6 +243,7 @@ pub(crate) type AppStream = ReadAhead<Box<dyn Io>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     /// The app's answer head and refusal body, read from `bytes` as an app would send them
     /// (in pieces of `step` bytes, so every partial state is crossed).
@@ -294,13 +290,8 @@ mod tests {
         app.write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
             .await
             .unwrap();
-        let answer = send_and_read_head(&mut ours, b"GET / HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
+        let answer = read_head(&mut ours).await.unwrap();
         assert_eq!(answer.status, 101);
-        let mut sent = [0u8; 18];
-        app.read_exact(&mut sent).await.unwrap();
-        assert_eq!(&sent, b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[tokio::test]

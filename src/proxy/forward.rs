@@ -71,40 +71,58 @@ where
     Ok(sender)
 }
 
-/// Forwards the client's upgrade to the app over `io` and checks its answer, all within
+/// The client's upgrade as the app gets it: the HTTP/1.1 request head, and what its answer is
+/// checked against.
+pub(crate) struct UpgradeRequest {
+    /// The request head, sent as the connection's first bytes (see `backend::connect`).
+    pub head: Vec<u8>,
+    key: Vec<u8>,
+    offered: Vec<String>,
+}
+
+impl UpgradeRequest {
+    /// The upgrade request `req` becomes on its way to `route`'s app.
+    pub(crate) fn new<T>(req: &Request<T>, route: &Route, client: ForwardedFor) -> UpgradeRequest {
+        let offered = header_tokens(req.headers(), &header::SEC_WEBSOCKET_PROTOCOL)
+            .map(str::to_owned)
+            .collect();
+        // An HTTP/2 client has no key (its stream is the connection): the app's HTTP/1.1
+        // upgrade gets one of wsgate's, checked against the app's answer the same way.
+        let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
+            Some(k) => k.as_bytes().trim_ascii().to_vec(),
+            None => fresh_key().into_bytes(),
+        };
+        let mut request = backend_request(
+            req,
+            (),
+            route,
+            client.peer,
+            client.trusted,
+            client.tls,
+            true,
+        );
+        if let Ok(k) = HeaderValue::from_bytes(&key) {
+            request.headers_mut().insert(header::SEC_WEBSOCKET_KEY, k);
+        }
+        UpgradeRequest {
+            head: exchange::encode_head(&request),
+            key,
+            offered,
+        }
+    }
+}
+
+/// Reads the app's answer to `request` (already sent over `io`) and checks it, within
 /// `timeout`. On a good 101 returns the app's side of the upgrade and what the client's 101
 /// carries over; on a refusal, the app's answer (its body read whole) for the client.
-pub(crate) async fn upgrade<T>(
-    req: &Request<T>,
+pub(crate) async fn upgrade(
+    request: &UpgradeRequest,
     route: &Route,
     mut io: Box<dyn Io>,
-    client: ForwardedFor,
     timeout: Duration,
 ) -> Result<(AppStream, BackendAccept), ForwardError> {
-    let offered: Vec<String> = header_tokens(req.headers(), &header::SEC_WEBSOCKET_PROTOCOL)
-        .map(str::to_owned)
-        .collect();
-    // An HTTP/2 client has no key (its stream is the connection): the app's HTTP/1.1
-    // upgrade gets one of wsgate's, checked against the app's answer the same way.
-    let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
-        Some(k) => k.as_bytes().trim_ascii().to_vec(),
-        None => fresh_key().into_bytes(),
-    };
-    let mut request = backend_request(
-        req,
-        (),
-        route,
-        client.peer,
-        client.trusted,
-        client.tls,
-        true,
-    );
-    if let Ok(k) = HeaderValue::from_bytes(&key) {
-        request.headers_mut().insert(header::SEC_WEBSOCKET_KEY, k);
-    }
-    let head = exchange::encode_head(&request);
     let exchanged = tokio::time::timeout(timeout, async {
-        let mut answer = exchange::send_and_read_head(&mut io, &head).await?;
+        let mut answer = exchange::read_head(&mut io).await?;
         if answer.status == StatusCode::SWITCHING_PROTOCOLS {
             return Ok((answer, None));
         }
@@ -117,7 +135,8 @@ pub(crate) async fn upgrade<T>(
         Ok(Err(e)) => return Err(http_failed(e)),
         Err(_) => return Err(app_timeout()),
     };
-    match check_backend_101(answer.status, &answer.headers, &key, &offered, route) {
+    let (key, offered) = (&request.key, &request.offered);
+    match check_backend_101(answer.status, &answer.headers, key, offered, route) {
         Ok(accept) => Ok((ReadAhead::new(io, answer.rest), accept)),
         Err(reason) if answer.status == StatusCode::SWITCHING_PROTOCOLS => {
             Err(ForwardError::Refused(Rejection::new(

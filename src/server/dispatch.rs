@@ -368,7 +368,7 @@ async fn proxy_http(
     addrs: ClientAddrs,
 ) -> Response<Body> {
     let limits = &conn.config.limits;
-    let io = match backend::connect(route, limits.connect_timeout, addrs).await {
+    let io = match backend::connect(route, limits.connect_timeout, addrs, &[]).await {
         Ok(BackendConn::Proxy(io)) => io,
         Ok(_) => unreachable!("proxy routes connect to proxy backends"),
         Err(e) => {
@@ -607,7 +607,12 @@ async fn connect_with_failover<'r>(
             let ejected = state.balancer.failed(route, index, &state.metrics);
             warn!(route = %route.path, backend = %attempt.backend, error = %e, ejected, "backend connect failed");
         };
-        let backend = match backend::connect(&attempt, limits.connect_timeout, addrs).await {
+        // A ws app's upgrade request goes out with the connection (see backend::connect).
+        let upgrade = matches!(attempt.backend, Backend::Ws { .. })
+            .then(|| forward::UpgradeRequest::new(req, &attempt, forwarded_for));
+        let request = upgrade.as_ref().map_or(&[][..], |u| &u.head[..]);
+        let backend = match backend::connect(&attempt, limits.connect_timeout, addrs, request).await
+        {
             Ok(b) => b,
             Err(e) => {
                 failed(&e);
@@ -621,9 +626,9 @@ async fn connect_with_failover<'r>(
         };
         let (session, accept) = match backend {
             BackendConn::Proxy(io) => {
+                let upgrade = upgrade.expect("a ws app's upgrade request is built before dialing");
                 let forwarded =
-                    forward::upgrade(req, &attempt, io, forwarded_for, limits.connect_timeout)
-                        .await;
+                    forward::upgrade(&upgrade, &attempt, io, limits.connect_timeout).await;
                 match forwarded {
                     Ok((app, accept)) => (SessionBackend::Proxy(app), Some(accept)),
                     // A 4xx is the app's answer to this client, not a failure of the app: it
