@@ -205,7 +205,7 @@ impl Server {
         // Sessions as the session list has them (an HTTP/2 connection's streams are one task
         // with the connection, and a keep-alive connection is a task with no session).
         info!(
-            sessions = state.sessions.list().len(),
+            sessions = state.sessions.len(),
             drain_timeout = ?limits.drain_timeout,
             "draining"
         );
@@ -214,7 +214,7 @@ impl Server {
             .is_err()
         {
             info!(
-                sessions = state.sessions.list().len(),
+                sessions = state.sessions.len(),
                 "drain timeout: closing sessions with 1001"
             );
             state.sessions_stop.cancel();

@@ -87,6 +87,11 @@ impl Registry {
         all
     }
 
+    /// How many sessions are live (the drain's log lines).
+    pub(super) fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     pub(super) fn get(&self, id: u64) -> Option<Arc<Live>> {
         self.live
             .lock()
@@ -159,11 +164,13 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"route\":\"/a\\\"b\""), "{json}");
+        assert_eq!(r.len(), 2);
         drop(a);
-        assert_eq!(r.list().len(), 1);
+        assert_eq!((r.list().len(), r.len()), (1, 1));
         assert!(r.get(1).is_none() && r.get(2).is_some());
         drop(b);
         assert!(r.list().is_empty());
+        assert_eq!(r.len(), 0);
         assert_eq!(to_json(&[]), "[]");
     }
 
