@@ -147,9 +147,13 @@ async fn tls(
         .connect(name, stream)
         .await
         .map_err(ConnectError::Tls)?;
+    // The handshake is done: a failed write is a lost connection, not a TLS failure.
     if !first.is_empty() {
-        stream.write_all(first).await.map_err(ConnectError::Tls)?;
-        stream.flush().await.map_err(ConnectError::Tls)?;
+        stream
+            .write_all(first)
+            .await
+            .map_err(ConnectError::Unreachable)?;
+        stream.flush().await.map_err(ConnectError::Unreachable)?;
     }
     Ok(stream)
 }
