@@ -1800,12 +1800,6 @@ fn deflate_bench(phase: Duration, reps: usize, idle: usize) {
 
 // ---- WebSockets over HTTP/2 (RFC 8441), beside HAProxy ----
 
-/// wsgate's wss proxy route (HTTP/2 by ALPN) and Debian's HAProxy (RFC 8441 on its frontend,
-/// one thread), both in front of the same ws app over HTTP/1.1: new WebSocket sessions per
-/// second on already-open HTTP/2 connections (beside wsgate's own new wss connections with
-/// full TLS handshakes), round trips with 64 streams on 4 connections, one stream's
-/// throughput (beside wsgate's HTTP/1.1 wss on the same listener), and KiB per idle stream
-/// (`idle` streams over 10 connections, fresh process).
 /// Puts the optional peers that are there at the end of a rotation; where each one's result
 /// lands in the rotation's results.
 fn extra_peers<'a, const N: usize>(
@@ -1836,6 +1830,12 @@ fn compared_row(
     );
 }
 
+/// wsgate's wss proxy route (HTTP/2 by ALPN) and Debian's HAProxy (RFC 8441 on its frontend,
+/// one thread), both in front of the same ws app over HTTP/1.1: new WebSocket sessions per
+/// second on already-open HTTP/2 connections (beside wsgate's own new wss connections with
+/// full TLS handshakes), round trips with 64 streams on 4 connections, one stream's
+/// throughput (beside wsgate's HTTP/1.1 wss on the same listener), and KiB per idle stream
+/// (`idle` streams over 10 connections, fresh process).
 fn h2_bench(phase: Duration, reps: usize, idle: usize) {
     let dir = std::env::temp_dir().join(format!("wsgate-load-h2-{}", std::process::id()));
     dev_certs(&dir);
