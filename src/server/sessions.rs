@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use super::listen::Peer;
@@ -41,15 +41,17 @@ pub(super) struct Registered<'r> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.registry
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.registry.table().remove(&self.id);
     }
 }
 
 impl Registry {
+    /// The table, locked (a panic elsewhere while it was held leaves it usable: each change
+    /// to it is one insert or remove).
+    fn table(&self) -> MutexGuard<'_, HashMap<u64, Arc<Live>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds a starting session; it is listed until the returned guard is dropped.
     pub(super) fn register(
         &self,
@@ -67,37 +69,24 @@ impl Registry {
             started: SystemTime::now(),
             control,
         });
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, live);
+        self.table().insert(id, live);
         Registered { registry: self, id }
     }
 
     /// Every live session, oldest first.
     pub(super) fn list(&self) -> Vec<Arc<Live>> {
-        let mut all: Vec<Arc<Live>> = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut all: Vec<Arc<Live>> = self.table().values().cloned().collect();
         all.sort_by_key(|l| l.id);
         all
     }
 
     /// How many sessions are live (the drain's log lines).
     pub(super) fn len(&self) -> usize {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.table().len()
     }
 
     pub(super) fn get(&self, id: u64) -> Option<Arc<Live>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
+        self.table().get(&id).cloned()
     }
 }
 
